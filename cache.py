@@ -1,0 +1,215 @@
+"""Layout of the preprocessing cache, and the functions every later stage reads it with.
+
+    CACHE/
+      volumes/<seriesuid>.npy      uint8 (z, y, x), isotropic, lung-masked, HU windowed
+      masks/<seriesuid>.npy        uint8 (z, y, x), 1 = lung region (dilated), same grid
+      scans/<seriesuid>.json       per-scan meta; written last, so it marks a finished scan
+      meta.csv                     one row per cached scan (the table of all scans/*.json)
+      annotations.csv              LUNA16 tables restricted to cached scans, world mm plus
+      annotations_excluded.csv       voxel coordinates of the cached volume (z_vox, y_vox,
+      candidates.csv                 x_vox) and diameter_vox
+      seriesuids.csv               the cached scans, one per line (LUNA16 style)
+      failures.csv                 scans the last run could not use, with the reason
+      config.json                  the resolved config of the last run
+
+The cached volume is an image in its own right: ``ScanMeta.geometry`` (origin of its first
+voxel, spacing, direction) maps its voxels to the world, so ``ct_io.world_to_voxel`` and
+``ct_io.voxel_to_world`` apply to it unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ct_io import Geometry, check_seriesuid
+from tables import atomic_open, atomic_write_text
+
+VOLUMES = "volumes"
+MASKS = "masks"
+SCANS = "scans"
+META_TABLE = "meta.csv"
+FAILURES = "failures.csv"
+CACHED_TABLES = ("annotations", "annotations_excluded", "candidates")
+
+
+@dataclass(frozen=True)
+class ScanMeta:
+    """What preprocessing learnt about one scan. Tuples keep their axis order in the name."""
+
+    seriesuid: str
+    source_path: str
+    original_shape_zyx: tuple[int, int, int]
+    original_spacing_xyz_mm: tuple[float, float, float]
+    origin_xyz_mm: tuple[float, float, float]
+    direction: tuple[float, ...]
+    resampled_shape_zyx: tuple[int, int, int]
+    resampled_spacing_xyz_mm: tuple[float, float, float]
+    crop_offset_zyx_vox: tuple[int, int, int]  # first cached voxel in the resampled grid
+    cache_shape_zyx: tuple[int, int, int]
+    cache_origin_xyz_mm: tuple[float, float, float]  # world position of cached voxel (0,0,0)
+    lung_bbox_zyx_vox: tuple[int, int, int, int, int, int]  # z0 y0 x0 z1 y1 x1, end exclusive, cache grid
+    lung_volume_ml: float  # lungs before the safety dilation
+    lung_cover_ratio: float  # lung volume / whole resampled scan volume
+    left_lung_ml: float  # patient's left = +x in LPS world coordinates
+    right_lung_ml: float
+    airway_removed_ml: float  # trachea and main bronchi cut out of the mask
+    window_hu: tuple[float, float]
+    settings_hash: str  # of the preprocessing settings; a change redoes the scan
+
+    @property
+    def geometry(self) -> Geometry:
+        """Placement of the cached volume in the world."""
+        return Geometry(self.cache_origin_xyz_mm, self.resampled_spacing_xyz_mm, self.direction)
+
+    def to_row(self) -> dict:
+        row = {}
+        for key, value in asdict(self).items():
+            row[key] = " ".join(_fmt(v) for v in value) if isinstance(value, tuple) else value
+        return row
+
+    @classmethod
+    def from_row(cls, row: dict) -> "ScanMeta":
+        values = {}
+        for f in fields(cls):
+            value = row[f.name]
+            if str(f.type).startswith("tuple"):
+                cast = int if "int" in str(f.type) else float
+                value = tuple(cast(float(v)) for v in str(value).split())
+            elif f.type == "float":
+                value = float(value)
+            else:
+                value = str(value)
+            values[f.name] = value
+        return cls(**values)
+
+
+def _fmt(value) -> str:
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    return repr(float(value))
+
+
+def volume_path(cache_dir, seriesuid: str) -> Path:
+    return Path(cache_dir) / VOLUMES / f"{check_seriesuid(seriesuid)}.npy"
+
+
+def mask_path(cache_dir, seriesuid: str) -> Path:
+    return Path(cache_dir) / MASKS / f"{check_seriesuid(seriesuid)}.npy"
+
+
+def scan_meta_path(cache_dir, seriesuid: str) -> Path:
+    return Path(cache_dir) / SCANS / f"{check_seriesuid(seriesuid)}.json"
+
+
+def save_array_atomic(path, array: np.ndarray) -> None:
+    """``np.save`` through a temporary file, so a kill never leaves a half-written .npy."""
+    with atomic_open(path, "wb") as handle:
+        np.save(handle, np.ascontiguousarray(array), allow_pickle=False)
+
+
+def write_scan_meta(cache_dir, meta: ScanMeta) -> None:
+    atomic_write_text(scan_meta_path(cache_dir, meta.seriesuid),
+                      json.dumps(meta.to_row(), indent=1) + "\n")
+
+
+def read_scan_meta(cache_dir, seriesuid: str) -> ScanMeta | None:
+    """The finished scan's meta, or None when the scan is not (completely) cached."""
+    path = scan_meta_path(cache_dir, seriesuid)
+    try:
+        meta = ScanMeta.from_row(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError):
+        return None
+    for array_path in (volume_path(cache_dir, seriesuid), mask_path(cache_dir, seriesuid)):
+        try:
+            shape = np.load(array_path, mmap_mode="r", allow_pickle=False).shape
+        except (OSError, ValueError):
+            return None
+        if tuple(shape) != meta.cache_shape_zyx:
+            return None
+    return meta
+
+
+def clean_temporary_files(cache_dir) -> int:
+    """Delete temporaries left by a killed run; returns how many."""
+    removed = 0
+    for sub in (VOLUMES, MASKS, SCANS, "."):
+        folder = Path(cache_dir) / sub
+        if folder.is_dir():
+            for tmp in folder.glob(".*.tmp"):
+                tmp.unlink(missing_ok=True)
+                removed += 1
+    return removed
+
+
+def load_meta(cache_dir) -> pd.DataFrame:
+    """The meta table, one row per cached scan (tuples as space-separated numbers)."""
+    path = Path(cache_dir) / META_TABLE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: run preprocess.py --cache-dir {cache_dir} first")
+    return pd.read_csv(path, dtype={"seriesuid": str})
+
+
+def load_scan_metas(cache_dir) -> dict[str, ScanMeta]:
+    """All cached scans' meta, keyed by seriesuid, from the meta table."""
+    return {row["seriesuid"]: ScanMeta.from_row(row)
+            for row in load_meta(cache_dir).to_dict("records")}
+
+
+def load_table(cache_dir, name: str) -> pd.DataFrame:
+    """A cached LUNA16 table (world and cache-voxel coordinates); empty when the data had none."""
+    if name not in CACHED_TABLES:
+        raise ValueError(f"unknown cached table {name!r}; choose one of {', '.join(CACHED_TABLES)}")
+    path = Path(cache_dir) / f"{name}.csv"
+    if not path.exists():
+        return pd.DataFrame(columns=["seriesuid", "coordX", "coordY", "coordZ",
+                                     "z_vox", "y_vox", "x_vox"])
+    return pd.read_csv(path, dtype={"seriesuid": str})
+
+
+@dataclass(frozen=True)
+class CachedScan:
+    """One cached scan: memory-mapped volume and mask plus its meta."""
+
+    cache_dir: str
+    meta: ScanMeta
+
+    @cached_property
+    def volume(self) -> np.ndarray:
+        return np.load(volume_path(self.cache_dir, self.meta.seriesuid), mmap_mode="r",
+                       allow_pickle=False)
+
+    @cached_property
+    def mask(self) -> np.ndarray:
+        return np.load(mask_path(self.cache_dir, self.meta.seriesuid), mmap_mode="r",
+                       allow_pickle=False)
+
+    @property
+    def geometry(self) -> Geometry:
+        return self.meta.geometry
+
+
+def open_scan(cache_dir, seriesuid: str) -> CachedScan:
+    meta = read_scan_meta(cache_dir, seriesuid)
+    if meta is None:
+        raise FileNotFoundError(f"scan {seriesuid} is not in the cache {cache_dir} "
+                                "(run preprocess.py, or see its failures.csv)")
+    return CachedScan(str(cache_dir), meta)
+
+
+def hu_to_uint8(window_hu: tuple[float, float]):
+    """(scale, offset) such that ``uint8 = clip(hu * scale + offset, 0, 255)``."""
+    low, high = window_hu
+    scale = 255.0 / (high - low)
+    return scale, -low * scale
+
+
+def uint8_to_hu(values, window_hu: tuple[float, float]) -> np.ndarray:
+    """Inverse of the cache's windowing (exact inside the window)."""
+    scale, offset = hu_to_uint8(window_hu)
+    return (np.asarray(values, dtype=np.float32) - offset) / scale

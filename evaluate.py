@@ -1,0 +1,717 @@
+"""LUNA16 FROC evaluation of a detection submission, plus per-candidate classification metrics.
+
+Run (from the repository root)::
+
+    python evaluate.py \\
+        --annotations ../shared/data/luna16/annotations.csv \\
+        --excluded ../shared/data/luna16/annotations_excluded.csv \\
+        --seriesuids ../shared/data/luna16/seriesuids.csv \\
+        --submission ../shared/data/luna16/reference_submission/deeplung_dpn26_detections.csv \\
+        --out results/eval_dpn26
+
+    # the same with 95% bootstrap intervals (scans resampled with replacement)
+    python evaluate.py --annotations ... --excluded ... --seriesuids ... --submission ... \\
+        --bootstrap 1000 --seed 0 --out results/eval_dpn26
+
+The FROC follows the official LUNA16 evaluation (``noduleCADEvaluationLUNA16.py``) rule for
+rule, so the figures it prints are the ones the challenge would report:
+
+* at most 100 marks per scan: when a scan has more, only marks whose probability is strictly
+  greater than the 101st highest probability are kept (ties at that value are all dropped);
+* a mark hits a nodule when its squared world distance is strictly below (diameter / 2)^2,
+  with diameter 10 mm where the table gives a negative one;
+* each included nodule (``annotations.csv``) yields one positive with the highest probability
+  among the marks that hit it, or a miss; marks on excluded findings
+  (``annotations_excluded.csv``) are ignored; every other mark is a false positive;
+* sensitivity is read at 1/8, 1/4, 1/2, 1, 2, 4 and 8 false positives per scan from a
+  10001-point interpolation of the curve; the CPM is their mean.
+
+With ``--out DIR`` it writes ``froc.png``, ``froc_curve.csv`` (fps, sensitivity, threshold:
+the rows of the official ``froc_*.txt``), ``froc_metrics.json``,
+``classification_metrics.json`` and ``roc.png``. Bad inputs give ``error: <file>: <problem>``
+and exit code 2, with nothing written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from tables import (
+    ANNOTATION_COLUMNS,
+    PREDICTION_COLUMNS,
+    WORLD_COLUMNS,
+    TableError,
+    atomic_open,
+    atomic_write_text,
+    read_annotations,
+    read_predictions,
+    read_seriesuids,
+    write_csv_atomic,
+)
+
+MAX_CAD_MARKS = 100
+FROC_RATES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+FROC_MIN_FPS = 0.125
+FROC_MAX_FPS = 8.0
+FROC_GRID_POINTS = 10001
+# The official script gives a missed nodule this probability, so that it is a positive
+# below every real mark; such entries are then left out of the ROC but still count in the
+# total number of lesions.
+MISSED_PROBABILITY = -1e9
+# LUNA16 excluded findings carry diameter -1: the official script treats them as 10 mm.
+DEFAULT_DIAMETER_MM = 10.0
+# Label hit_labels gives a mark that only lies on an excluded finding.
+IGNORED_LABEL = -1
+# Log-spaced points at which the bootstrap band is kept (for the plot and the JSON).
+BAND_POINTS = 200
+
+COUNT_LABELS = (
+    ("true_positives", "True positives"),
+    ("false_positives", "False positives"),
+    ("false_negatives", "False negatives"),
+    ("true_negatives", "True negatives"),
+    ("total_candidates", "Total number of candidates"),
+    ("total_nodules", "Total number of nodules"),
+    ("ignored_on_excluded", "Ignored candidates on excluded nodules"),
+    ("ignored_double_detections", "Ignored candidates which were double detections on a nodule"),
+    ("sensitivity", "Sensitivity"),
+    ("candidates_per_scan", "Average number of candidates per scan"),
+)
+
+
+@dataclass
+class FrocCI:
+    """Bootstrap intervals (scans resampled with replacement)."""
+
+    confidence: float
+    n_samples: int
+    seed: int
+    rates: tuple[float, ...]
+    lower: np.ndarray  # one per rate
+    upper: np.ndarray
+    cpm_lower: float
+    cpm_upper: float
+    band_fps: np.ndarray  # sensitivity interval along the curve, for plotting
+    band_lower: np.ndarray
+    band_upper: np.ndarray
+    n_undefined: int = 0  # samples that drew no nodule at all (left out of the intervals)
+
+    def to_dict(self) -> dict:
+        return {
+            "confidence": self.confidence,
+            "n_samples": self.n_samples,
+            "n_undefined_samples": self.n_undefined,
+            "seed": self.seed,
+            "sensitivities": {_rate_key(r): [float(lo), float(hi)]
+                              for r, lo, hi in zip(self.rates, self.lower, self.upper)},
+            "cpm": [self.cpm_lower, self.cpm_upper],
+            "band": {"fps": self.band_fps.tolist(), "lower": self.band_lower.tolist(),
+                     "upper": self.band_upper.tolist()},
+        }
+
+
+@dataclass
+class FrocResult:
+    """A FROC curve and the figures read from it.
+
+    ``fps``, ``sensitivities`` and ``thresholds`` are the points of ``sklearn.metrics.roc_curve``
+    rescaled to false positives per scan and sensitivity (the rows of the official
+    ``froc_*.txt``; the first threshold is ``inf``). ``counts`` holds the official
+    "CAD Analysis" numbers.
+    """
+
+    fps: np.ndarray
+    sensitivities: np.ndarray
+    thresholds: np.ndarray
+    rates: tuple[float, ...]
+    sensitivities_at_rates: np.ndarray
+    cpm: float
+    counts: dict
+    ci: FrocCI | None = None
+    grid_fps: np.ndarray = field(default=None, repr=False)
+    grid_sensitivities: np.ndarray = field(default=None, repr=False)
+
+    def to_dict(self) -> dict:
+        return {
+            "rates": list(self.rates),
+            "sensitivities": {_rate_key(r): float(s)
+                              for r, s in zip(self.rates, self.sensitivities_at_rates)},
+            "cpm": self.cpm,
+            "counts": self.counts,
+            "ci": None if self.ci is None else self.ci.to_dict(),
+        }
+
+
+@dataclass
+class _Entries:
+    """The official FROC vectors: one entry per included nodule (hit or missed) and one per
+    false-positive mark, with the scan each came from (for the bootstrap)."""
+
+    labels: np.ndarray  # 1.0 nodule, 0.0 false positive
+    probabilities: np.ndarray
+    missed: np.ndarray  # bool: nodule no mark hit (left out of the ROC)
+    scan: np.ndarray  # index into the seriesuid list
+    n_scans: int
+    counts: dict
+
+
+def _rate_key(rate: float) -> str:
+    return f"{rate:g}"
+
+
+def _froc_grid() -> np.ndarray:
+    return np.linspace(FROC_MIN_FPS, FROC_MAX_FPS, FROC_GRID_POINTS)
+
+
+def _require_columns(frame: pd.DataFrame, columns, what: str) -> None:
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{what} lacks column(s) {', '.join(missing)}")
+
+
+def _squared_radius(diameters: np.ndarray) -> np.ndarray:
+    diameters = np.where(diameters < 0.0, DEFAULT_DIAMETER_MM, diameters)
+    return (diameters / 2.0) ** 2
+
+
+def _within(marks_xyz: np.ndarray, nodules_xyz: np.ndarray, radius2: np.ndarray) -> np.ndarray:
+    """``hits[i, j]``: mark i lies strictly inside nodule j (marks x nodules)."""
+    # Summed axis by axis in the official order so that marks right at the edge fall on
+    # the same side as in the official script.
+    d = marks_xyz[:, None, :] - nodules_xyz[None, :, :]
+    dist2 = d[..., 0] * d[..., 0] + d[..., 1] * d[..., 1] + d[..., 2] * d[..., 2]
+    return dist2 < radius2[None, :]
+
+
+def _nodule_table(frame: pd.DataFrame | None):
+    """Coordinates, squared radii and per-scan row indices of an annotation table."""
+    if frame is None or len(frame) == 0:
+        return np.zeros((0, 3)), np.zeros(0), {}
+    xyz = frame[WORLD_COLUMNS].to_numpy(dtype=np.float64)
+    radius2 = _squared_radius(frame["diameter_mm"].to_numpy(dtype=np.float64))
+    return xyz, radius2, frame.groupby("seriesuid", sort=False).indices
+
+
+def unknown_seriesuids(predictions: pd.DataFrame, seriesuids) -> list[str]:
+    """Seriesuids of ``predictions`` that are not in the list, in order of appearance."""
+    listed = set(seriesuids)
+    return [uid for uid in pd.unique(predictions["seriesuid"]) if uid not in listed]
+
+
+def _describe_unknown(unknown: list[str], list_name: str = "the seriesuid list") -> str:
+    shown = ", ".join(unknown[:3]) + (", ..." if len(unknown) > 3 else "")
+    return (f"{len(unknown)} seriesuid(s) not in {list_name} (first: {shown}); "
+            f"only listed scans may be evaluated")
+
+
+def _collect_entries(predictions: pd.DataFrame, annotations: pd.DataFrame,
+                     excluded: pd.DataFrame | None, seriesuids, max_marks: int) -> _Entries:
+    _require_columns(predictions, PREDICTION_COLUMNS, "predictions")
+    _require_columns(annotations, ANNOTATION_COLUMNS, "annotations")
+    if excluded is not None:
+        _require_columns(excluded, ANNOTATION_COLUMNS, "excluded findings")
+    seriesuids = list(seriesuids)
+    if not seriesuids:
+        raise ValueError("the seriesuid list is empty")
+    if len(set(seriesuids)) != len(seriesuids):
+        raise ValueError("the seriesuid list has duplicates")
+    unknown = unknown_seriesuids(predictions, seriesuids)
+    if unknown:
+        raise ValueError(f"predictions: {_describe_unknown(unknown)}")
+    mark_xyz = predictions[WORLD_COLUMNS].to_numpy(dtype=np.float64)
+    mark_prob = predictions["probability"].to_numpy(dtype=np.float64)
+    if not np.isfinite(mark_prob).all() or not np.isfinite(mark_xyz).all():
+        raise ValueError("predictions hold NaN or infinite values")
+    mark_groups = predictions.groupby("seriesuid", sort=False).indices if len(predictions) else {}
+    inc_xyz, inc_r2, inc_groups = _nodule_table(annotations)
+    exc_xyz, exc_r2, exc_groups = _nodule_table(excluded)
+    no_rows = np.zeros(0, dtype=np.int64)
+
+    labels, probs, missed, scans = [], [], [], []
+    tp = fp = fn = n_cands = n_nodules = irrelevant = doubles = 0
+    for scan_index, uid in enumerate(seriesuids):
+        rows = mark_groups.get(uid, no_rows)
+        prob = mark_prob[rows]
+        xyz = mark_xyz[rows]
+        if max_marks > 0 and len(prob) > max_marks:
+            # The (max_marks + 1)-th highest probability; only marks above it survive.
+            cut = np.partition(prob, len(prob) - 1 - max_marks)[len(prob) - 1 - max_marks]
+            keep = prob > cut
+            prob, xyz = prob[keep], xyz[keep]
+        n_cands += len(prob)
+        pool = np.ones(len(prob), dtype=bool)
+
+        inc = inc_groups.get(uid, no_rows)
+        n_nodules += len(inc)
+        if len(inc):
+            hits = _within(xyz, inc_xyz[inc], inc_r2[inc])
+            n_hits = hits.sum(axis=0)
+            found = n_hits > 0
+            best = (np.where(hits, prob[:, None], -np.inf).max(axis=0) if len(prob)
+                    else np.full(len(inc), -np.inf))
+            labels.append(np.ones(len(inc)))
+            probs.append(np.where(found, best, MISSED_PROBABILITY))
+            missed.append(~found)
+            tp += int(found.sum())
+            fn += int((~found).sum())
+            doubles += int(np.maximum(n_hits - 1, 0).sum())
+            # A mark on two nodules is a hit for both but leaves the pool once.
+            pool &= ~hits.any(axis=1)
+
+        exc = exc_groups.get(uid, no_rows)
+        if len(exc) and len(prob):
+            on_excluded = _within(xyz, exc_xyz[exc], exc_r2[exc]).any(axis=1)
+            irrelevant += int((pool & on_excluded).sum())
+            pool &= ~on_excluded
+
+        n_fp = int(pool.sum())
+        fp += n_fp
+        labels.append(np.zeros(n_fp))
+        probs.append(prob[pool])
+        missed.append(np.zeros(n_fp, dtype=bool))
+        scans.append(np.full(len(inc) + n_fp, scan_index, dtype=np.int64))
+
+    n_scans = len(seriesuids)
+    counts = {
+        "true_positives": tp,
+        "false_positives": fp,
+        "false_negatives": fn,
+        "true_negatives": 0,
+        "total_candidates": n_cands,
+        "total_nodules": n_nodules,
+        "ignored_on_excluded": irrelevant,
+        "ignored_double_detections": doubles,
+        "sensitivity": tp / n_nodules if n_nodules else None,
+        "candidates_per_scan": n_cands / n_scans,
+        "n_scans": n_scans,
+    }
+    return _Entries(
+        labels=np.concatenate(labels) if labels else np.zeros(0),
+        probabilities=np.concatenate(probs) if probs else np.zeros(0),
+        missed=np.concatenate(missed) if missed else np.zeros(0, dtype=bool),
+        scan=np.concatenate(scans),
+        n_scans=n_scans,
+        counts=counts,
+    )
+
+
+def _froc_curve(entries: _Entries):
+    """fps per scan, sensitivity and thresholds, as the official ``computeFROC``."""
+    from sklearn.exceptions import UndefinedMetricWarning
+    from sklearn.metrics import roc_curve
+
+    total_lesions = float(entries.labels.sum())
+    if total_lesions == 0:
+        raise ValueError(f"no included nodule on the {entries.n_scans} listed scan(s): "
+                         f"sensitivity is undefined")
+    kept = ~entries.missed
+    labels = entries.labels[kept]
+    probs = entries.probabilities[kept]
+    n_detected = float(labels.sum())
+    if len(labels) == 0:
+        return np.zeros(1), np.zeros(1), np.array([np.inf])
+    with warnings.catch_warnings():
+        # One-class cases are handled below, as the official script does (or would).
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
+        fpr, tpr, thresholds = roc_curve(labels, probs)
+    if total_lesions == len(entries.labels):
+        fps = np.zeros(len(fpr))  # no false positive at all: fpr is NaN
+    else:
+        fps = fpr * (len(labels) - n_detected) / entries.n_scans
+    if n_detected == 0:
+        sens = np.zeros(len(tpr))  # every nodule missed: tpr is NaN
+    else:
+        sens = tpr * n_detected / total_lesions
+    return fps, sens, thresholds
+
+
+def _read_rates(fps: np.ndarray, sens: np.ndarray, grid: np.ndarray):
+    grid_sens = np.interp(grid, fps, sens)
+    at_rates = np.interp(np.asarray(FROC_RATES), grid, grid_sens)
+    return grid_sens, at_rates
+
+
+def _result_from_entries(entries: _Entries) -> FrocResult:
+    fps, sens, thresholds = _froc_curve(entries)
+    grid = _froc_grid()
+    grid_sens, at_rates = _read_rates(fps, sens, grid)
+    return FrocResult(fps=fps, sensitivities=sens, thresholds=thresholds, rates=FROC_RATES,
+                      sensitivities_at_rates=at_rates, cpm=float(at_rates.mean()),
+                      counts=dict(entries.counts), grid_fps=grid, grid_sensitivities=grid_sens)
+
+
+def compute_froc(predictions: pd.DataFrame, annotations: pd.DataFrame,
+                 excluded: pd.DataFrame | None, seriesuids: list[str],
+                 max_marks: int = MAX_CAD_MARKS) -> FrocResult:
+    """LUNA16 FROC of ``predictions`` (seriesuid, coordX/Y/Z, probability) on the listed scans.
+
+    Annotations of scans outside ``seriesuids`` are ignored; predictions of such scans are
+    an error (ValueError), as is a list whose scans hold no included nodule.
+    ``max_marks <= 0`` keeps every mark.
+    """
+    return _result_from_entries(
+        _collect_entries(predictions, annotations, excluded, seriesuids, max_marks))
+
+
+class _Resampler:
+    """FROC of a bootstrap sample given how often each scan was drawn.
+
+    Drawing a scan k times is the same as giving its entries weight k, so the entries are
+    sorted once and each sample is a pair of weighted cumulative sums. The curve keeps the
+    points roc_curve's drop_intermediate would remove, which lie on the same straight lines
+    and so leave every interpolated sensitivity unchanged.
+    """
+
+    def __init__(self, entries: _Entries):
+        kept = ~entries.missed
+        order = np.argsort(-entries.probabilities[kept], kind="stable")
+        probs = entries.probabilities[kept][order]
+        self.labels = entries.labels[kept][order]
+        self.scan = entries.scan[kept][order]
+        # Last index of each run of equal probabilities: one curve point per threshold.
+        self.ends = np.append(np.flatnonzero(np.diff(probs)), len(probs) - 1)
+        self.missed_scan = entries.scan[entries.missed]
+        self.n_scans = entries.n_scans
+        self.grid = _froc_grid()
+
+    def sensitivities(self, draws: np.ndarray):
+        """(grid sensitivities, sensitivities at FROC_RATES), or None if no nodule drawn."""
+        n_missed = float(draws[self.missed_scan].sum())
+        if len(self.labels) == 0:
+            return None if n_missed == 0 else self._flat(0.0)
+        weights = draws[self.scan].astype(np.float64)
+        tps = np.cumsum(weights * self.labels)[self.ends]
+        fps = np.cumsum(weights * (1.0 - self.labels))[self.ends]
+        total = tps[-1] + n_missed
+        if total == 0:
+            return None
+        fps = np.concatenate(([0.0], fps / self.n_scans))
+        sens = np.concatenate(([0.0], tps / total))
+        if fps[-1] == 0:
+            fps[:] = 0.0
+        return _read_rates(fps, sens, self.grid)
+
+    def _flat(self, value: float):
+        return np.full(len(self.grid), value), np.full(len(FROC_RATES), value)
+
+
+def _bootstrap_from_entries(entries: _Entries, n_samples: int, seed: int,
+                            confidence: float = 0.95) -> FrocCI:
+    if n_samples < 2:
+        raise ValueError("bootstrap needs at least 2 samples")
+    resampler = _Resampler(entries)
+    rng = np.random.default_rng(seed)
+    band_fps = np.geomspace(FROC_MIN_FPS, FROC_MAX_FPS, BAND_POINTS)
+    at_rates = np.full((n_samples, len(FROC_RATES)), np.nan)
+    band = np.full((n_samples, BAND_POINTS), np.nan)
+    for i in range(n_samples):
+        draws = np.bincount(rng.integers(0, entries.n_scans, entries.n_scans),
+                            minlength=entries.n_scans)
+        sample = resampler.sensitivities(draws)
+        if sample is not None:
+            band[i] = np.interp(band_fps, resampler.grid, sample[0])
+            at_rates[i] = sample[1]
+    valid = ~np.isnan(at_rates[:, 0])
+    if not valid.any():
+        raise ValueError("no bootstrap sample drew a nodule")
+    tail = 100.0 * (1.0 - confidence) / 2.0
+    q = [tail, 100.0 - tail]
+    lower, upper = np.percentile(at_rates[valid], q, axis=0)
+    cpm_lower, cpm_upper = np.percentile(at_rates[valid].mean(axis=1), q)
+    band_lower, band_upper = np.percentile(band[valid], q, axis=0)
+    return FrocCI(confidence=confidence, n_samples=n_samples, seed=seed, rates=FROC_RATES,
+                  lower=lower, upper=upper, cpm_lower=float(cpm_lower),
+                  cpm_upper=float(cpm_upper), band_fps=band_fps, band_lower=band_lower,
+                  band_upper=band_upper, n_undefined=int((~valid).sum()))
+
+
+def bootstrap_froc(predictions: pd.DataFrame, annotations: pd.DataFrame,
+                   excluded: pd.DataFrame | None, seriesuids: list[str],
+                   n_samples: int = 1000, seed: int = 0, max_marks: int = MAX_CAD_MARKS,
+                   confidence: float = 0.95) -> FrocCI:
+    """Percentile intervals of the seven sensitivities and the CPM over ``n_samples`` sets
+    of scans drawn with replacement from ``seriesuids`` (same seed, same intervals)."""
+    entries = _collect_entries(predictions, annotations, excluded, seriesuids, max_marks)
+    return _bootstrap_from_entries(entries, n_samples, seed, confidence)
+
+
+def hit_labels(predictions_df: pd.DataFrame, annotations_df: pd.DataFrame,
+               excluded_df: pd.DataFrame | None) -> np.ndarray:
+    """Per row of ``predictions_df`` (no 100-mark cut): 1 inside an included nodule, -1 only
+    inside an excluded finding (to be ignored), else 0. Same hit rule as the FROC."""
+    _require_columns(predictions_df, ["seriesuid", *WORLD_COLUMNS], "predictions")
+    _require_columns(annotations_df, ANNOTATION_COLUMNS, "annotations")
+    if excluded_df is not None:
+        _require_columns(excluded_df, ANNOTATION_COLUMNS, "excluded findings")
+    labels = np.zeros(len(predictions_df), dtype=np.int64)
+    if len(predictions_df) == 0:
+        return labels
+    xyz = predictions_df[WORLD_COLUMNS].to_numpy(dtype=np.float64)
+    inc_xyz, inc_r2, inc_groups = _nodule_table(annotations_df)
+    exc_xyz, exc_r2, exc_groups = _nodule_table(excluded_df)
+    for uid, rows in predictions_df.groupby("seriesuid", sort=False).indices.items():
+        inc = inc_groups.get(uid)
+        exc = exc_groups.get(uid)
+        if exc is not None:
+            on_excluded = _within(xyz[rows], exc_xyz[exc], exc_r2[exc]).any(axis=1)
+            labels[rows[on_excluded]] = IGNORED_LABEL
+        if inc is not None:
+            on_nodule = _within(xyz[rows], inc_xyz[inc], inc_r2[inc]).any(axis=1)
+            labels[rows[on_nodule]] = 1
+    return labels
+
+
+def classification_metrics(labels, probabilities, threshold: float = 0.5) -> dict:
+    """Binary metrics of ``probabilities`` against 0/1 ``labels``; a probability at or above
+    ``threshold`` is a positive call. Negative labels (hit_labels' -1) are left out and
+    counted in ``n_ignored``. Undefined ratios (no positives, one class for the AUC) are None.
+    """
+    labels = np.asarray(labels).reshape(-1)
+    probabilities = np.asarray(probabilities, dtype=np.float64).reshape(-1)
+    if labels.shape != probabilities.shape:
+        raise ValueError(f"{len(labels)} labels but {len(probabilities)} probabilities")
+    if not np.isfinite(probabilities).all():
+        raise ValueError("probabilities hold NaN or infinite values")
+    if not math.isfinite(threshold):
+        raise ValueError(f"threshold must be finite, got {threshold}")
+    used = labels >= 0
+    if not np.isin(labels[used], (0, 1)).all():
+        raise ValueError("labels must be 0, 1 (or negative for ignored)")
+    truth = labels[used].astype(bool)
+    called = probabilities[used] >= threshold
+    tp = int((truth & called).sum())
+    fn = int((truth & ~called).sum())
+    fp = int((~truth & called).sum())
+    tn = int((~truth & ~called).sum())
+    n = tp + fn + fp + tn
+
+    def ratio(num, den):
+        return num / den if den else None
+
+    auc = None
+    if 0 < truth.sum() < n:
+        from sklearn.metrics import roc_auc_score
+        auc = float(roc_auc_score(truth, probabilities[used]))
+    return {
+        "threshold": float(threshold),
+        "n": n,
+        "n_positive": tp + fn,
+        "n_negative": tn + fp,
+        "n_ignored": int((~used).sum()),
+        "tn": tn, "fp": fp, "fn": fn, "tp": tp,
+        "confusion_matrix": [[tn, fp], [fn, tp]],
+        "accuracy": ratio(tp + tn, n),
+        "sensitivity": ratio(tp, tp + fn),
+        "specificity": ratio(tn, tn + fp),
+        "precision": ratio(tp, tp + fp),
+        "auc": auc,
+    }
+
+
+# ---------------------------------------------------------------- reporting and files
+
+def _format_count(key: str, value) -> str:
+    if value is None:
+        return "undefined"
+    if key in ("sensitivity", "candidates_per_scan"):
+        return f"{value:.9f}"
+    return str(value)
+
+
+def format_report(result: FrocResult, name: str) -> str:
+    lines = ["CAD Analysis: " + name, "", "Candidate detection results:"]
+    lines += [f"    {label}: {_format_count(key, result.counts[key])}"
+              for key, label in COUNT_LABELS]
+    lines += ["", "FROC:"]
+    ci = result.ci
+    for i, (rate, sens) in enumerate(zip(result.rates, result.sensitivities_at_rates)):
+        line = f"Sensitivity at {rate:g} FP/scan: {sens:.6f}"
+        if ci is not None:
+            line += f" ({ci.confidence:.0%} CI {ci.lower[i]:.6f}-{ci.upper[i]:.6f})"
+        lines.append(line)
+    lines.append(f"CPM: {result.cpm:.6f}")
+    if ci is not None:
+        lines.append(f"CPM {ci.confidence:.0%} CI: {ci.cpm_lower:.6f} - {ci.cpm_upper:.6f} "
+                     f"({ci.n_samples} bootstrap samples, seed {ci.seed})")
+    return "\n".join(lines)
+
+
+def format_classification(metrics: dict) -> str:
+    def show(value):
+        return "undefined" if value is None else f"{value:.6f}"
+
+    return "\n".join([
+        f"Per-candidate classification (probability >= {metrics['threshold']:g} is positive; "
+        f"{metrics['n']} rows, {metrics['n_positive']} on nodules, "
+        f"{metrics['n_ignored']} on excluded findings left out):",
+        f"    accuracy: {show(metrics['accuracy'])}",
+        f"    sensitivity: {show(metrics['sensitivity'])}",
+        f"    specificity: {show(metrics['specificity'])}",
+        f"    ROC AUC: {show(metrics['auc'])}",
+        f"    confusion matrix: tn={metrics['tn']} fp={metrics['fp']} "
+        f"fn={metrics['fn']} tp={metrics['tp']}",
+    ])
+
+
+def _save_figure(figure, path: Path) -> None:
+    with atomic_open(path, "wb") as handle:
+        figure.savefig(handle, format="png", dpi=120)
+
+
+def _new_figure():
+    # The object API with the Agg canvas needs no display and leaves pyplot's global
+    # state (and whatever backend the caller chose) alone.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7, 5))
+    FigureCanvasAgg(figure)
+    return figure, figure.add_subplot(1, 1, 1)
+
+
+def plot_froc(result: FrocResult, path: Path, name: str = "") -> None:
+    figure, ax = _new_figure()
+    if result.ci is not None:
+        ci = result.ci
+        ax.fill_between(ci.band_fps, ci.band_lower, ci.band_upper, color="tab:blue", alpha=0.2,
+                        label=f"{ci.confidence:.0%} bootstrap band ({ci.n_samples} samples)")
+    ax.plot(result.grid_fps, result.grid_sensitivities, color="tab:blue", label="FROC")
+    ax.plot(result.rates, result.sensitivities_at_rates, "o", color="tab:red",
+            label="sensitivity at the 7 rates")
+    ax.set_xscale("log", base=2)
+    ax.set_xlim(FROC_MIN_FPS, FROC_MAX_FPS)
+    ax.set_xticks(list(result.rates))
+    ax.set_xticklabels([f"{r:g}" for r in result.rates])
+    ax.set_ylim(0.0, 1.0)
+    ax.set_xlabel("Average number of false positives per scan")
+    ax.set_ylabel("Sensitivity")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.set_title(f"FROC {name} (CPM {result.cpm:.6f})".replace("  ", " "))
+    ax.legend(loc="lower right")
+    _save_figure(figure, path)
+
+
+def plot_roc(labels: np.ndarray, probabilities: np.ndarray, metrics: dict, path: Path) -> None:
+    figure, ax = _new_figure()
+    used = labels >= 0
+    if metrics["auc"] is not None:
+        from sklearn.metrics import roc_curve
+
+        fpr, tpr, _ = roc_curve(labels[used], probabilities[used])
+        ax.plot(fpr, tpr, color="tab:blue", label=f"AUC {metrics['auc']:.4f}")
+        ax.legend(loc="lower right")
+        title = f"Per-candidate ROC (AUC {metrics['auc']:.4f})"
+    else:
+        ax.text(0.5, 0.5, "ROC undefined: only one class among the candidates",
+                ha="center", va="center")
+        title = "Per-candidate ROC"
+    ax.plot([0, 1], [0, 1], ":", color="grey")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("False positive rate")
+    ax.set_ylabel("True positive rate")
+    ax.set_title(title)
+    _save_figure(figure, path)
+
+
+def write_outputs(out: Path, result: FrocResult, metrics: dict, labels: np.ndarray,
+                  probabilities: np.ndarray, name: str, inputs: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    curve = pd.DataFrame({"fps": result.fps, "sensitivity": result.sensitivities,
+                          "threshold": result.thresholds})
+    write_csv_atomic(curve, out / "froc_curve.csv", float_format="%.12g")
+    atomic_write_text(out / "froc_metrics.json",
+                      json.dumps({"inputs": inputs, **result.to_dict()}, indent=2) + "\n")
+    atomic_write_text(out / "classification_metrics.json",
+                      json.dumps({"inputs": inputs, **metrics}, indent=2) + "\n")
+    plot_froc(result, out / "froc.png", name)
+    plot_roc(labels, probabilities, metrics, out / "roc.png")
+
+
+def _parse_args(argv):
+    parser = argparse.ArgumentParser(
+        description="LUNA16 FROC (official rules) and per-candidate metrics of a submission.")
+    parser.add_argument("--annotations", required=True, help="annotations.csv")
+    parser.add_argument("--excluded", help="annotations_excluded.csv (none when left out)")
+    parser.add_argument("--seriesuids", required=True,
+                        help="seriesuid list, one per line, no header")
+    parser.add_argument("--submission", required=True,
+                        help="CSV seriesuid,coordX,coordY,coordZ,probability")
+    parser.add_argument("--out", help="folder for froc.png, froc_curve.csv, froc_metrics.json, "
+                                      "classification_metrics.json, roc.png")
+    parser.add_argument("--bootstrap", type=int, default=0, metavar="N",
+                        help="bootstrap samples of scans for 95%% intervals (0: none)")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    parser.add_argument("--threshold", type=float, default=0.5,
+                        help="probability threshold of the per-candidate metrics")
+    parser.add_argument("--max-marks", type=int, default=MAX_CAD_MARKS,
+                        help="marks kept per scan (official: 100; 0 keeps all)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = _parse_args(argv)
+    if args.bootstrap < 0 or args.bootstrap == 1:
+        print("error: --bootstrap must be 0 (none) or at least 2", file=sys.stderr)
+        return 2
+    if not math.isfinite(args.threshold):
+        print(f"error: --threshold must be a finite number, got {args.threshold}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else None
+    if out is not None and out.exists() and not out.is_dir():
+        print(f"error: {out}: --out exists and is not a folder", file=sys.stderr)
+        return 2
+    try:
+        seriesuids = read_seriesuids(args.seriesuids)
+        annotations = read_annotations(args.annotations)
+        excluded = (read_annotations(args.excluded, kind="excluded findings")
+                    if args.excluded else None)
+        submission = read_predictions(args.submission, kind="submission")
+        unknown = unknown_seriesuids(submission, seriesuids)
+        if unknown:
+            raise TableError(f"{args.submission}: submission has "
+                             f"{_describe_unknown(unknown, str(args.seriesuids))}")
+        if not annotations["seriesuid"].isin(seriesuids).any():
+            raise TableError(f"{args.annotations}: no nodule on any of the {len(seriesuids)} "
+                             f"scans of {args.seriesuids}; sensitivity is undefined")
+        entries = _collect_entries(submission, annotations, excluded, seriesuids,
+                                   args.max_marks)
+        result = _result_from_entries(entries)
+        if args.bootstrap:
+            result.ci = _bootstrap_from_entries(entries, args.bootstrap, args.seed)
+    except (TableError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    labels = hit_labels(submission, annotations, excluded)
+    probabilities = submission["probability"].to_numpy(dtype=np.float64)
+    metrics = classification_metrics(labels, probabilities, args.threshold)
+    name = Path(args.submission).stem
+    print(format_report(result, name))
+    print()
+    print(format_classification(metrics))
+    if out is not None:
+        inputs = {"annotations": args.annotations, "excluded": args.excluded,
+                  "seriesuids": args.seriesuids, "submission": args.submission,
+                  "max_marks": args.max_marks}
+        try:
+            write_outputs(out, result, metrics, labels, probabilities, name, inputs)
+        except OSError as err:
+            print(f"error: cannot write to {out}: {err}", file=sys.stderr)
+            return 1
+        print(f"\nwrote {out}/froc.png, froc_curve.csv, froc_metrics.json, "
+              f"classification_metrics.json, roc.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""Reading and writing the LUNA16 / Tianchi CSV tables, with checks that name the file.
+
+Every table that enters the pipeline (annotations, excluded findings, candidates,
+seriesuid lists, prediction and submission files) goes through ``read_table`` so that a
+missing column, an empty file, a NaN or an unsafe seriesuid is reported the same way:
+``TableError("<file>: <problem>")``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ct_io import ScanError, check_seriesuid
+
+WORLD_COLUMNS = ["coordX", "coordY", "coordZ"]
+ANNOTATION_COLUMNS = ["seriesuid", *WORLD_COLUMNS, "diameter_mm"]
+CANDIDATE_COLUMNS = ["seriesuid", *WORLD_COLUMNS, "class"]
+PREDICTION_COLUMNS = ["seriesuid", *WORLD_COLUMNS, "probability"]
+
+
+class TableError(ValueError):
+    """A CSV that cannot be used; the message names the file and the problem."""
+
+
+def read_table(path, columns, *, kind: str = "table", allow_empty: bool = True,
+               finite: tuple[str, ...] | None = None) -> pd.DataFrame:
+    """Read a CSV and check it has ``columns``, numeric finite values and safe seriesuids.
+
+    Args:
+        path: the CSV file.
+        columns: required column names (extra columns are kept).
+        kind: what the file is, for messages ("annotations", "submission", ...).
+        allow_empty: whether a header-only file is acceptable.
+        finite: the columns that must be finite numbers (default: every required column
+            except ``seriesuid``).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise TableError(f"{path}: {kind} file does not exist")
+    if path.is_dir():
+        raise TableError(f"{path}: {kind} file is a folder, expected a CSV")
+    try:
+        frame = pd.read_csv(path, dtype={"seriesuid": str})
+    except pd.errors.EmptyDataError:
+        raise TableError(f"{path}: {kind} file is empty (expected columns "
+                         f"{','.join(columns)})") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise TableError(f"{path}: {kind} file is not a valid CSV ({err})") from None
+    frame.columns = [str(c).strip() for c in frame.columns]
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise TableError(f"{path}: {kind} file lacks column(s) {', '.join(missing)}; "
+                         f"found {', '.join(frame.columns) or 'none'}; "
+                         f"expected {','.join(columns)}")
+    if frame.empty and not allow_empty:
+        raise TableError(f"{path}: {kind} file has a header but no rows")
+    check_numeric = [c for c in columns if c != "seriesuid"] if finite is None else list(finite)
+    for column in check_numeric:
+        values = pd.to_numeric(frame[column], errors="coerce")
+        bad = ~np.isfinite(values.to_numpy(dtype=np.float64))
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise TableError(f"{path}: {kind} column {column} has {int(bad.sum())} missing, "
+                             f"NaN or non-numeric value(s), first at data row {row + 1} "
+                             f"({frame[column].iloc[row]})")
+        frame[column] = values.astype(np.float64)
+    if "seriesuid" in frame.columns:
+        if frame["seriesuid"].isna().any():
+            row = int(np.flatnonzero(frame["seriesuid"].isna().to_numpy())[0])
+            raise TableError(f"{path}: {kind} has an empty seriesuid at data row {row + 1}")
+        frame["seriesuid"] = frame["seriesuid"].astype(str).str.strip()
+        for uid in frame["seriesuid"].unique():
+            try:
+                check_seriesuid(uid)
+            except ScanError as err:
+                raise TableError(f"{path}: {err}") from None
+    return frame
+
+
+def read_annotations(path, *, kind: str = "annotations") -> pd.DataFrame:
+    """``seriesuid,coordX,coordY,coordZ,diameter_mm`` (excluded findings use the same columns)."""
+    return read_table(path, ANNOTATION_COLUMNS, kind=kind)
+
+
+def read_candidates(path) -> pd.DataFrame:
+    """``seriesuid,coordX,coordY,coordZ,class``."""
+    frame = read_table(path, CANDIDATE_COLUMNS, kind="candidates")
+    frame["class"] = frame["class"].astype(int)
+    return frame
+
+
+def read_predictions(path, *, kind: str = "predictions", allow_empty: bool = True) -> pd.DataFrame:
+    """``seriesuid,coordX,coordY,coordZ,probability`` (model predictions and submissions)."""
+    return read_table(path, PREDICTION_COLUMNS, kind=kind, allow_empty=allow_empty)
+
+
+def read_seriesuids(path) -> list[str]:
+    """A seriesuid list: one id per line, no header (LUNA16 ``seriesuids.csv``); a
+    ``seriesuid`` header line is accepted."""
+    path = Path(path)
+    if not path.exists():
+        raise TableError(f"{path}: seriesuid list does not exist")
+    lines = [line.split(",")[0].strip() for line in path.read_text().splitlines()]
+    uids = [line for line in lines if line and line != "seriesuid"]
+    if not uids:
+        raise TableError(f"{path}: seriesuid list is empty")
+    for uid in uids:
+        try:
+            check_seriesuid(uid)
+        except ScanError as err:
+            raise TableError(f"{path}: {err}") from None
+    if len(set(uids)) != len(uids):
+        raise TableError(f"{path}: seriesuid list has duplicates")
+    return uids
+
+
+@contextlib.contextmanager
+def atomic_open(path, mode: str = "w"):
+    """Open a temporary file beside ``path`` and move it onto ``path`` when the block ends
+    without error: readers (and a rerun after a kill) see the old file or the new one,
+    never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide outputs from other users
+    try:
+        with os.fdopen(fd, mode) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path, text: str) -> None:
+    """Write ``text`` atomically (see ``atomic_open``)."""
+    with atomic_open(path, "w") as handle:
+        handle.write(text)
+
+
+def write_csv_atomic(frame: pd.DataFrame, path, float_format: str = "%.9g") -> None:
+    """Atomically write a DataFrame as CSV (no index)."""
+    atomic_write_text(path, frame.to_csv(index=False, float_format=float_format))
