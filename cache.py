@@ -20,6 +20,7 @@ voxel, spacing, direction) maps its voxels to the world, so ``ct_io.world_to_vox
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, fields
 from functools import cached_property
 from pathlib import Path
@@ -213,3 +214,35 @@ def uint8_to_hu(values, window_hu: tuple[float, float]) -> np.ndarray:
     """Inverse of the cache's windowing (exact inside the window)."""
     scale, offset = hu_to_uint8(window_hu)
     return (np.asarray(values, dtype=np.float32) - offset) / scale
+
+
+def subset_of(meta: ScanMeta) -> int | None:
+    """The LUNA16 subset (``.../subsetK/...``) a scan was read from, or None."""
+    for part in reversed(Path(meta.source_path).parts):
+        match = re.fullmatch(r"subset(\d+)", part)
+        if match:
+            return int(match.group(1))
+    return None
+
+
+def split_by_subset(metas: dict[str, ScanMeta], fold: int) -> dict[str, list[str]]:
+    """Folds by LUNA16 subset: subset ``fold`` is the test set, the next subset (cyclic) the
+    validation set, the rest training. Scans outside any subset always train.
+
+    Returns ``{"train": [...], "val": [...], "test": [...]}`` of sorted seriesuids.
+    """
+    subsets = {uid: subset_of(meta) for uid, meta in metas.items()}
+    present = sorted({s for s in subsets.values() if s is not None})
+    if fold not in present:
+        raise ValueError(f"fold {fold}: no cached scan comes from a folder subset{fold} "
+                         f"(subsets present: {present or 'none'})")
+    later = [s for s in present if s > fold]
+    val_subset = later[0] if later else present[0]
+    if val_subset == fold:
+        raise ValueError("need at least two subsets for a train/validation/test split")
+    split = {"train": [], "val": [], "test": []}
+    for uid in sorted(subsets):
+        subset = subsets[uid]
+        key = "test" if subset == fold else "val" if subset == val_subset else "train"
+        split[key].append(uid)
+    return split

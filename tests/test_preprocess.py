@@ -308,3 +308,16 @@ def test_real_scan_with_large_tumour_keeps_it_inside_the_mask(shared_data):
     lesion = lesions.iloc[0]
     zyx = np.rint(world_to_voxel((lesion.coordX, lesion.coordY, lesion.coordZ), meta.geometry)).astype(int)
     assert mask[tuple(zyx)] == 1
+
+
+def test_folds_follow_the_luna16_subsets(cached):
+    metas = cache.load_scan_metas(cached)
+    subsets = {uid: cache.subset_of(meta) for uid, meta in metas.items()}
+    assert sorted(subsets.values()) == list(range(N_SCANS))
+    split = cache.split_by_subset(metas, 1)
+    assert [subsets[u] for u in split["test"]] == [1]
+    assert [subsets[u] for u in split["val"]] == [2]
+    assert [subsets[u] for u in split["train"]] == [0]
+    assert [subsets[u] for u in cache.split_by_subset(metas, 2)["val"]] == [0]  # wraps around
+    with pytest.raises(ValueError, match="subset7"):
+        cache.split_by_subset(metas, 7)
