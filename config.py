@@ -148,7 +148,7 @@ class TrainingConfig:
     # Early stopping on running averages (seed 002): if only the loss stalls, decay the
     # learning rate; if loss and accuracy both stall, stop.
     patience: int = 5
-    running_average: int = 3
+    ema_weight: float = 0.2  # running average = 0.2 * this epoch + 0.8 * before (seed 002)
     lr_decay: float = 0.1
     mixed_precision: bool = False
     distribute: Literal["none", "mirrored"] = "none"

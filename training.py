@@ -1,0 +1,221 @@
+"""Training machinery shared by train_segmentation.py and train_classification.py.
+
+* ``setup_strategy``: mixed precision and ``tf.distribute.MirroredStrategy`` from the config;
+* ``RunFolder``: one folder per model and fold holding ``last.keras`` (every epoch, with the
+  optimizer state), ``best.keras``, ``state.json``, ``history.csv``, ``config.json`` and the
+  TensorBoard logs of each run in ``logs/<model>-run-<date>-<hour>-<minute>``;
+* ``RunningAverageEarlyStopping``: early stopping on running averages of the validation loss
+  and accuracy, with learning-rate decay when only the loss stalls (seed document 002);
+* ``fit``: ``model.fit`` with all of the above, resumable after a kill (``--resume``).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from tables import atomic_open, atomic_write_text
+
+
+def setup_strategy(training_cfg):
+    """Set the mixed-precision policy and return the distribution strategy to build under."""
+    import keras
+    import tensorflow as tf
+
+    keras.mixed_precision.set_global_policy("mixed_float16" if training_cfg.mixed_precision
+                                            else "float32")
+    keras.utils.set_random_seed(training_cfg.seed)
+    if training_cfg.distribute == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def run_name(model_name: str, now: dt.datetime | None = None) -> str:
+    """``<model>-run-<date>-<hour>-<minute>``: one TensorBoard folder per run (source document)."""
+    now = now or dt.datetime.now()
+    return f"{model_name}-run-{now:%Y%m%d}-{now:%H}-{now:%M}"
+
+
+@dataclass
+class RunFolder:
+    """Where one model of one fold keeps its checkpoints, logs and state."""
+
+    root: Path
+
+    @property
+    def last(self) -> Path:
+        return self.root / "last.keras"
+
+    @property
+    def best(self) -> Path:
+        return self.root / "best.keras"
+
+    @property
+    def state_path(self) -> Path:
+        return self.root / "state.json"
+
+    @property
+    def history(self) -> Path:
+        return self.root / "history.csv"
+
+    def read_state(self) -> dict | None:
+        try:
+            return json.loads(self.state_path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def write_state(self, state: dict) -> None:
+        atomic_write_text(self.state_path, json.dumps(state, indent=1) + "\n")
+
+
+def save_model_atomic(model, path: Path) -> None:
+    """``model.save`` through a temporary name: a kill mid-save keeps the previous file."""
+    tmp = path.with_name(f".{path.stem}.tmp.keras")
+    model.save(tmp)
+    tmp.replace(path)
+
+
+class RunningAverageEarlyStopping:
+    """Early stopping on exponential running averages of validation loss and accuracy.
+
+    Seed document 002: if only the running loss has stopped improving for ``patience``
+    epochs, multiply the learning rate by ``decay`` and start counting again; if the running
+    accuracy has stopped improving too, stop. Loss and accuracy can disagree (cross-entropy
+    rewards confidence), so the run stops only when both stall.
+    """
+
+    def __init__(self, patience: int, ema_weight: float, decay: float, state: dict | None = None):
+        self.patience, self.ema_weight, self.decay = patience, ema_weight, decay
+        self.state = state or {"loss": None, "accuracy": None, "best_loss": math.inf,
+                               "best_accuracy": -math.inf, "loss_stalled": 0, "accuracy_stalled": 0}
+
+    def update(self, loss: float, accuracy: float) -> str:
+        """Feed one epoch; returns ``"continue"``, ``"decay"`` or ``"stop"``."""
+        s = self.state
+        w = self.ema_weight
+        s["loss"] = loss if s["loss"] is None else w * loss + (1 - w) * s["loss"]
+        s["accuracy"] = accuracy if s["accuracy"] is None else w * accuracy + (1 - w) * s["accuracy"]
+        if s["loss"] < s["best_loss"]:
+            s["best_loss"], s["loss_stalled"] = s["loss"], 0
+        else:
+            s["loss_stalled"] += 1
+        if s["accuracy"] > s["best_accuracy"]:
+            s["best_accuracy"], s["accuracy_stalled"] = s["accuracy"], 0
+        else:
+            s["accuracy_stalled"] += 1
+        loss_out = s["loss_stalled"] >= self.patience
+        accuracy_out = s["accuracy_stalled"] >= self.patience
+        if loss_out and accuracy_out:
+            return "stop"
+        if loss_out:
+            s["loss_stalled"] = 0
+            return "decay"
+        return "continue"
+
+
+def _callback_class():
+    import keras
+
+    class EpochBookkeeping(keras.callbacks.Callback):
+        """Checkpoint every epoch (optimizer included), keep the best, log the history,
+        apply the running-average early stopping; everything needed to resume."""
+
+        def __init__(self, folder: RunFolder, state: dict, monitor: str, mode: str,
+                     stopper: RunningAverageEarlyStopping | None, loss_key: str, accuracy_key: str):
+            super().__init__()
+            self.folder, self.state, self.monitor, self.mode = folder, state, monitor, mode
+            self.stopper, self.loss_key, self.accuracy_key = stopper, loss_key, accuracy_key
+
+        def on_epoch_end(self, epoch, logs=None):
+            logs = {k: float(v) for k, v in (logs or {}).items()}
+            lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+            logs["lr"] = lr
+            value = logs.get(self.monitor)
+            best = self.state.get("best_value")
+            improved = value is not None and math.isfinite(value) and (
+                best is None or (value > best if self.mode == "max" else value < best))
+            if improved:
+                save_model_atomic(self.model, self.folder.best)
+                self.state.update(best_value=value, best_epoch=epoch)
+            action = "continue"
+            if self.stopper is not None and self.loss_key in logs and self.accuracy_key in logs:
+                action = self.stopper.update(logs[self.loss_key], logs[self.accuracy_key])
+                if action == "decay":
+                    self.model.optimizer.learning_rate.assign(lr * self.stopper.decay)
+                    print(f"\nrunning validation loss stalled: learning rate {lr:.3g} -> "
+                          f"{lr * self.stopper.decay:.3g}")
+                elif action == "stop":
+                    print("\nrunning validation loss and accuracy both stalled: stopping")
+                    self.model.stop_training = True
+                self.state["early_stopping"] = self.stopper.state
+            self._append_history(epoch, logs)
+            save_model_atomic(self.model, self.folder.last)
+            self.state.update(epoch=epoch, stopped=action == "stop")
+            self.folder.write_state(self.state)
+
+        def _append_history(self, epoch, logs):
+            rows = []
+            if self.folder.history.exists():
+                with open(self.folder.history, newline="") as handle:
+                    rows = [r for r in csv.DictReader(handle) if int(r["epoch"]) < epoch]
+            rows.append({"epoch": epoch, **logs})
+            keys = sorted({k for r in rows for k in r} - {"epoch"})
+            with atomic_open(self.folder.history, "w") as handle:
+                writer = csv.DictWriter(handle, fieldnames=["epoch", *keys])
+                writer.writeheader()
+                writer.writerows(rows)
+
+    return EpochBookkeeping
+
+
+def fit(build_and_compile, folder: RunFolder, model_name: str, train_data, val_data, *,
+        epochs: int, steps_per_epoch: int | None, validation_steps: int | None, monitor: str,
+        mode: str, resume: bool, training_cfg, early_stopping: tuple[str, str] | None = None,
+        extra_callbacks=(), strategy=None, verbose: int = 2):
+    """Train (or resume) a model; returns ``(model, state)``.
+
+    ``build_and_compile()`` makes a compiled model (called inside the strategy scope);
+    with ``resume`` and a ``last.keras`` present, the model, optimizer state, best value,
+    early-stopping state and TensorBoard folder of the killed run are restored and training
+    continues at the next epoch. ``early_stopping`` names the (loss, accuracy) log keys.
+    """
+    import keras
+
+    folder.root.mkdir(parents=True, exist_ok=True)
+    state = folder.read_state() if resume else None
+    strategy = strategy or setup_strategy(training_cfg)
+    with strategy.scope():
+        if state is not None and folder.last.exists():
+            model = keras.saving.load_model(folder.last)
+            initial_epoch = int(state["epoch"]) + 1
+            print(f"resuming {folder.last} at epoch {initial_epoch + 1}")
+        else:
+            if resume:
+                print(f"nothing to resume in {folder.root}: starting a new run")
+            model = build_and_compile()
+            state = {"run": run_name(model_name), "epoch": -1}
+            initial_epoch = 0
+            if folder.history.exists():
+                folder.history.unlink()
+    if state.get("stopped"):
+        print(f"{folder.root}: the run had stopped early at epoch {state['epoch'] + 1}; nothing to do")
+        return model, state
+    stopper = None
+    if early_stopping is not None:
+        stopper = RunningAverageEarlyStopping(training_cfg.patience, training_cfg.ema_weight,
+                                              training_cfg.lr_decay, state.get("early_stopping"))
+    bookkeeping = _callback_class()(folder, state, monitor, mode, stopper,
+                                    *(early_stopping or ("", "")))
+    # Extra callbacks first: metrics they add to the epoch's logs reach the checkpoint
+    # choice, the history and TensorBoard.
+    callbacks = [*extra_callbacks, bookkeeping,
+                 keras.callbacks.TensorBoard(log_dir=str(folder.root / "logs" / state["run"]))]
+    if initial_epoch < epochs:
+        model.fit(train_data, validation_data=val_data, epochs=epochs, initial_epoch=initial_epoch,
+                  steps_per_epoch=steps_per_epoch, validation_steps=validation_steps,
+                  callbacks=callbacks, verbose=verbose)
+    return model, state
