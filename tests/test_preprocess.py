@@ -39,7 +39,7 @@ def _cache_files(cache_dir: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("sample")
-    sample_data.generate_dataset(out, N_SCANS, seed=3, progress=False)
+    sample_data.generate_dataset(out, N_SCANS, seed=2, progress=False)  # 3 juxta-pleural nodules
     return out
 
 
@@ -110,10 +110,14 @@ def test_every_nodule_is_inside_the_mask_and_the_trachea_outside(cached, truth):
         for nodule in scan_truth["nodules"]:
             juxta += nodule["juxta_pleural"]
             centre = np.rint(world_to_voxel(nodule["coord_xyz_mm"], scan.geometry)).astype(int)
-            # The whole nodule, not only its centre, stays inside (pleural ones included).
-            r = int(nodule["diameter_mm"] / 2)
-            sl = tuple(slice(max(c - r, 0), c + r + 1) for c in centre)
-            assert mask[sl].mean() > 0.95, (uid, nodule)
+            # The whole nodule stays inside, not only its centre; of a juxta-pleural one, all
+            # but the cap the phantom sinks into the chest wall.
+            r = nodule["diameter_mm"] / 2
+            offsets = np.argwhere(np.ones((2 * int(r) + 1,) * 3)) - int(r)
+            ball = centre + offsets[np.linalg.norm(offsets, axis=1) <= r]
+            ball = ball[np.all((ball >= 0) & (ball < mask.shape), axis=1)]
+            share = mask[tuple(ball.T)].mean()
+            assert share > (0.85 if nodule["juxta_pleural"] else 0.98), (uid, nodule, share)
         carina_z = scan_truth["main_bronchi"]["right"]["start_xyz_mm"][2]
         points = [p for p in scan_truth["trachea"]["centerline_xyz_mm"] if p[2] > carina_z + 5]
         inside_box = 0
