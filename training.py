@@ -217,5 +217,5 @@ def fit(build_and_compile, folder: RunFolder, model_name: str, train_data, val_d
     if initial_epoch < epochs:
         model.fit(train_data, validation_data=val_data, epochs=epochs, initial_epoch=initial_epoch,
                   steps_per_epoch=steps_per_epoch, validation_steps=validation_steps,
-                  callbacks=callbacks, verbose=verbose)
+                  callbacks=callbacks, verbose=verbose, shuffle=False)  # the sampler shuffles
     return model, state
