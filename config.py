@@ -95,33 +95,33 @@ class SegmentationConfig:
     validation_scans_every: int = 5  # whole-scan dice/precision/recall every N epochs
 
 
+# Per-family options of the classifiers; field names are the builders' argument names
+# (models/<family>.py), so each section is passed to its builder as keyword arguments.
+# Variants (simplified vs full VGG, DenseNet vs DenseNet-BC) are the registry names.
 @dataclass(frozen=True)
 class VggConfig:
-    simplified: bool = True  # source document: simplified VGG is the baseline
-    base_filters: int = 32
+    dropout: float = 0.5
 
 
 @dataclass(frozen=True)
 class InceptionConfig:
-    blocks: int = 3
-    base_filters: int = 16
+    blocks_per_stage: tuple[int, ...] = (1, 1, 1)
+    branch_filters: int = 16
     spatial_separable: bool = True  # the optional (5,1,1)/(1,5,1)/(1,1,5) branch
 
 
 @dataclass(frozen=True)
 class ResnetConfig:
     blocks_per_stage: tuple[int, ...] = (2, 2, 2)  # source document: RESNET_BLOCKS to tune
-    base_filters: int = 16
+    base_filters: int = 8
     bottleneck: bool = True
-    compression: bool = True  # strided (3,3,3) conv at each stage start
+    compression: bool = True  # strided (3,3,3) conv-bn-relu at each later stage's start
 
 
 @dataclass(frozen=True)
 class DensenetConfig:
     blocks: tuple[int, ...] = (5, 5, 5)  # 3 dense blocks of 5 layers (source document)
     growth_rate: int = 12
-    bottleneck: bool = False  # DenseNet-BC: True here and compression 0.5
-    compression: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -131,6 +131,9 @@ class ClassificationConfig:
     batch_size: int = 16  # source document
     loss: Literal["focal", "weighted_bce"] = "focal"
     positive_fraction: float = 0.25  # class balancing: candidates are ~1:500 positive
+    # Validation scores all positives and at most this many negatives per epoch (a LUNA16
+    # subset has ~55,000 candidates); the subset is fixed by the seed.
+    max_validation_negatives: int = 20000
     size_bins_mm: tuple[float, ...] = (10.0, 30.0)
     size_weights: tuple[float, ...] = (4.0, 3.0, 1.0)
     epochs: int = 60
@@ -139,6 +142,12 @@ class ClassificationConfig:
     inception: InceptionConfig = field(default_factory=InceptionConfig)
     resnet: ResnetConfig = field(default_factory=ResnetConfig)
     densenet: DensenetConfig = field(default_factory=DensenetConfig)
+
+    def builder_options(self, model: str) -> dict[str, Any]:
+        """Keyword arguments of the builder of registry entry ``model``."""
+        family = model.split("_")[0]
+        section = getattr(self, family, None)
+        return dataclasses.asdict(section) if dataclasses.is_dataclass(section) else {}
 
 
 @dataclass(frozen=True)

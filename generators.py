@@ -1,0 +1,804 @@
+"""Training and inference inputs: patches for the segmenter, cubes for the classifier.
+
+Everything here reads the preprocessing cache (``cache.py``) through memory maps: a crop
+reads only the voxels it needs, a volume is never loaded whole per sample, and at most
+``max_open_scans`` scans are held open at a time.
+
+Layers, bottom up:
+
+* pure numpy functions: ``crop_patch``, ``sphere_mask``, ``nodule_target``, ``augment``,
+  ``size_weights``, ``flip_variants``; random ones take an ``np.random.Generator``;
+* samplers: ``SegmentationSampler`` and ``ClassificationSampler`` map
+  ``(epoch, index) -> (image, target)`` with ``rng = np.random.default_rng([seed, epoch,
+  index])``, so a sample never depends on worker scheduling, on what was drawn before, or
+  on where a run was resumed;
+* ``tf.data`` wrappers (TensorFlow is imported inside them, so ``import generators`` is
+  cheap): ``segmentation_dataset``, ``segmentation_validation_dataset``,
+  ``classification_dataset``, ``classification_eval_dataset``; ``cube_batches`` for
+  inference.
+
+Images are float32 ``(z, y, x, 1)`` in [0, 1] (the cache's uint8 / 255); targets are
+float32 ``(z, y, x, 1)`` masks for the segmenter and float32 ``(1,)`` labels for the
+classifier.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+import cache
+from config import ClassificationConfig, PreprocessConfig, SegmentationConfig, TrainingConfig
+from ct_io import world_to_voxel
+
+VOXEL_COLUMNS = ["z_vox", "y_vox", "x_vox"]
+WORLD_COLUMNS = ["coordX", "coordY", "coordZ"]
+# A sphere thinner than this marks no voxel at all when its centre falls between voxels.
+MIN_TARGET_RADIUS_VOX = 1.0
+ROTATION_PLANES = ((1, 2), (0, 1), (0, 2))  # axial (y, x) first
+
+
+# --------------------------------------------------------------------------- numpy blocks
+
+
+def _triple(size) -> np.ndarray:
+    size = np.broadcast_to(np.asarray(size, dtype=np.int64), (3,)).copy()
+    if np.any(size < 1):
+        raise ValueError(f"patch size {tuple(size)} must be positive along z, y, x")
+    return size
+
+
+def crop_start(center_zyx_vox, size_zyx) -> np.ndarray:
+    """First voxel (z, y, x) of the crop ``crop_patch`` takes around ``center_zyx_vox``.
+
+    The centre is rounded half up, and the voxel there lands at index ``size // 2`` of the
+    patch: an odd size has ``size // 2`` voxels on both sides of it, an even size one voxel
+    fewer after it than before it (size 4: two before, one after). A point ``p`` of the
+    volume sits at ``p - crop_start(...)`` in the patch.
+    """
+    center = np.asarray(center_zyx_vox, dtype=np.float64)
+    if center.shape != (3,) or not np.all(np.isfinite(center)):
+        raise ValueError(f"patch centre {center_zyx_vox!r} must be three finite numbers (z, y, x)")
+    return np.floor(center + 0.5).astype(np.int64) - _triple(size_zyx) // 2
+
+
+def crop_patch(volume: np.ndarray, center_zyx_vox, size_zyx, pad_value=0) -> np.ndarray:
+    """A ``size_zyx`` crop of ``volume`` around ``center_zyx_vox`` (see ``crop_start`` for
+    the centring), padded with ``pad_value`` where it leaves the volume. Only the region
+    inside the volume is read, so a memory-mapped volume stays on disk."""
+    size = _triple(size_zyx)
+    start = crop_start(center_zyx_vox, size)
+    shape = np.asarray(volume.shape[:3], dtype=np.int64)
+    lo = np.maximum(start, 0)
+    hi = np.minimum(start + size, shape)
+    out = np.full(tuple(size) + tuple(volume.shape[3:]), pad_value, dtype=volume.dtype)
+    if np.all(hi > lo):
+        src = tuple(slice(a, b) for a, b in zip(lo, hi))
+        dst = tuple(slice(a, b) for a, b in zip(lo - start, hi - start))
+        out[dst] = volume[src]
+    return out
+
+
+def sphere_mask(shape_zyx, center_zyx_vox, radius_vox: float) -> np.ndarray:
+    """Boolean ``shape_zyx`` mask of the voxels whose centres lie within ``radius_vox`` of
+    the (continuous) ``center_zyx_vox``."""
+    shape = tuple(int(n) for n in shape_zyx)
+    center = np.asarray(center_zyx_vox, dtype=np.float64)
+    mask = np.zeros(shape, dtype=bool)
+    lo = np.maximum(np.floor(center - radius_vox).astype(np.int64), 0)
+    hi = np.minimum(np.ceil(center + radius_vox).astype(np.int64) + 1, shape)
+    if np.any(hi <= lo):
+        return mask
+    z, y, x = np.ogrid[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    dist2 = (z - center[0]) ** 2 + (y - center[1]) ** 2 + (x - center[2]) ** 2
+    mask[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = dist2 <= radius_vox ** 2
+    return mask
+
+
+def nodule_target(patch_shape, nodules_in_patch) -> np.ndarray:
+    """float32 target mask: the union of spheres of the annotated diameters.
+
+    ``nodules_in_patch`` is ``(n, 4)``: centre z, y, x in patch voxels (continuous) and
+    diameter in voxels. The radius is at least ``MIN_TARGET_RADIUS_VOX``.
+    """
+    return _sphere_union(patch_shape, nodules_in_patch).astype(np.float32)
+
+
+def _sphere_union(shape_zyx, nodules) -> np.ndarray:
+    target = np.zeros(tuple(int(n) for n in shape_zyx), dtype=bool)
+    for z, y, x, diameter in np.asarray(nodules, dtype=np.float64).reshape(-1, 4):
+        radius = max(diameter / 2.0, MIN_TARGET_RADIUS_VOX)
+        target |= sphere_mask(target.shape, (z, y, x), radius)
+    return target
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Random transforms of ``augment``; shifts are the samplers' crop offsets."""
+
+    flip: bool = True  # nodules have no handedness; left and right lung mirror each other
+    rot90_axial: bool = True  # 90-degree turns in the (y, x) plane: exact and free
+    # Turns that move z into y or x; off by default because the original slice thickness
+    # (blur along z) survives resampling, so z is not like the other two axes.
+    rot90_all: bool = False
+    rotate_max_deg: float = 10.0  # small rotations in a random plane (interpolated)
+    rotate_probability: float = 0.2  # interpolating a 64^3 patch costs ~10x a crop
+    intensity_scale: float = 0.1  # image * U(1 - s, 1 + s): scanner and kernel contrast
+    intensity_offset: float = 0.05  # image + U(-o, o), in units of the [0, 1] image
+
+    def __post_init__(self):
+        if not 0.0 <= self.rotate_probability <= 1.0:
+            raise ValueError(f"rotate_probability={self.rotate_probability} must be in [0, 1]")
+        if self.rotate_max_deg < 0 or self.intensity_scale < 0 or self.intensity_offset < 0:
+            raise ValueError("rotate_max_deg, intensity_scale and intensity_offset must be >= 0")
+
+
+NO_AUGMENTATION = Augmentation(flip=False, rot90_axial=False, rot90_all=False,
+                               rotate_probability=0.0, intensity_scale=0.0,
+                               intensity_offset=0.0)
+
+
+def augment(patch: np.ndarray, target: np.ndarray | None, rng: np.random.Generator,
+            cfg: Augmentation = Augmentation()):
+    """Random flips, 90-degree turns, a small rotation (with probability) and intensity
+    jitter of a float image ``(z, y, x[, c])`` in [0, 1]; ``target`` (same spatial shape,
+    or None) gets the same geometric transforms, nearest-neighbour interpolated.
+
+    Returns ``(image float32 in [0, 1], target or None)``; deterministic given ``rng``.
+    """
+    arrays = [patch] if target is None else [patch, target]
+    if target is not None and target.shape[:3] != patch.shape[:3]:
+        raise ValueError(f"target shape {target.shape} does not match patch shape {patch.shape}")
+    d, h, w = patch.shape[:3]
+    if cfg.flip:
+        axes = tuple(int(a) for a in np.flatnonzero(rng.random(3) < 0.5))
+        if axes:
+            arrays = [np.flip(a, axes) for a in arrays]
+    turns = []
+    if cfg.rot90_axial and h == w:
+        turns.append(((1, 2), int(rng.integers(4))))
+    if cfg.rot90_all and d == h == w:
+        turns += [((0, 1), int(rng.integers(4))), ((0, 2), int(rng.integers(4)))]
+    for plane, k in turns:
+        if k:
+            arrays = [np.rot90(a, k, axes=plane) for a in arrays]
+    if cfg.rotate_probability > 0 and cfg.rotate_max_deg > 0 \
+            and rng.random() < cfg.rotate_probability:
+        from scipy import ndimage  # scipy.ndimage costs ~0.3 s to import; most calls skip it
+
+        angle = float(rng.uniform(-cfg.rotate_max_deg, cfg.rotate_max_deg))
+        plane = ROTATION_PLANES[int(rng.integers(len(ROTATION_PLANES)))]
+        # "nearest" repeats the border (lung-masked tissue) instead of inventing air.
+        arrays[0] = ndimage.rotate(np.asarray(arrays[0], dtype=np.float32), angle, axes=plane,
+                                   reshape=False, order=1, mode="nearest")
+        if target is not None:
+            arrays[1] = rotate_nearest(np.asarray(arrays[1]), angle, plane)
+    image = np.array(arrays[0], dtype=np.float32)  # a copy: flips and turns are views
+    if cfg.intensity_scale > 0 or cfg.intensity_offset > 0:
+        scale = rng.uniform(1.0 - cfg.intensity_scale, 1.0 + cfg.intensity_scale)
+        offset = rng.uniform(-cfg.intensity_offset, cfg.intensity_offset)
+        image *= np.float32(scale)
+        image += np.float32(offset)
+        np.clip(image, 0.0, 1.0, out=image)
+    out_target = None if target is None else np.ascontiguousarray(arrays[1])
+    return image, out_target
+
+
+def rotate_nearest(mask: np.ndarray, angle_deg: float, plane) -> np.ndarray:
+    """``mask`` rotated by ``angle_deg`` in ``plane`` about the array centre, nearest
+    neighbour, zero outside: the same mapping as ``scipy.ndimage.rotate(mask, angle,
+    axes=plane, reshape=False, order=0)``, but computed only around the non-zero voxels
+    (a nodule fills ~1% of a patch, so this is ~50x cheaper)."""
+    out = np.zeros_like(mask)
+    found = np.argwhere(mask)
+    if len(found) == 0:
+        return out
+    a, b = sorted(int(p) for p in plane)
+    shape = np.asarray(mask.shape[:3])
+    cos, sin = np.cos(np.deg2rad(angle_deg)), np.sin(np.deg2rad(angle_deg))
+    # ndimage maps an output voxel o to the input voxel R (o - c) + c in the plane.
+    rotation = np.array([[cos, sin], [-sin, cos]])
+    center = (shape[[a, b]] - 1) / 2.0
+    lo, hi = found.min(axis=0)[:3], found.max(axis=0)[:3]
+    corners = np.array([[u, v] for u in (lo[a] - 1, hi[a] + 1) for v in (lo[b] - 1, hi[b] + 1)])
+    mapped = (corners - center) @ rotation + center  # inverse map: R^T (i - c) + c
+    out_lo, out_hi = lo.copy(), hi.copy()
+    out_lo[[a, b]] = np.floor(mapped.min(axis=0)).astype(np.int64)
+    out_hi[[a, b]] = np.ceil(mapped.max(axis=0)).astype(np.int64)
+    out_lo = np.maximum(out_lo, 0)
+    out_hi = np.minimum(out_hi, shape - 1)
+    if np.any(out_hi < out_lo):
+        return out
+    grid = np.stack(np.meshgrid(*[np.arange(l, h + 1) for l, h in zip(out_lo, out_hi)],
+                                indexing="ij"), axis=-1).reshape(-1, 3)
+    source = grid.astype(np.float64)
+    source[:, [a, b]] = (grid[:, [a, b]] - center) @ rotation.T + center
+    source = np.floor(source + 0.5).astype(np.int64)
+    inside = np.all((source >= 0) & (source < shape), axis=1)
+    values = np.zeros(len(grid), dtype=mask.dtype)
+    values[inside] = mask[tuple(source[inside].T)]
+    out[tuple(grid.T)] = values
+    return out
+
+
+def size_weights(diameters_mm, bins_mm=(10.0, 30.0), weights=(4.0, 3.0, 1.0)) -> np.ndarray:
+    """Per-nodule sampling weight by diameter: ``weights[i]`` for diameters in
+    ``[bins_mm[i-1], bins_mm[i])`` (defaults: 4 under 10 mm, 3 for 10-30 mm, 1 above).
+    Unknown (NaN) diameters weigh 1."""
+    bins = np.asarray(bins_mm, dtype=np.float64)
+    weights = np.asarray(weights, dtype=np.float64)
+    if len(weights) != len(bins) + 1:
+        raise ValueError(f"size weights {tuple(weights)} need one more entry than the bins "
+                         f"{tuple(bins)} (one per size class)")
+    if np.any(np.diff(bins) <= 0) or np.any(weights < 0):
+        raise ValueError("size bins must increase and size weights must be >= 0")
+    diameters = np.asarray(diameters_mm, dtype=np.float64)
+    out = weights[np.digitize(np.nan_to_num(diameters, nan=0.0), bins)]
+    return np.where(np.isnan(diameters), 1.0, out)
+
+
+def flip_variants(cubes: np.ndarray, all_eight: bool = False) -> list[np.ndarray]:
+    """Test-time augmentation of a batch ``(n, z, y, x, c)``: the batch itself and its
+    flips along z, y and x (or all eight flip combinations). Average the predictions."""
+    cubes = np.asarray(cubes)
+    if cubes.ndim != 5:
+        raise ValueError(f"flip_variants expects a batch (n, z, y, x, c), got shape {cubes.shape}")
+    if all_eight:
+        combos = [tuple(a + 1 for a in range(3) if (bits >> a) & 1) for bits in range(8)]
+    else:
+        combos = [(), (1,), (2,), (3,)]
+    return [np.ascontiguousarray(np.flip(cubes, axes)) if axes else cubes for axes in combos]
+
+
+def to_unit(patch_uint8: np.ndarray) -> np.ndarray:
+    """uint8 cache values -> float32 in [0, 1]."""
+    return np.asarray(patch_uint8, dtype=np.float32) * np.float32(1.0 / 255.0)
+
+
+# --------------------------------------------------------------------------- cache access
+
+
+def cache_pad_value(cache_dir, meta: cache.ScanMeta) -> int:
+    """The uint8 value preprocessing wrote outside the lung mask (``pad_hu`` windowed):
+    crops pad with it, so the border of a scan looks like the rest of its outside."""
+    pad_hu = PreprocessConfig().pad_hu
+    path = Path(cache_dir) / "config.json"
+    if path.exists():
+        try:
+            pad_hu = float(json.loads(path.read_text())["config"]["preprocess"]["pad_hu"])
+        except (ValueError, KeyError, TypeError):
+            pass
+    scale, offset = cache.hu_to_uint8(meta.window_hu)
+    return int(np.clip(round(pad_hu * scale + offset), 0, 255))
+
+
+class ScanPool:
+    """Memory-mapped scans, at most ``max_open`` at a time (least recently used closed
+    first), plus a sparse list of lung-mask voxels per scan, kept once computed (int16
+    z, y, x on a ``mask_stride_vox`` lattice: ~70 kB for a LUNA16 scan at stride 8, so all
+    of LUNA16 fits in ~40 MB). Thread-safe: ``tf.data`` calls samplers from several
+    threads."""
+
+    def __init__(self, cache_dir, max_open: int = 16, mask_stride_vox: int = 8):
+        if max_open < 1 or mask_stride_vox < 1:
+            raise ValueError("max_open and mask_stride_vox must be >= 1")
+        self.cache_dir = str(cache_dir)
+        self.max_open = max_open
+        self.mask_stride_vox = mask_stride_vox
+        self._open: OrderedDict[str, cache.CachedScan] = OrderedDict()
+        self._mask_points: dict[str, np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    def get(self, seriesuid: str) -> cache.CachedScan:
+        with self._lock:
+            scan = self._open.get(seriesuid)
+            if scan is not None:
+                self._open.move_to_end(seriesuid)
+                return scan
+        scan = cache.open_scan(self.cache_dir, seriesuid)
+        with self._lock:
+            self._open[seriesuid] = scan
+            self._open.move_to_end(seriesuid)
+            while len(self._open) > self.max_open:
+                self._open.popitem(last=False)
+        return scan
+
+    def mask_points(self, seriesuid: str) -> np.ndarray:
+        """``(n, 3)`` int16 z, y, x of every ``mask_stride_vox``-th lung-mask voxel along
+        each axis (the scan centre when the mask is empty)."""
+        points = self._mask_points.get(seriesuid)
+        if points is None:
+            mask = self.get(seriesuid).mask
+            k = self.mask_stride_vox
+            points = (np.argwhere(np.asarray(mask[::k, ::k, ::k]) > 0) * k).astype(np.int16)
+            if len(points) == 0:
+                points = (np.asarray(mask.shape, dtype=np.int16) // 2)[None, :]
+            with self._lock:
+                self._mask_points[seriesuid] = points
+        return points
+
+    def random_lung_voxel(self, seriesuid: str, rng: np.random.Generator) -> np.ndarray:
+        """A lung-mask voxel (z, y, x): a lattice point moved by a random offset within its
+        lattice cell when that voxel is in the mask too, so positions are not stuck on
+        the lattice."""
+        points = self.mask_points(seriesuid)
+        point = points[int(rng.integers(len(points)))].astype(np.int64)
+        k = self.mask_stride_vox
+        moved = point + rng.integers(-(k // 2), k - k // 2, size=3)
+        mask = self.get(seriesuid).mask
+        if np.all((moved >= 0) & (moved < mask.shape)) and mask[tuple(moved)]:
+            return moved
+        return point
+
+    @property
+    def open_count(self) -> int:
+        return len(self._open)
+
+
+def _check_seriesuids(cache_dir, seriesuids) -> tuple[dict[str, cache.ScanMeta], list[str]]:
+    metas = cache.load_scan_metas(cache_dir)
+    uids = sorted({str(u) for u in seriesuids})
+    if not uids:
+        raise ValueError("no seriesuids given: need at least one cached scan to sample from")
+    missing = [u for u in uids if u not in metas]
+    if missing:
+        raise ValueError(f"{len(missing)} seriesuid(s) are not in the cache {cache_dir}, "
+                         f"e.g. {missing[0]}; run preprocess.py on them or drop them")
+    return metas, uids
+
+
+def _sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    return np.random.default_rng([int(seed), int(epoch), int(index)])
+
+
+# --------------------------------------------------------------------------- segmentation
+
+
+@dataclass(frozen=True)
+class PatchPlan:
+    """Where one segmentation patch comes from."""
+
+    seriesuid: str
+    center_zyx_vox: tuple[float, float, float]
+    positive: bool  # centred on a nodule (a negative may still hold one by chance)
+    nodule: int = -1  # row of ``SegmentationSampler.nodules``, -1 for negatives
+
+
+class SegmentationSampler:
+    """Segmentation patches ``(image, target)``, both float32 ``(s, s, s, 1)``.
+
+    With probability ``1 - cfg.negative_fraction`` a patch is centred on an annotated
+    nodule drawn by ``size_weights`` (shifted by up to ``max_shift_vox`` per axis, default
+    ``patch_size // 4``, but never so far that the nodule leaves the patch); otherwise on
+    a random lung-mask voxel of a random scan. The target marks every annotated nodule in
+    the patch as a sphere of its diameter, or, where ``nodule_masks_dir`` holds
+    ``<seriesuid>.npy`` (uint8 on the cache grid), that scan's real nodule masks.
+
+    ``sample(epoch, index)`` depends only on ``(seed, epoch, index)``.
+    """
+
+    def __init__(self, cache_dir, seriesuids, cfg: SegmentationConfig = SegmentationConfig(),
+                 seed: int = 0, *, augment: bool = True,
+                 augmentation: Augmentation = Augmentation(), max_shift_vox: int | None = None,
+                 mask_stride_vox: int = 8, max_open_scans: int = 16, nodule_masks_dir=None):
+        if not 0.0 <= cfg.negative_fraction <= 1.0:
+            raise ValueError(f"segmentation.negative_fraction={cfg.negative_fraction} must be "
+                             "in [0, 1]")
+        self.cache_dir = str(cache_dir)
+        self.cfg = cfg
+        self.seed = int(seed)
+        self.augmentation = augmentation if augment else NO_AUGMENTATION
+        self.size = int(cfg.patch_size)
+        self.max_shift_vox = self.size // 4 if max_shift_vox is None else int(max_shift_vox)
+        self.nodule_masks_dir = None if nodule_masks_dir is None else Path(nodule_masks_dir)
+        metas, self.seriesuids = _check_seriesuids(cache_dir, seriesuids)
+        self.pad_values = {u: cache_pad_value(cache_dir, metas[u]) for u in self.seriesuids}
+        self.pool = ScanPool(cache_dir, max_open_scans, mask_stride_vox)
+
+        table = cache.load_table(cache_dir, "annotations")
+        table = table[table["seriesuid"].isin(self.seriesuids)]
+        table = table.sort_values(["seriesuid", *VOXEL_COLUMNS], kind="stable")
+        nodules = table[["seriesuid", *VOXEL_COLUMNS]].reset_index(drop=True)
+        diameter_mm = (table["diameter_mm"].to_numpy(np.float64) if "diameter_mm" in table
+                       else np.zeros(len(table)))
+        spacing = np.array([metas[u].resampled_spacing_xyz_mm[0] for u in nodules["seriesuid"]])
+        nodules["diameter_mm"] = diameter_mm
+        nodules["diameter_vox"] = diameter_mm / spacing if len(table) else diameter_mm
+        self.nodules = nodules
+        weights = size_weights(diameter_mm, cfg.size_bins_mm, cfg.size_weights)
+        self.nodule_probabilities = weights / weights.sum() if weights.sum() > 0 else weights
+        self._nodule_zyx = nodules[VOXEL_COLUMNS].to_numpy(np.float64)
+        self._nodule_diameter_vox = nodules["diameter_vox"].to_numpy(np.float64)
+        self._nodule_uids = nodules["seriesuid"].to_numpy(str)
+        self._by_scan = {uid: nodules.loc[rows, [*VOXEL_COLUMNS, "diameter_vox"]]
+                         .to_numpy(np.float64)
+                         for uid, rows in nodules.groupby("seriesuid").groups.items()}
+
+    # -- drawing ------------------------------------------------------------------------
+
+    def _draw_plan(self, rng: np.random.Generator) -> PatchPlan:
+        negative = len(self.nodules) == 0 or rng.random() < self.cfg.negative_fraction
+        if negative:
+            uid = self.seriesuids[int(rng.integers(len(self.seriesuids)))]
+            center = self.pool.random_lung_voxel(uid, rng)
+            return PatchPlan(uid, tuple(float(v) for v in center), False)
+        row = int(rng.choice(len(self.nodules), p=self.nodule_probabilities))
+        center = self._nodule_zyx[row]
+        # Keep the whole sphere inside: |shift| + radius <= the shorter half of the patch
+        # (less half a voxel: the crop rounds the centre).
+        room = int(np.floor((self.size - 1) // 2 - self._nodule_diameter_vox[row] / 2.0 - 0.5))
+        limit = max(0, min(self.max_shift_vox, room))
+        shift = rng.integers(-limit, limit + 1, size=3)
+        return PatchPlan(str(self._nodule_uids[row]), tuple(float(v) for v in center + shift),
+                         True, row)
+
+    def plan(self, epoch: int, index: int) -> PatchPlan:
+        """Where sample ``index`` of ``epoch`` comes from (what ``sample`` crops)."""
+        return self._draw_plan(_sample_rng(self.seed, epoch, index))
+
+    def sample(self, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray]:
+        rng = _sample_rng(self.seed, epoch, index)
+        return self.render(self._draw_plan(rng), rng)
+
+    def render(self, plan: PatchPlan, rng: np.random.Generator | None = None):
+        """Crop (and, given ``rng``, augment) the patch of ``plan``."""
+        scan = self.pool.get(plan.seriesuid)
+        patch = crop_patch(scan.volume, plan.center_zyx_vox, self.size,
+                           self.pad_values[plan.seriesuid])
+        target = self._target(plan)
+        image = to_unit(patch)
+        if rng is not None and self.augmentation != NO_AUGMENTATION:
+            image, target = augment(image, target, rng, self.augmentation)
+        return image[..., None], target.astype(np.float32)[..., None]
+
+    def _target(self, plan: PatchPlan) -> np.ndarray:
+        if self.nodule_masks_dir is not None:
+            path = self.nodule_masks_dir / f"{plan.seriesuid}.npy"
+            if path.exists():
+                masks = np.load(path, mmap_mode="r", allow_pickle=False)
+                return crop_patch(masks, plan.center_zyx_vox, self.size, 0) > 0
+        nodules = self._by_scan.get(plan.seriesuid)
+        shape = (self.size,) * 3
+        if nodules is None:
+            return np.zeros(shape, dtype=bool)
+        local = nodules.copy()
+        local[:, :3] -= crop_start(plan.center_zyx_vox, self.size)
+        radius = np.maximum(local[:, 3] / 2.0, MIN_TARGET_RADIUS_VOX)
+        touching = np.all((local[:, :3] + radius[:, None] >= 0)
+                          & (local[:, :3] - radius[:, None] <= self.size - 1), axis=1)
+        return _sphere_union(shape, local[touching])
+
+    # -- fixed validation set -----------------------------------------------------------
+
+    def validation_plans(self, n_negatives: int | None = None, seed: int | None = None) \
+            -> list[PatchPlan]:
+        """Every nodule centred, then ``n_negatives`` random lung positions (default: as
+        many as make ``negative_fraction`` of the list), fixed for ``seed``."""
+        plans = [PatchPlan(row.seriesuid, (row.z_vox, row.y_vox, row.x_vox), True, i)
+                 for i, row in enumerate(self.nodules.itertuples(index=False))]
+        fraction = self.cfg.negative_fraction
+        if n_negatives is None:
+            n_negatives = (int(round(len(plans) * fraction / (1.0 - fraction)))
+                           if fraction < 1.0 else len(plans))
+            n_negatives = max(n_negatives, 1 if fraction > 0 else 0)
+        rng = np.random.default_rng([self.seed if seed is None else int(seed), 2**31 - 1])
+        for _ in range(int(n_negatives)):
+            uid = self.seriesuids[int(rng.integers(len(self.seriesuids)))]
+            center = self.pool.random_lung_voxel(uid, rng)
+            plans.append(PatchPlan(uid, tuple(float(v) for v in center), False))
+        return plans
+
+
+# --------------------------------------------------------------------------- classification
+
+
+def _matched_diameters(frame: pd.DataFrame, annotations: pd.DataFrame,
+                       labels: np.ndarray) -> np.ndarray:
+    """Diameter of the annotated nodule each row lies in (nearest one); for positives
+    outside every sphere, of the scan's nearest nodule; NaN otherwise."""
+    out = np.full(len(frame), np.nan)
+    if len(frame) == 0 or len(annotations) == 0:
+        return out
+    xyz = frame[WORLD_COLUMNS].to_numpy(np.float64)
+    ann_groups = annotations.groupby("seriesuid").indices
+    ann_xyz = annotations[WORLD_COLUMNS].to_numpy(np.float64)
+    ann_d = annotations["diameter_mm"].to_numpy(np.float64)
+    for uid, rows in frame.groupby("seriesuid", sort=False).indices.items():
+        nodules = ann_groups.get(uid)
+        if nodules is None:
+            continue
+        diff = xyz[rows][:, None, :] - ann_xyz[nodules][None, :, :]
+        dist2 = (diff ** 2).sum(axis=2)
+        inside = dist2 < (ann_d[nodules][None, :] / 2.0) ** 2
+        nearest = np.argmin(np.where(inside, dist2, np.inf), axis=1)
+        hit = inside.any(axis=1)
+        fallback = np.argmin(dist2, axis=1)
+        chosen = np.where(hit, nearest, fallback)
+        keep = hit | (labels[rows] == 1)
+        out[rows[keep]] = ann_d[nodules][chosen[keep]]
+    return out
+
+
+def candidate_table(cache_dir, seriesuids=None, source="candidates") -> pd.DataFrame:
+    """Classifier candidates in cache-voxel coordinates with labels.
+
+    Args:
+        cache_dir: the preprocessing cache.
+        seriesuids: scans to keep (default: every cached scan).
+        source: ``"candidates"`` for the cache's LUNA16 candidate list (label = its
+            ``class``; a class-0 candidate that lies only inside an excluded finding gets
+            -1), or the path of a detection CSV ``seriesuid,coordX,coordY,coordZ,
+            probability`` labelled by the LUNA16 hit rule (1 strictly inside an annotated
+            nodule's sphere, -1 only inside an excluded finding, else 0).
+
+    Returns:
+        DataFrame with seriesuid, coordX/Y/Z, z_vox, y_vox, x_vox, label (1/0/-1; train on
+        label >= 0), diameter_mm (of the matched nodule, NaN if none) and, for detections,
+        probability. Rows of scans that are not cached are dropped.
+    """
+    import evaluate  # pandas-heavy; only this function needs the hit rule
+    from tables import PREDICTION_COLUMNS, read_table
+
+    metas = cache.load_scan_metas(cache_dir)
+    keep = set(metas) if seriesuids is None else {str(u) for u in seriesuids} & set(metas)
+    annotations = cache.load_table(cache_dir, "annotations")
+    excluded = cache.load_table(cache_dir, "annotations_excluded")
+    annotations = annotations[annotations["seriesuid"].isin(keep)].reset_index(drop=True)
+    excluded = excluded[excluded["seriesuid"].isin(keep)].reset_index(drop=True)
+    for frame in (annotations, excluded):
+        if "diameter_mm" not in frame:
+            frame["diameter_mm"] = pd.Series(dtype=np.float64)
+
+    if isinstance(source, str) and source == "candidates":
+        frame = cache.load_table(cache_dir, "candidates")
+        if "class" not in frame:
+            frame["class"] = pd.Series(dtype=np.int64)
+        frame = frame[frame["seriesuid"].isin(keep)].reset_index(drop=True)
+        hits = evaluate.hit_labels(frame, annotations, excluded)
+        labels = frame["class"].to_numpy(np.int64)
+        labels = np.where((labels == 0) & (hits == evaluate.IGNORED_LABEL),
+                          evaluate.IGNORED_LABEL, labels)
+        columns = ["seriesuid", *WORLD_COLUMNS, *VOXEL_COLUMNS]
+    else:
+        frame = read_table(source, PREDICTION_COLUMNS, kind="detections")
+        outside = ~frame["seriesuid"].isin(metas)
+        if outside.any():
+            warnings.warn(f"{source}: {int(outside.sum())} detection(s) of scans that are not "
+                          f"in the cache {cache_dir} are left out", stacklevel=2)
+        frame = frame[frame["seriesuid"].isin(keep)].reset_index(drop=True)
+        vox = np.zeros((len(frame), 3))
+        for uid, rows in frame.groupby("seriesuid", sort=False).indices.items():
+            vox[rows] = world_to_voxel(frame.loc[rows, WORLD_COLUMNS].to_numpy(np.float64),
+                                       metas[uid].geometry)
+        for axis, column in enumerate(VOXEL_COLUMNS):
+            frame[column] = vox[:, axis]
+        labels = evaluate.hit_labels(frame, annotations, excluded)
+        columns = ["seriesuid", *WORLD_COLUMNS, *VOXEL_COLUMNS, "probability"]
+    out = frame[columns].copy()
+    out["label"] = labels.astype(np.int64)
+    out["diameter_mm"] = _matched_diameters(frame, annotations, labels)
+    return out
+
+
+class ClassificationSampler:
+    """Classifier cubes ``(image float32 (c, c, c, 1), label float32 (1,))``.
+
+    Rows with label -1 are dropped. A sample is a positive with probability
+    ``cfg.positive_fraction`` (positives drawn by ``size_weights`` of their diameter,
+    negatives uniformly), shifted by up to ``max_shift_vox`` voxels per axis so the
+    candidate stays near the centre. ``sample(epoch, index)`` depends only on
+    ``(seed, epoch, index)``.
+    """
+
+    def __init__(self, cache_dir, table: pd.DataFrame,
+                 cfg: ClassificationConfig = ClassificationConfig(), seed: int = 0, *,
+                 augment: bool = True, augmentation: Augmentation = Augmentation(),
+                 max_shift_vox: int = 2, max_open_scans: int = 16):
+        missing = [c for c in ("seriesuid", *VOXEL_COLUMNS, "label") if c not in table]
+        if missing:
+            raise ValueError(f"candidate table lacks column(s) {', '.join(missing)}; "
+                             "build it with generators.candidate_table")
+        if not 0.0 <= cfg.positive_fraction <= 1.0:
+            raise ValueError(f"classification.positive_fraction={cfg.positive_fraction} "
+                             "must be in [0, 1]")
+        table = table[table["label"] >= 0].reset_index(drop=True)
+        if len(table) == 0:
+            raise ValueError("candidate table has no usable rows (label 0 or 1)")
+        metas, uids = _check_seriesuids(cache_dir, table["seriesuid"].unique())
+        self.cache_dir = str(cache_dir)
+        self.cfg = cfg
+        self.seed = int(seed)
+        self.table = table
+        self.size = int(cfg.cube_size)
+        self.max_shift_vox = int(max_shift_vox)
+        self.augmentation = augmentation if augment else NO_AUGMENTATION
+        self.pad_values = {u: cache_pad_value(cache_dir, metas[u]) for u in uids}
+        self.pool = ScanPool(cache_dir, max_open_scans)
+        labels = table["label"].to_numpy()
+        self.positives = np.flatnonzero(labels == 1)
+        self.negatives = np.flatnonzero(labels == 0)
+        diameters = (table["diameter_mm"].to_numpy(np.float64) if "diameter_mm" in table
+                     else np.full(len(table), np.nan))
+        weights = size_weights(diameters[self.positives], cfg.size_bins_mm, cfg.size_weights)
+        self.positive_probabilities = weights / weights.sum() if weights.sum() > 0 else None
+        self._centers = table[VOXEL_COLUMNS].to_numpy(np.float64)
+        self._uids = table["seriesuid"].to_numpy()
+        self._labels = labels.astype(np.float32)
+
+    def draw_row(self, rng: np.random.Generator) -> int:
+        """Row of ``self.table`` for one sample."""
+        positive = len(self.negatives) == 0 or (
+            len(self.positives) > 0 and rng.random() < self.cfg.positive_fraction)
+        if positive:
+            return int(self.positives[rng.choice(len(self.positives),
+                                                 p=self.positive_probabilities)])
+        return int(self.negatives[rng.integers(len(self.negatives))])
+
+    def sample(self, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray]:
+        rng = _sample_rng(self.seed, epoch, index)
+        row = self.draw_row(rng)
+        shift = rng.integers(-self.max_shift_vox, self.max_shift_vox + 1, size=3)
+        uid = self._uids[row]
+        cube = crop_patch(self.pool.get(uid).volume, self._centers[row] + shift, self.size,
+                          self.pad_values[uid])
+        image, _ = augment(to_unit(cube), None, rng, self.augmentation)
+        return image[..., None], self._labels[row:row + 1].copy()
+
+
+def cube_batches(cache_dir, table: pd.DataFrame, cube_size: int, batch_size: int = 64):
+    """Inference cubes in fixed order, without augmentation.
+
+    Yields ``(cubes float32 (n, c, c, c, 1), positions int64 (n,))`` where ``positions``
+    index ``table`` by position (``table.iloc``). Scans come in order of first appearance,
+    rows of a scan in table order; each scan is opened once and all its rows cropped.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    metas = cache.load_scan_metas(cache_dir)
+    centers = table[VOXEL_COLUMNS].to_numpy(np.float64)
+    cubes: list[np.ndarray] = []
+    positions: list[int] = []
+    for uid, rows in table.groupby("seriesuid", sort=False).indices.items():
+        if uid not in metas:
+            raise ValueError(f"candidate table row {int(rows[0])}: scan {uid} is not in the "
+                             f"cache {cache_dir}")
+        scan = cache.open_scan(cache_dir, uid)
+        pad = cache_pad_value(cache_dir, metas[uid])
+        for row in rows:
+            cubes.append(crop_patch(scan.volume, centers[row], cube_size, pad))
+            positions.append(int(row))
+            if len(cubes) == batch_size:
+                yield to_unit(np.stack(cubes))[..., None], np.asarray(positions, np.int64)
+                cubes, positions = [], []
+        del scan
+    if cubes:
+        yield to_unit(np.stack(cubes))[..., None], np.asarray(positions, np.int64)
+
+
+# --------------------------------------------------------------------------- tf.data
+
+
+def _pair_dataset(fetch, image_shape, target_shape, indices, batch_size: int, workers: int,
+                  drop_remainder: bool):
+    """``indices`` (a tf.data dataset of int64) -> batches of ``fetch(index)`` pairs, in
+    index order whatever the number of parallel calls."""
+    import tensorflow as tf
+
+    def load(k):
+        image, target = tf.numpy_function(lambda i: fetch(int(i)), [k],
+                                          (tf.float32, tf.float32), stateful=False)
+        image.set_shape(image_shape)
+        target.set_shape(target_shape)
+        return image, target
+
+    options = tf.data.Options()
+    options.deterministic = True
+    dataset = indices.map(load, num_parallel_calls=max(1, int(workers)), deterministic=True)
+    return (dataset.batch(batch_size, drop_remainder=drop_remainder)
+            .prefetch(tf.data.AUTOTUNE).with_options(options))
+
+
+def _counter(epoch_offset: int, per_epoch: int):
+    """Endless sample counter from the first sample of ``epoch_offset``: count k is sample
+    ``k % per_epoch`` of epoch ``k // per_epoch``. Keras keeps one iterator across epochs
+    when fit is given ``steps_per_epoch``, so epochs follow each other, and a resumed run
+    continues where it stopped."""
+    import tensorflow as tf
+
+    return tf.data.Dataset.counter(int(epoch_offset) * per_epoch)
+
+
+def segmentation_dataset(cache_dir, seriesuids, cfg: SegmentationConfig = SegmentationConfig(),
+                         batch_size: int | None = None, steps_per_epoch: int | None = None,
+                         seed: int = 0, epoch_offset: int = 0, augment: bool = True,
+                         workers: int = TrainingConfig().workers, **sampler_options):
+    """Endless ``tf.data`` of segmentation batches for ``model.fit(..., steps_per_epoch=)``.
+
+    Batch ``b`` of epoch ``e`` holds samples ``b * batch_size ...`` of epoch ``e`` (see
+    ``SegmentationSampler``); start a resumed run with ``epoch_offset`` = epochs done.
+    ``workers`` parallel numpy calls in threads (on 2 cores, threads measured ~2x faster
+    than ``PyDataset`` worker processes, which pickle every patch).
+    """
+    batch_size = batch_size or cfg.batch_size
+    per_epoch = (steps_per_epoch or cfg.steps_per_epoch) * batch_size
+    sampler = SegmentationSampler(cache_dir, seriesuids, cfg, seed, augment=augment,
+                                  **sampler_options)
+
+    def fetch(k):
+        return sampler.sample(k // per_epoch, k % per_epoch)
+
+    shape = (sampler.size,) * 3 + (1,)
+    dataset = _pair_dataset(fetch, shape, shape, _counter(epoch_offset, per_epoch),
+                            batch_size, workers, True)
+    dataset.sampler = sampler
+    return dataset
+
+
+def segmentation_validation_dataset(cache_dir, seriesuids,
+                                    cfg: SegmentationConfig = SegmentationConfig(),
+                                    batch_size: int | None = None, seed: int = 0,
+                                    n_negatives: int | None = None,
+                                    workers: int = TrainingConfig().workers, **sampler_options):
+    """Finite ``tf.data`` of fixed, unaugmented validation patches: every nodule centred
+    plus random lung negatives (``SegmentationSampler.validation_plans``)."""
+    import tensorflow as tf
+
+    sampler = SegmentationSampler(cache_dir, seriesuids, cfg, seed, augment=False,
+                                  **sampler_options)
+    plans = sampler.validation_plans(n_negatives)
+    shape = (sampler.size,) * 3 + (1,)
+    dataset = _pair_dataset(lambda k: sampler.render(plans[k]), shape, shape,
+                            tf.data.Dataset.range(len(plans)), batch_size or cfg.batch_size,
+                            workers, False)
+    dataset.sampler, dataset.plans = sampler, plans
+    return dataset
+
+
+def classification_dataset(cache_dir, table: pd.DataFrame,
+                           cfg: ClassificationConfig = ClassificationConfig(),
+                           batch_size: int | None = None, steps_per_epoch: int | None = None,
+                           seed: int = 0, augment: bool = True, epoch_offset: int = 0,
+                           workers: int = TrainingConfig().workers, **sampler_options):
+    """Endless ``tf.data`` of balanced classifier batches (see ``ClassificationSampler``)
+    for ``model.fit(..., steps_per_epoch=)``."""
+    batch_size = batch_size or cfg.batch_size
+    per_epoch = (steps_per_epoch or cfg.steps_per_epoch) * batch_size
+    sampler = ClassificationSampler(cache_dir, table, cfg, seed, augment=augment,
+                                    **sampler_options)
+
+    def fetch(k):
+        return sampler.sample(k // per_epoch, k % per_epoch)
+
+    dataset = _pair_dataset(fetch, (sampler.size,) * 3 + (1,), (1,),
+                            _counter(epoch_offset, per_epoch), batch_size, workers, True)
+    dataset.sampler = sampler
+    return dataset
+
+
+def classification_eval_dataset(cache_dir, table: pd.DataFrame, cube_size: int,
+                                batch_size: int = 64):
+    """Finite ``tf.data`` of ``(cubes, labels (n, 1))`` over the rows with label >= 0, in
+    ``cube_batches`` order, for validation during ``fit``."""
+    import tensorflow as tf
+
+    table = table[table["label"] >= 0].reset_index(drop=True)
+    labels = table["label"].to_numpy(np.float32)
+
+    def generate():
+        for cubes, positions in cube_batches(cache_dir, table, cube_size, batch_size):
+            yield cubes, labels[positions][:, None]
+
+    signature = (tf.TensorSpec((None, cube_size, cube_size, cube_size, 1), tf.float32),
+                 tf.TensorSpec((None, 1), tf.float32))
+    # A known length lets Keras end validation without an "ran out of data" warning.
+    n_batches = -(-len(table) // batch_size)
+    return (tf.data.Dataset.from_generator(generate, output_signature=signature)
+            .apply(tf.data.experimental.assert_cardinality(n_batches))
+            .prefetch(tf.data.AUTOTUNE))

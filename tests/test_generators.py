@@ -1,0 +1,440 @@
+"""generators.py: crop centring, sphere targets, augmentation alignment, deterministic and
+balanced sampling, the LUNA16 hit rule for classifier labels, and the tf.data wiring.
+
+Runs on a tiny synthetic cache written here with the cache module's writers: three scans
+of 56 x 64 x 64 voxels (one with a flipped z axis, one without nodules), bright spheres
+at the annotated positions. Centres and origins are binary fractions, so world points
+at exactly a nodule's radius are exact in floating point (for the hit rule's edge case).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import cache
+import generators as gen
+import preprocess
+from config import ClassificationConfig, SegmentationConfig
+from ct_io import Geometry, voxel_to_world, world_to_voxel
+
+SHAPE = (56, 64, 64)
+BACKGROUND, NODULE, PAD = 60, 250, 170
+IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+FLIP_Z = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, -1.0)
+# (scan, direction, nodules as (z, y, x) voxel centre and diameter in mm)
+SCANS = {
+    "1.2.840.1": (IDENTITY, [((20.25, 20.5, 18.25), 5.0), ((36.5, 45.75, 46.25), 24.0)]),
+    "1.2.840.2": (FLIP_Z, [((34.75, 22.5, 40.75), 12.0)]),
+    "1.2.840.3": (IDENTITY, []),
+}
+EXCLUDED = ("1.2.840.2", (20.0, 44.0, 20.0), 4.0)
+LUNG = (slice(4, 52), slice(6, 58), slice(6, 58))
+SEG_CFG = SegmentationConfig(patch_size=24)
+CLS_CFG = ClassificationConfig(cube_size=16)
+
+
+def _geometry(direction) -> Geometry:
+    origin = (-100.0, -80.0, 50.0 if direction == FLIP_Z else -300.0)
+    return Geometry(origin, (1.0, 1.0, 1.0), direction)
+
+
+def _meta(uid: str, geometry: Geometry) -> cache.ScanMeta:
+    return cache.ScanMeta(
+        seriesuid=uid, source_path=f"/data/subset0/{uid}.mhd", original_shape_zyx=SHAPE,
+        original_spacing_xyz_mm=(1.0, 1.0, 1.0), origin_xyz_mm=geometry.origin_xyz_mm,
+        direction=geometry.direction, resampled_shape_zyx=SHAPE,
+        resampled_spacing_xyz_mm=(1.0, 1.0, 1.0), crop_offset_zyx_vox=(0, 0, 0),
+        cache_shape_zyx=SHAPE, cache_origin_xyz_mm=geometry.origin_xyz_mm,
+        lung_bbox_zyx_vox=(4, 6, 6, 52, 58, 58), lung_volume_ml=100.0,
+        lung_cover_ratio=0.5, left_lung_ml=50.0, right_lung_ml=50.0, airway_removed_ml=0.0,
+        window_hu=(-1200.0, 600.0), settings_hash="test")
+
+
+def _world_row(uid, zyx, diameter, geometry) -> dict:
+    x, y, z = voxel_to_world(np.asarray(zyx, dtype=np.float64), geometry)
+    return {"seriesuid": uid, "coordX": x, "coordY": y, "coordZ": z, "diameter_mm": diameter}
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cache")
+    annotations, excluded, candidates = [], [], []
+    for uid, (direction, nodules) in SCANS.items():
+        geometry = _geometry(direction)
+        volume = np.full(SHAPE, PAD, dtype=np.uint8)
+        mask = np.zeros(SHAPE, dtype=np.uint8)
+        mask[LUNG] = 1
+        volume[LUNG] = BACKGROUND
+        for zyx, diameter in nodules:
+            volume[gen.sphere_mask(SHAPE, zyx, diameter / 2.0)] = NODULE
+            row = _world_row(uid, zyx, diameter, geometry)
+            annotations.append(row)
+            candidates.append({**row, "class": 1})
+        for k, zyx in enumerate([(10.0, 12.0, 12.0), (45.0, 50.0, 12.0), (25.0, 12.0, 50.0)]):
+            candidates.append({**_world_row(uid, zyx, 0.0, geometry), "class": 0})
+        cache.save_array_atomic(cache.volume_path(root, uid), volume)
+        cache.save_array_atomic(cache.mask_path(root, uid), mask)
+        cache.write_scan_meta(root, _meta(uid, geometry))
+    uid, zyx, diameter = EXCLUDED
+    row = _world_row(uid, zyx, diameter, _geometry(SCANS[uid][0]))
+    excluded.append(row)
+    candidates.append({**row, "class": 0})
+    tables = {"annotations": pd.DataFrame(annotations),
+              "annotations_excluded": pd.DataFrame(excluded),
+              "candidates": pd.DataFrame(candidates).drop(columns="diameter_mm")}
+    preprocess.write_tables(root, tables)
+    return root
+
+
+def _nodules():
+    return [(uid, np.asarray(zyx), d) for uid, (_, nodules) in SCANS.items()
+            for zyx, d in nodules]
+
+
+# --------------------------------------------------------------------------- cropping
+
+
+@pytest.mark.parametrize("direction", [IDENTITY, FLIP_Z], ids=["identity", "flipped_z"])
+@pytest.mark.parametrize("size", [(7, 7, 7), (8, 6, 5)], ids=["odd", "mixed"])
+def test_bright_voxel_at_a_world_point_lands_at_the_patch_centre(tmp_path, direction, size):
+    geometry = _geometry(direction)
+    volume = np.zeros((20, 21, 22), dtype=np.uint8)
+    voxel = (13, 4, 9)
+    volume[voxel] = 255
+    np.save(tmp_path / "v.npy", volume)
+    mapped = np.load(tmp_path / "v.npy", mmap_mode="r")
+    world = voxel_to_world(np.asarray(voxel, dtype=np.float64), geometry)
+    center = world_to_voxel(world + np.array([0.3, -0.4, 0.2]), geometry)  # rounds back
+    patch = gen.crop_patch(mapped, center, size, pad_value=7)
+    assert patch.shape == size and type(patch) is np.ndarray
+    assert np.argwhere(patch == 255).tolist() == [[s // 2 for s in size]]
+    assert gen.crop_start(center, size).tolist() == [v - s // 2 for v, s in zip(voxel, size)]
+
+
+def test_crop_near_the_border_is_padded():
+    volume = np.arange(10 * 11 * 12, dtype=np.int32).reshape(10, 11, 12)
+    patch = gen.crop_patch(volume, (1.0, 9.6, 0.0), 6, pad_value=-5)
+    # start = (1, 10, 0) - 3 = (-2, 7, -3): rows before 0 / after the end are padding
+    assert np.all(patch[:2] == -5) and np.all(patch[:, 4:] == -5) and np.all(patch[:, :, :3] == -5)
+    np.testing.assert_array_equal(patch[2:, :4, 3:], volume[0:4, 7:11, 0:3])
+    outside = gen.crop_patch(volume, (100, 100, 100), 4, pad_value=3)
+    assert np.all(outside == 3)
+    with pytest.raises(ValueError, match="finite"):
+        gen.crop_patch(volume, (np.nan, 1, 1), 4)
+
+
+def test_sphere_mask_volume_and_clipping():
+    mask = gen.sphere_mask((30, 30, 30), (15.2, 14.7, 15.0), 6.0)
+    assert abs(mask.sum() - 4 / 3 * np.pi * 6.0 ** 3) / (4 / 3 * np.pi * 6.0 ** 3) < 0.05
+    np.testing.assert_allclose(np.argwhere(mask).mean(axis=0), (15.2, 14.7, 15.0), atol=0.2)
+    assert gen.sphere_mask((10, 10, 10), (-1.0, 5, 5), 3.0).sum() > 0  # cut by the border
+    assert gen.sphere_mask((10, 10, 10), (-5.0, 5, 5), 3.0).sum() == 0
+    two = gen.nodule_target((20, 20, 20), [(5, 5, 5, 4.0), (14, 14, 14, 6.0)])
+    assert two.dtype == np.float32 and set(np.unique(two)) == {0.0, 1.0}
+    assert two[5, 5, 5] == 1 and two[14, 14, 14] == 1 and two[10, 10, 10] == 0
+
+
+def test_size_weights_follow_the_bins():
+    weights = gen.size_weights([3.0, 9.99, 10.0, 29.9, 30.0, 45.0, np.nan])
+    np.testing.assert_array_equal(weights, [4, 4, 3, 3, 1, 1, 1])
+    with pytest.raises(ValueError, match="one more entry"):
+        gen.size_weights([5.0], (10.0,), (1.0, 2.0, 3.0))
+
+
+# --------------------------------------------------------------------------- augmentation
+
+
+def test_augmentation_keeps_image_and_target_aligned():
+    shape = (24, 24, 24)
+    target = gen.sphere_mask(shape, (7.0, 15.0, 9.0), 4.5)
+    image = np.where(target, 0.95, 0.2).astype(np.float32)
+    cfg = gen.Augmentation(rot90_all=True, rotate_probability=1.0, rotate_max_deg=15.0)
+    changed = 0
+    for seed in range(8):
+        out, out_target = gen.augment(image, target, np.random.default_rng(seed), cfg)
+        assert out.dtype == np.float32 and out.shape == shape and out_target.shape == shape
+        assert out.min() >= 0.0 and out.max() <= 1.0
+        bright = out > (out.max() + out.min()) / 2
+        iou = (bright & out_target).sum() / (bright | out_target).sum()
+        assert iou > 0.85, f"seed {seed}: image and target drifted apart (IoU {iou:.2f})"
+        changed += not out_target[7, 15, 9]
+    assert changed > 0  # the sphere did move somewhere in 8 draws
+    again = gen.augment(image, target, np.random.default_rng(3), cfg)
+    first = gen.augment(image, target, np.random.default_rng(3), cfg)
+    np.testing.assert_array_equal(again[0], first[0])
+    np.testing.assert_array_equal(again[1], first[1])
+
+
+@pytest.mark.parametrize("plane", [(1, 2), (0, 1), (2, 0)])
+def test_sparse_mask_rotation_equals_ndimage(plane):
+    from scipy import ndimage
+
+    mask = gen.sphere_mask((20, 22, 24), (6.3, 14.2, 9.1), 3.5)
+    for angle in (-13.0, 8.5):
+        expected = ndimage.rotate(mask.astype(np.uint8), angle, axes=plane, reshape=False,
+                                  order=0).astype(bool)
+        np.testing.assert_array_equal(gen.rotate_nearest(mask, angle, plane), expected)
+
+
+def test_no_augmentation_is_the_identity():
+    image = np.random.default_rng(0).random((8, 8, 8), dtype=np.float32)
+    out, target = gen.augment(image, None, np.random.default_rng(0), gen.NO_AUGMENTATION)
+    np.testing.assert_array_equal(out, image)
+    assert target is None
+
+
+def test_flip_variants():
+    cubes = np.random.default_rng(0).random((2, 4, 5, 6, 1), dtype=np.float32)
+    variants = gen.flip_variants(cubes)
+    assert len(variants) == 4 and all(v.shape == cubes.shape for v in variants)
+    np.testing.assert_array_equal(variants[0], cubes)
+    np.testing.assert_array_equal(variants[3], cubes[:, :, :, ::-1])
+    assert len(gen.flip_variants(cubes, all_eight=True)) == 8
+
+
+# --------------------------------------------------------------------------- segmentation
+
+
+def _sampler(cache_dir, seed=0, **options):
+    return gen.SegmentationSampler(cache_dir, list(SCANS), SEG_CFG, seed, **options)
+
+
+def test_segmentation_samples_are_deterministic_per_seed_epoch_and_index(cache_dir):
+    a, b, c = _sampler(cache_dir, 0), _sampler(cache_dir, 0), _sampler(cache_dir, 1)
+    for index in (0, 5, 11):
+        xa, ya = a.sample(0, index)
+        xb, yb = b.sample(0, index)
+        np.testing.assert_array_equal(xa, xb)
+        np.testing.assert_array_equal(ya, yb)
+    assert xa.shape == ya.shape == (24, 24, 24, 1) and xa.dtype == ya.dtype == np.float32
+    # Out of order gives the same: nothing depends on what was drawn before.
+    np.testing.assert_array_equal(b.sample(0, 0)[0], _sampler(cache_dir, 0).sample(0, 0)[0])
+    assert any(not np.array_equal(a.sample(0, i)[0], c.sample(0, i)[0]) for i in range(4))
+    assert any(not np.array_equal(a.sample(0, i)[0], a.sample(1, i)[0]) for i in range(4))
+
+
+def test_targets_sit_on_the_nodules_and_hold_their_volume(cache_dir):
+    sampler = _sampler(cache_dir, augment=False)
+    truth = {d: (uid, zyx) for uid, zyx, d in _nodules()}  # diameters are unique
+    seen = set()
+    for index in range(60):
+        plan = sampler.plan(0, index)
+        if not plan.positive:
+            continue
+        image, target = sampler.sample(0, index)
+        diameter = sampler.nodules.loc[plan.nodule, "diameter_mm"]
+        uid, zyx = truth[diameter]
+        assert plan.seriesuid == uid
+        local = zyx - gen.crop_start(plan.center_zyx_vox, 24)
+        voxels = np.argwhere(target[..., 0] > 0)
+        np.testing.assert_allclose(voxels.mean(axis=0), local, atol=1.0)
+        if diameter < 20:  # the 24 mm nodule is cut by the 24-voxel patch
+            sphere = 4 / 3 * np.pi * (diameter / 2) ** 3
+            assert abs(len(voxels) - sphere) / sphere < 0.15
+        # the image is bright where the target is (up to voxels right on the sphere)
+        bright = image[..., 0] > 0.9
+        assert (bright != (target[..., 0] > 0)).sum() <= 0.02 * len(voxels)
+        seen.add(diameter)
+    assert seen == set(truth)
+
+
+def test_augmented_segmentation_target_still_covers_the_bright_voxels(cache_dir):
+    sampler = _sampler(cache_dir, augmentation=gen.Augmentation(rotate_probability=0.5))
+    checked = 0
+    for index in range(30):
+        if not sampler.plan(3, index).positive:
+            continue
+        image, target = sampler.sample(3, index)
+        # nodule and padding differ by >= 0.28 after any intensity jitter; take the middle
+        bright = image[..., 0] > image.max() - 0.14
+        covered = (bright & (target[..., 0] > 0)).sum() / bright.sum()
+        assert covered > 0.9
+        checked += 1
+    assert checked > 10
+
+
+def test_negative_share_and_negative_centres_in_the_lungs(cache_dir):
+    sampler = _sampler(cache_dir)
+    plans = [sampler.plan(0, i) for i in range(600)]
+    negatives = [p for p in plans if not p.positive]
+    assert abs(len(negatives) / len(plans) - SEG_CFG.negative_fraction) < 0.06
+    lung = np.zeros(SHAPE, dtype=bool)
+    lung[LUNG] = True
+    assert all(lung[tuple(int(v) for v in p.center_zyx_vox)] for p in negatives)
+    assert any(int(v) % 8 for p in negatives for v in p.center_zyx_vox)  # not only the lattice
+    assert {p.seriesuid for p in negatives} == set(SCANS)  # the nodule-free scan too
+
+
+def test_size_weighting_draws_small_nodules_more_often(cache_dir):
+    sampler = _sampler(cache_dir, 0)
+    counts = np.bincount([p.nodule for p in (sampler.plan(0, i) for i in range(1500))
+                          if p.positive], minlength=3)
+    diameters = sampler.nodules["diameter_mm"].to_numpy()
+    small, medium, large = (counts[np.flatnonzero(diameters == d)[0]] for d in (5.0, 12.0, 24.0))
+    # weights 4 : 3 : 3 (24 mm is in the 10-30 mm bin); the 5 mm nodule beats each other one
+    assert small / counts.sum() == pytest.approx(0.4, abs=0.05)
+    assert small > medium and small > large
+    only_large = dataclasses.replace(SEG_CFG, size_weights=(0.0, 0.0, 1.0),
+                                     size_bins_mm=(10.0, 20.0))
+    sampler = gen.SegmentationSampler(cache_dir, list(SCANS), only_large, 0)
+    drawn = {sampler.plan(0, i).nodule for i in range(50)} - {-1}
+    assert {sampler.nodules.loc[n, "diameter_mm"] for n in drawn} == {24.0}
+
+
+def test_validation_plans_are_fixed_and_hold_every_nodule(cache_dir):
+    first = _sampler(cache_dir).validation_plans()
+    again = _sampler(cache_dir, augment=False).validation_plans()
+    assert first == again
+    assert sum(p.positive for p in first) == 3
+    assert sum(not p.positive for p in first) == round(3 * 0.3 / 0.7)
+
+
+def test_open_scans_are_bounded(cache_dir):
+    sampler = _sampler(cache_dir, max_open_scans=1)
+    for index in range(20):
+        sampler.sample(0, index)
+    assert sampler.pool.open_count == 1
+
+
+def test_real_nodule_masks_replace_the_spheres(cache_dir, tmp_path):
+    masks = np.zeros(SHAPE, dtype=np.uint8)
+    masks[30:34, 20:24, 40:44] = 1
+    np.save(tmp_path / "1.2.840.2.npy", masks)
+    sampler = _sampler(cache_dir, augment=False, nodule_masks_dir=tmp_path)
+    plan = gen.PatchPlan("1.2.840.2", (32.0, 22.0, 42.0), True, 0)
+    _, target = sampler.render(plan)
+    assert target.sum() == 64 and target[12, 12, 12, 0] == 1
+
+
+def test_unknown_scan_is_an_error(cache_dir):
+    with pytest.raises(ValueError, match="not in the cache"):
+        gen.SegmentationSampler(cache_dir, ["1.2.999"], SEG_CFG, 0)
+
+
+# --------------------------------------------------------------------------- classification
+
+
+def _detections(tmp_path) -> pd.DataFrame:
+    rows = []
+    for uid, zyx, diameter in _nodules():
+        world = voxel_to_world(zyx, _geometry(SCANS[uid][0]))
+        rows.append((uid, *world, 0.9, 1))  # centre: hit
+        edge = world + np.array([diameter / 2.0, 0.0, 0.0])
+        rows.append((uid, *edge, 0.5, 0))  # exactly on the radius: not a hit
+        rows.append((uid, *(world - np.array([0.0, 0.0, diameter / 2.0 - 0.01])), 0.4, 1))
+    uid, zyx, _ = EXCLUDED
+    rows.append((uid, *voxel_to_world(np.asarray(zyx), _geometry(SCANS[uid][0])), 0.3, -1))
+    rows.append(("1.2.840.3", -60.0, -40.0, -280.0, 0.2, 0))
+    frame = pd.DataFrame(rows, columns=["seriesuid", "coordX", "coordY", "coordZ",
+                                        "probability", "expected"])
+    frame.drop(columns="expected").to_csv(tmp_path / "detections.csv", index=False)
+    return frame
+
+
+def test_detection_labels_follow_the_luna16_hit_rule(cache_dir, tmp_path):
+    expected = _detections(tmp_path)
+    table = gen.candidate_table(cache_dir, list(SCANS), tmp_path / "detections.csv")
+    np.testing.assert_array_equal(table["label"], expected["expected"])
+    for uid, rows in table.groupby("seriesuid").groups.items():
+        vox = world_to_voxel(table.loc[rows, ["coordX", "coordY", "coordZ"]].to_numpy(),
+                             _geometry(SCANS[uid][0]))
+        np.testing.assert_allclose(table.loc[rows, ["z_vox", "y_vox", "x_vox"]], vox)
+    hits = table[table["label"] == 1]
+    assert sorted(hits["diameter_mm"]) == [5.0, 5.0, 12.0, 12.0, 24.0, 24.0]
+    assert table.loc[table["label"] == 0, "diameter_mm"].isna().all()
+
+
+def test_candidate_labels_from_the_cache(cache_dir):
+    table = gen.candidate_table(cache_dir, list(SCANS))
+    assert (table["label"] == 1).sum() == 3
+    assert (table["label"] == -1).sum() == 1  # the class-0 candidate on the excluded finding
+    assert len(table) == 3 + 3 * 3 + 1
+    assert sorted(table.loc[table["label"] == 1, "diameter_mm"]) == [5.0, 12.0, 24.0]
+    only_two = gen.candidate_table(cache_dir, ["1.2.840.2"])
+    assert set(only_two["seriesuid"]) == {"1.2.840.2"}
+
+
+def test_classification_balance_drops_ignored_rows_and_centres_cubes(cache_dir):
+    table = gen.candidate_table(cache_dir, list(SCANS))
+    sampler = gen.ClassificationSampler(cache_dir, table, CLS_CFG, 0)
+    assert len(sampler.table) == len(table) - 1 and (sampler.table["label"] >= 0).all()
+    rows = [sampler.draw_row(np.random.default_rng([0, 0, i])) for i in range(800)]
+    labels = sampler.table["label"].to_numpy()[rows]
+    assert abs(labels.mean() - CLS_CFG.positive_fraction) < 0.05
+    cube, label = sampler.sample(0, 0)
+    assert cube.shape == (16, 16, 16, 1) and label.shape == (1,)
+    np.testing.assert_array_equal(cube, sampler.sample(0, 0)[0])
+
+    centred = gen.ClassificationSampler(cache_dir, table, CLS_CFG, 0, augment=False,
+                                        max_shift_vox=0)
+    for index in range(40):
+        cube, label = centred.sample(0, index)
+        if label[0] == 1:
+            assert cube[8, 8, 8, 0] == pytest.approx(NODULE / 255, rel=1e-6)
+
+
+def test_cube_batches_keep_order_and_centre(cache_dir):
+    table = gen.candidate_table(cache_dir, list(SCANS))
+    table = table.sample(frac=1.0, random_state=0).reset_index(drop=True)
+    batches = list(gen.cube_batches(cache_dir, table, 9, batch_size=5))
+    positions = np.concatenate([p for _, p in batches])
+    assert sorted(positions) == list(range(len(table)))
+    assert all(c.shape[1:] == (9, 9, 9, 1) and len(c) <= 5 for c, _ in batches)
+    cubes = np.concatenate([c for c, _ in batches])
+    labels = table["label"].to_numpy()[positions]
+    np.testing.assert_allclose(cubes[labels == 1][:, 4, 4, 4, 0], NODULE / 255, rtol=1e-6)
+    # scans in order of first appearance
+    order = table["seriesuid"].to_numpy()[positions]
+    assert list(dict.fromkeys(order)) == list(dict.fromkeys(table["seriesuid"]))
+
+
+# --------------------------------------------------------------------------- tf.data
+
+
+def test_tf_data_matches_the_sampler_whatever_the_workers(cache_dir):
+    first = [gen.segmentation_dataset(cache_dir, list(SCANS), SEG_CFG, 4, 2, seed=5,
+                                      workers=w) for w in (1, 3)]
+    batches = [[b for _, b in zip(range(3), ds.as_numpy_iterator())] for ds in first]
+    sampler = _sampler(cache_dir, 5)
+    for (x1, y1), (x3, y3) in zip(*batches):
+        np.testing.assert_array_equal(x1, x3)
+        np.testing.assert_array_equal(y1, y3)
+    # batch 2 is the first of epoch 1 (2 steps of 4 per epoch)
+    np.testing.assert_array_equal(batches[0][2][0][1], sampler.sample(1, 1)[0])
+    resumed = gen.segmentation_dataset(cache_dir, list(SCANS), SEG_CFG, 4, 2, seed=5,
+                                       epoch_offset=1)
+    np.testing.assert_array_equal(next(resumed.as_numpy_iterator())[0], batches[0][2][0])
+
+
+@pytest.mark.slow
+def test_model_fit_runs_on_both_pipelines(cache_dir):
+    import keras
+
+    def tiny(shape, name):
+        inputs = keras.Input(shape)
+        x = keras.layers.Conv3D(2, 3, padding="same", activation="relu")(inputs)
+        if name == "seg":
+            outputs = keras.layers.Conv3D(1, 1, activation="sigmoid")(x)
+        else:
+            outputs = keras.layers.Dense(1, activation="sigmoid")(
+                keras.layers.GlobalAveragePooling3D()(x))
+        model = keras.Model(inputs, outputs)
+        model.compile("adam", "binary_crossentropy")
+        return model
+
+    seg = gen.segmentation_dataset(cache_dir, list(SCANS), SEG_CFG, 2, 1, seed=0)
+    val = gen.segmentation_validation_dataset(cache_dir, list(SCANS), SEG_CFG, 2)
+    history = tiny((24, 24, 24, 1), "seg").fit(seg, steps_per_epoch=1, epochs=2,
+                                               validation_data=val, shuffle=False, verbose=0)
+    assert np.isfinite(history.history["val_loss"]).all()
+    table = gen.candidate_table(cache_dir, list(SCANS))
+    cls = gen.classification_dataset(cache_dir, table, CLS_CFG, 4, 1, seed=0)
+    evaluation = gen.classification_eval_dataset(cache_dir, table, 16, 8)
+    history = tiny((16, 16, 16, 1), "cls").fit(cls, steps_per_epoch=1, epochs=1,
+                                               validation_data=evaluation, shuffle=False,
+                                               verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
