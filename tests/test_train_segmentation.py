@@ -10,8 +10,6 @@ import time
 import pandas as pd
 import pytest
 
-import preprocess
-import sample_data
 import train_segmentation
 from tests.conftest import ROOT
 
@@ -19,18 +17,6 @@ TINY = ["--profile", "quick", "--segmentation.patch_size=16", "--segmentation.de
         "--segmentation.base_filters=4", "--segmentation.batch_size=2",
         "--segmentation.steps_per_epoch=2", "--segmentation.validation_scans_every=1",
         "--inference.batch_size=4", "--training.workers=1"]
-
-
-@pytest.fixture(scope="module")
-def tiny_cache(tmp_path_factory):
-    data = tmp_path_factory.mktemp("data")
-    cache_dir = tmp_path_factory.mktemp("cache")
-    # Seed 2 puts nodules in each of the three subsets (train, validation, test).
-    sample_data.generate_dataset(data, 3, seed=2, scale=0.5, progress=False)
-    # Half-size phantoms have half-size lungs: lower the "no lungs found" limit.
-    assert preprocess.main(["--data-dir", str(data), "--cache-dir", str(cache_dir), "--workers", "1",
-                            "--no-progress", "--preprocess.min_lung_volume_ml=20"]) == 0
-    return cache_dir
 
 
 def test_missing_cache_is_a_clear_error(tmp_path, capsys):

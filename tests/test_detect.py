@@ -1,0 +1,394 @@
+"""detect.py: sliding windows, blending, candidates in world mm, merging, the command line."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import cache
+import detect
+import preprocess
+from config import load_profile
+from ct_io import Geometry, voxel_to_world, world_to_voxel
+
+FLIPPED_Z = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, -1.0)
+IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+WINDOW_HU = (-1200.0, 600.0)
+BACKGROUND = 60  # uint8: 60 / 255 = 0.24, well below the 0.5 threshold
+BRIGHT = 230
+
+
+def sigmoid_predict(batch):
+    """A 'model' that thresholds intensity at 0.5 (steep sigmoid)."""
+    return 1.0 / (1.0 + np.exp(-40.0 * (batch - 0.5)))
+
+
+def sphere_volume(shape_zyx, centre_zyx_vox, radius_vox) -> np.ndarray:
+    grid = np.indices(shape_zyx, dtype=np.float64)
+    dist2 = sum((g - c) ** 2 for g, c in zip(grid, centre_zyx_vox))
+    volume = np.full(shape_zyx, BACKGROUND, dtype=np.uint8)
+    volume[dist2 <= radius_vox ** 2] = BRIGHT
+    return volume
+
+
+def write_cached_scan(cache_dir: Path, uid: str, volume, mask, geometry: Geometry,
+                      subset: int = 0) -> cache.ScanMeta:
+    """One scan in the cache layout, through the cache module's writers."""
+    zs, ys, xs = np.nonzero(mask)
+    bbox = (int(zs.min()), int(ys.min()), int(xs.min()),
+            int(zs.max()) + 1, int(ys.max()) + 1, int(xs.max()) + 1)
+    lung_ml = float(mask.sum() * np.prod(geometry.spacing_xyz_mm) / 1000.0)
+    meta = cache.ScanMeta(
+        seriesuid=uid, source_path=f"/data/subset{subset}/{uid}.mhd",
+        original_shape_zyx=tuple(volume.shape), original_spacing_xyz_mm=geometry.spacing_xyz_mm,
+        origin_xyz_mm=geometry.origin_xyz_mm, direction=geometry.direction,
+        resampled_shape_zyx=tuple(volume.shape), resampled_spacing_xyz_mm=geometry.spacing_xyz_mm,
+        crop_offset_zyx_vox=(0, 0, 0), cache_shape_zyx=tuple(volume.shape),
+        cache_origin_xyz_mm=geometry.origin_xyz_mm, lung_bbox_zyx_vox=bbox,
+        lung_volume_ml=lung_ml, lung_cover_ratio=0.5, left_lung_ml=lung_ml / 2,
+        right_lung_ml=lung_ml / 2, airway_removed_ml=0.0, window_hu=WINDOW_HU,
+        settings_hash="test")
+    cache.save_array_atomic(cache.volume_path(cache_dir, uid), volume)
+    cache.save_array_atomic(cache.mask_path(cache_dir, uid), mask.astype(np.uint8))
+    cache.write_scan_meta(cache_dir, meta)
+    return meta
+
+
+def box_mask(shape, start, stop) -> np.ndarray:
+    mask = np.zeros(shape, dtype=np.uint8)
+    mask[tuple(slice(a, b) for a, b in zip(start, stop))] = 1
+    return mask
+
+
+def quick_config(**overrides):
+    return load_profile("quick", {"segmentation.patch_size": 16, **overrides}, environ={})
+
+
+# --------------------------------------------------------------------------- windows
+
+
+def test_window_starts_cover_the_box_with_the_last_window_at_its_end():
+    assert detect.window_starts(5, 45, 60, 16, 12) == [5, 17, 29]
+    assert detect.window_starts(5, 46, 60, 16, 12) == [5, 17, 29, 30]
+    assert detect.window_starts(0, 16, 16, 16, 12) == [0]
+    # a box shorter than a window: one window centred on it, inside the volume
+    assert detect.window_starts(10, 14, 60, 16, 12) == [4]
+    assert detect.window_starts(1, 5, 60, 16, 12) == [0]
+    assert detect.window_starts(2, 6, 8, 16, 12) == [-4]  # volume smaller than a window
+    assert detect.window_starts(3, 3, 60, 16, 12) == []
+
+
+def test_gaussian_weight_peaks_in_the_centre():
+    weight = detect.gaussian_weight(16)
+    assert weight.shape == (16, 16, 16) and weight.dtype == np.float32
+    assert np.all(weight > 0)
+    assert weight[7, 7, 7] == pytest.approx(weight.max())
+    assert weight[0, 0, 0] < 1e-6 * weight.max()
+    assert np.allclose(weight, weight[::-1, ::-1, ::-1])
+
+
+def test_windows_without_lung_are_skipped():
+    volume = np.zeros((64, 64, 64), dtype=np.uint8)
+    mask = box_mask(volume.shape, (0, 0, 0), (20, 20, 20))
+    seen = []
+
+    def predict(batch):
+        seen.append(batch.shape[0])
+        return np.zeros_like(batch)
+
+    stats = {}
+    detect.sliding_window_probability(volume, mask, (0, 0, 0, 64, 64, 64), predict, 16,
+                                      overlap=0.0, batch_size=3, stats=stats)
+    # starts 0, 16, 32, 48 per axis; only 0 and 16 reach into the mask
+    assert sum(seen) == 8 and seen == [3, 3, 2]
+    assert stats == {"windows": 64, "windows_predicted": 8, "windows_skipped": 56,
+                     "predict_calls": 3}
+    seen.clear()
+    detect.sliding_window_probability(volume, mask, (0, 0, 0, 64, 64, 64), predict, 16,
+                                      overlap=0.0, batch_size=8, flip_tta=True)
+    assert seen == [8, 8, 8, 8]  # one batch, plus its flips along z, y and x
+
+
+@pytest.mark.parametrize("shape, bbox, patch, overlap", [
+    ((40, 45, 50), (3, 5, 2, 37, 41, 47), (12, 16, 10), 0.5),
+    ((8, 30, 33), (2, 4, 3, 6, 27, 30), 16, 0.25),  # z: volume smaller than a window
+])
+def test_constant_predictions_blend_into_a_constant_map(shape, bbox, patch, overlap):
+    rng = np.random.default_rng(0)
+    volume = rng.integers(0, 256, size=shape, dtype=np.uint8)
+    mask = np.ones(shape, dtype=np.uint8)
+    patch3 = detect.patch_shape(patch)
+
+    def predict(batch):
+        assert batch.shape[1:] == (*patch3, 1) and batch.dtype == np.float32
+        return np.full(batch.shape, 0.7, dtype=np.float32)
+
+    prob = detect.sliding_window_probability(volume, mask, bbox, predict, patch, overlap,
+                                             batch_size=4, flip_tta=True)
+    assert prob.shape == tuple(b - a for a, b in zip(bbox[:3], bbox[3:]))
+    assert prob.dtype == np.float32
+    np.testing.assert_allclose(prob, 0.7, atol=1e-6)
+
+
+def naive_window_map(volume, bbox, predict_fn, patch, overlap, flip_tta):
+    """Reference: every window predicted one at a time, blended in float64."""
+    start, stop = np.array(bbox[:3]), np.array(bbox[3:])
+    starts = []
+    for a in range(3):
+        stride = int(patch * (1 - overlap))
+        axis = list(range(start[a], stop[a] - patch + 1, stride))
+        starts.append(sorted(set(axis + [stop[a] - patch])))
+    weight = detect.gaussian_weight(patch).astype(np.float64)
+    num = np.zeros(stop - start)
+    den = np.zeros(stop - start)
+    for z in starts[0]:
+        for y in starts[1]:
+            for x in starts[2]:
+                window = (volume[z:z + patch, y:y + patch, x:x + patch] / 255.0)
+                window = window[None, ..., None].astype(np.float32)
+                pred = predict_fn(window).astype(np.float64)
+                if flip_tta:
+                    for axis in (1, 2, 3):
+                        pred += np.flip(predict_fn(np.flip(window, axis).copy()), axis)
+                    pred /= 4
+                sl = (slice(z - start[0], z - start[0] + patch),
+                      slice(y - start[1], y - start[1] + patch),
+                      slice(x - start[2], x - start[2] + patch))
+                num[sl] += pred[0, ..., 0] * weight
+                den[sl] += weight
+    return num / den
+
+
+@pytest.mark.parametrize("flip_tta, batch_size, partial_mask", [
+    (False, 1, False), (False, 5, True), (True, 3, False)])
+def test_map_equals_a_naive_every_window_loop(flip_tta, batch_size, partial_mask):
+    rng = np.random.default_rng(1)
+    shape, bbox, patch, overlap = (37, 41, 45), (2, 3, 1, 35, 40, 44), 16, 0.3
+    volume = rng.integers(0, 256, size=shape, dtype=np.uint8)
+    if partial_mask:
+        grid = np.indices(shape)
+        mask = (((grid[0] - 18) / 14.0) ** 2 + ((grid[1] - 20) / 12.0) ** 2
+                + ((grid[2] - 12) / 10.0) ** 2 <= 1).astype(np.uint8)
+    else:
+        mask = np.ones(shape, dtype=np.uint8)
+    # Depends on the position inside the window, so overlapping windows disagree.
+    ramp = np.linspace(0.2, 1.0, patch, dtype=np.float32)
+    position = (ramp[:, None, None] * ramp[None, ::-1, None] * ramp[None, None, :])[None, ..., None]
+
+    def predict(batch):
+        return np.sqrt(batch) * position
+
+    prob = detect.sliding_window_probability(volume, mask, bbox, predict, patch, overlap,
+                                             batch_size=batch_size, flip_tta=flip_tta)
+    naive = naive_window_map(volume, bbox, predict, patch, overlap, flip_tta)
+    if partial_mask:  # exact on lung voxels; windows without lung were not predicted
+        inside = mask[tuple(slice(a, b) for a, b in zip(bbox[:3], bbox[3:]))] > 0
+        np.testing.assert_allclose(prob[inside], naive[inside], atol=1e-5)
+        assert np.all(prob[~inside] <= naive[~inside] + 1e-5)
+    else:
+        np.testing.assert_allclose(prob, naive, atol=1e-5)
+    assert np.ptp(naive) > 0.1  # the check is not trivially satisfied
+
+
+def test_wrong_prediction_shape_is_a_clear_error():
+    volume = np.zeros((16, 16, 16), dtype=np.uint8)
+    with pytest.raises(ValueError, match="predict_fn returned shape"):
+        detect.sliding_window_probability(volume, np.ones_like(volume), (0, 0, 0, 16, 16, 16),
+                                          lambda b: b[:, ::2], 16)
+
+
+# --------------------------------------------------------------------------- candidates
+
+
+@pytest.mark.parametrize("geometry, world_xyz_mm, radius_mm", [
+    # flipped z: world z decreases with the slice index
+    (Geometry((-120.5, 30.25, 210.0), (1.0, 1.0, 1.0), FLIPPED_Z), (-95.3, 61.15, 189.4), 5.0),
+    (Geometry((17.3, -203.9, -311.7), (1.25, 1.25, 1.25), IDENTITY), (44.1, -168.35, -285.05), 4.0),
+])
+def test_detect_scan_finds_a_sphere_at_its_world_coordinate(tmp_path, geometry, world_xyz_mm,
+                                                            radius_mm):
+    shape = (44, 48, 52)
+    centre_vox = world_to_voxel(np.array(world_xyz_mm), geometry)
+    assert np.all(centre_vox > 8) and np.all(centre_vox < np.array(shape) - 8)
+    spacing = geometry.spacing_xyz_mm[0]
+    volume = sphere_volume(shape, centre_vox, radius_mm / spacing)
+    mask = box_mask(shape, (3, 4, 2), (41, 45, 50))
+    write_cached_scan(tmp_path, "scan.1", volume, mask, geometry)
+    scan = cache.open_scan(tmp_path, "scan.1")
+    calls = []
+
+    def predict(batch):
+        calls.append(len(batch))
+        return sigmoid_predict(batch)
+
+    cfg = quick_config(**{"inference.window_overlap": 0.25, "inference.batch_size": 4})
+    found = detect.detect_scan(scan, predict, cfg)
+    assert list(found.columns[:6]) == detect.DETECTION_COLUMNS
+    assert len(found) == 1, found
+    row = found.iloc[0]
+    assert row["seriesuid"] == "scan.1"
+    error_mm = np.linalg.norm(row[["coordX", "coordY", "coordZ"]].to_numpy(float) - world_xyz_mm)
+    assert error_mm < 1.0
+    assert row["diameter_mm"] == pytest.approx(2 * radius_mm, rel=0.2)
+    assert row["probability"] > 0.99
+    # the reported voxel position maps back to the same world point
+    np.testing.assert_allclose(voxel_to_world(row[["z_vox", "y_vox", "x_vox"]].to_numpy(float),
+                                              geometry), row[["coordX", "coordY", "coordZ"]].to_numpy(float))
+    assert sum(calls) > 0
+
+
+def _blob_map(shape, blobs):
+    prob = np.zeros(shape, dtype=np.float32)
+    for (z, y, x), value in blobs:
+        prob[z:z + 2, y:y + 2, x:x + 2] = value
+    return prob
+
+
+def test_components_closer_than_the_merge_distance_become_one():
+    geometry = Geometry((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    # two 2x2x2 cubes, centres 3 mm apart along x, separated by one empty column
+    prob = _blob_map((20, 20, 20), [((10, 10, 10), 0.7), ((10, 10, 13), 0.9)])
+    merged = detect.extract_candidates(prob, (0, 0, 0), geometry, 0.5, 5.0, 100)
+    assert len(merged) == 1
+    assert merged.iloc[0]["probability"] == pytest.approx(0.9)  # the more probable one is kept
+    assert merged.iloc[0]["x_vox"] == pytest.approx(13.5)
+    apart = detect.extract_candidates(prob, (0, 0, 0), geometry, 0.5, 2.0, 100)
+    assert len(apart) == 2
+    assert list(apart["probability"]) == pytest.approx([0.9, 0.7])
+    assert sorted(apart["coordX"]) == pytest.approx([10.5, 13.5])
+
+
+def test_at_most_max_candidates_by_probability():
+    geometry = Geometry((-5.0, 7.0, 100.0), (1.0, 1.0, 1.0), FLIPPED_Z)
+    values = [0.6, 0.95, 0.7, 0.85, 0.55]
+    prob = _blob_map((30, 30, 30), [((3 + 5 * i, 5, 5), v) for i, v in enumerate(values)])
+    found = detect.extract_candidates(prob, (2, 3, 4), geometry, 0.5, 5.0, 3)
+    assert list(found["probability"]) == pytest.approx([0.95, 0.85, 0.7])
+    # offset of the box is added before the world conversion
+    assert found.iloc[0]["z_vox"] == pytest.approx(2 + 8 + 0.5)
+    world = voxel_to_world(np.array([10.5, 8.5, 9.5]), geometry)
+    np.testing.assert_allclose(found.iloc[0][["coordX", "coordY", "coordZ"]].to_numpy(float), world)
+    assert len(detect.extract_candidates(prob, (0, 0, 0), geometry, 0.99, 5.0, 3)) == 0
+
+
+def test_nodule_recall_uses_the_strict_radius():
+    annotations = pd.DataFrame({"seriesuid": ["a", "a", "b"], "coordX": [0.0, 50.0, 0.0],
+                                "coordY": [0.0] * 3, "coordZ": [0.0] * 3,
+                                "diameter_mm": [4.0, 10.0, 2.0]})
+    marks = pd.DataFrame({"seriesuid": ["a", "a", "b"], "coordX": [1.9, 52.0, 1.0],
+                          "coordY": [0.0] * 3, "coordZ": [0.0] * 3, "probability": [1.0] * 3})
+    recall = detect.nodule_recall(marks, annotations)
+    assert recall["all"] == {"nodules": 3, "found": 2, "recall": pytest.approx(2 / 3, abs=1e-6)}
+    assert recall[">=3mm"]["recall"] == 1.0
+    assert recall[">=5mm"] == {"nodules": 1, "found": 1, "recall": 1.0}
+    # scan b's mark lay at distance 1 mm = the radius, which is not inside; just within is
+    marks.loc[2, "coordX"] = 0.9999
+    assert detect.nodule_recall(marks, annotations)["all"]["found"] == 3
+
+
+# --------------------------------------------------------------------------- command line
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(tmp_path_factory):
+    """Three scans with one sphere each (two in subset0 = fold 0's test set, one in
+    subset1) and their annotations."""
+    cache_dir = tmp_path_factory.mktemp("cache")
+    rows = []
+    shape = (30, 34, 32)
+    for i, (uid, subset, geometry) in enumerate([
+            ("1.2.3.1", 0, Geometry((-100.0, 20.0, 300.0), (1.0, 1.0, 1.0), FLIPPED_Z)),
+            ("1.2.3.2", 0, Geometry((10.5, -7.25, -40.0), (1.0, 1.0, 1.0))),
+            ("1.2.3.3", 1, Geometry((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)))]):
+        centre = np.array([12.4 + i, 15.7, 17.2 - i])
+        volume = sphere_volume(shape, centre, 3.5)
+        write_cached_scan(cache_dir, uid, volume, box_mask(shape, (2, 2, 2), (28, 32, 30)),
+                          geometry, subset)
+        x, y, z = voxel_to_world(centre, geometry)
+        rows.append({"seriesuid": uid, "coordX": x, "coordY": y, "coordZ": z, "diameter_mm": 7.0})
+    preprocess.write_tables(cache_dir, {"annotations": pd.DataFrame(rows)})
+    return cache_dir
+
+
+@pytest.fixture(scope="module")
+def threshold_model_file(tmp_path_factory):
+    """A real .keras segmenter: one 1x1x1 convolution + sigmoid = sigmoid(40 x - 20)."""
+    keras = pytest.importorskip("keras")
+    inputs = keras.Input((16, 16, 16, 1), name="image")
+    layer = keras.layers.Conv3D(1, 1, activation="sigmoid", name="threshold")
+    model = keras.Model(inputs, layer(inputs), name="threshold_unet")
+    layer.set_weights([np.full((1, 1, 1, 1, 1), 40.0, np.float32), np.array([-20.0], np.float32)])
+    path = tmp_path_factory.mktemp("model") / "best.keras"
+    model.save(path)
+    return path
+
+
+def test_main_detects_resumes_and_writes_outputs(tiny_cache, threshold_model_file, tmp_path,
+                                                 monkeypatch):
+    work = tmp_path / "work"
+    model_dir = work / "segmentation" / "fold0"
+    model_dir.mkdir(parents=True)
+    (model_dir / "best.keras").write_bytes(threshold_model_file.read_bytes())
+    out = tmp_path / "out" / "detections.csv"
+    argv = ["--cache-dir", str(tiny_cache), "--work-dir", str(work), "--fold", "0",
+            "--out", str(out), "--profile", "quick", "--no-progress",
+            "--inference.batch_size=3", "--segmentation.patch_size=32"]
+    assert detect.main(argv) == 0
+    frame = pd.read_csv(out, dtype={"seriesuid": str})
+    assert list(frame.columns) == detect.DETECTION_COLUMNS
+    assert sorted(frame["seriesuid"]) == ["1.2.3.1", "1.2.3.2"]  # fold 0's test scans
+    assert frame["diameter_mm"].between(5.6, 8.4).all()
+    metrics = json.loads(out.with_suffix(".metrics.json").read_text())
+    assert metrics["recall"]["all"] == {"nodules": 2, "found": 2, "recall": 1.0}
+    assert metrics["candidates_per_scan"] == 1.0 and metrics["peak_rss_gib"] > 0
+    saved = json.loads(out.with_suffix(".config.json").read_text())
+    assert saved["patch_size_zyx"] == [16, 16, 16]  # the model's input size wins
+    assert saved["config"]["inference"]["batch_size"] == 3
+    assert sorted(p.name for p in (work / "detections" / "fold0").glob("*.csv")) == \
+        ["1.2.3.1.csv", "1.2.3.2.csv"]
+
+    calls = []
+    real_detect_scan = detect.detect_scan
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].meta.seriesuid)
+        return real_detect_scan(*args, **kwargs)
+
+    monkeypatch.setattr(detect, "detect_scan", counting)
+    out.unlink()
+    assert detect.main(argv) == 0
+    assert calls == []  # every scan was done before
+    pd.testing.assert_frame_equal(pd.read_csv(out, dtype={"seriesuid": str}), frame)
+    assert detect.main(argv + ["--scans", "all"]) == 0
+    assert calls == ["1.2.3.3"]
+    assert detect.main(argv + ["--inference.threshold=0.4"]) == 0  # new settings: redo
+    assert sorted(calls[1:]) == ["1.2.3.1", "1.2.3.2"]
+
+
+def test_main_rejects_bad_paths_with_status_2(tiny_cache, threshold_model_file, tmp_path, capsys):
+    out = tmp_path / "out" / "d.csv"
+    work = tmp_path / "work"
+    common = ["--work-dir", str(work), "--out", str(out), "--no-progress"]
+    missing_cache = tmp_path / "no_cache"
+    assert detect.main(["--cache-dir", str(missing_cache), "--model", str(threshold_model_file),
+                        *common]) == 2
+    assert str(missing_cache) in capsys.readouterr().err
+    missing_model = tmp_path / "no_model.keras"
+    assert detect.main(["--cache-dir", str(tiny_cache), "--model", str(missing_model), *common]) == 2
+    assert str(missing_model) in capsys.readouterr().err
+    assert detect.main(["--cache-dir", str(tiny_cache), *common]) == 2  # default model absent
+    assert "best.keras" in capsys.readouterr().err
+    assert detect.main(["--cache-dir", str(tiny_cache), "--model", str(threshold_model_file),
+                        "--fold", "7", *common]) == 2
+    assert str(tiny_cache) in capsys.readouterr().err
+    broken_model = tmp_path / "broken.keras"
+    broken_model.write_bytes(b"not a keras file")
+    assert detect.main(["--cache-dir", str(tiny_cache), "--model", str(broken_model), *common]) == 2
+    assert str(broken_model) in capsys.readouterr().err
+    empty = tmp_path / "empty_cache"
+    empty.mkdir()
+    assert detect.main(["--cache-dir", str(empty), "--model", str(threshold_model_file), *common]) == 2
+    assert "meta.csv" in capsys.readouterr().err
+    assert not out.parent.exists() and not work.exists()
