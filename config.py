@@ -182,9 +182,8 @@ class EnsembleConfig:
 
 @dataclass(frozen=True)
 class DebugConfig:
-    max_scans: int = 0  # 0 = all; >0 limits every stage to the first N scans
-    save_images: bool = False  # per-scan mask overlays from preprocessing
-    verbose: bool = False
+    max_scans: int = 0  # 0 = all; >0 preprocesses only the first N scans (smoke runs)
+    save_images: bool = False  # preprocessing writes CACHE/debug/<uid>.png: mask outline on 3 planes
 
 
 @dataclass(frozen=True)

@@ -359,13 +359,42 @@ def preprocess_scan(source: ScanSource, cfg: PreprocessConfig):
     return volume, mask.astype(np.uint8), meta
 
 
-def _process_one(source: ScanSource, cfg: PreprocessConfig, cache_dir: str, threads: int):
+def save_mask_overlay(volume: np.ndarray, mask: np.ndarray, path: Path, title: str) -> None:
+    """Axial, coronal and sagittal slices through the mask's centre with its outline: a
+    glance tells whether the segmentation worked (``debug.save_images``)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from tables import atomic_open
+
+    centre = [int(round(c)) for c in ndimage.center_of_mass(mask)]
+    figure = Figure(figsize=(12, 4.2))
+    FigureCanvasAgg(figure)
+    views = [("axial", volume[centre[0]], mask[centre[0]]),
+             ("coronal", volume[:, centre[1]], mask[:, centre[1]]),
+             ("sagittal", volume[:, :, centre[2]], mask[:, :, centre[2]])]
+    for i, (name, image, outline) in enumerate(views):
+        ax = figure.add_subplot(1, 3, i + 1)
+        ax.imshow(image, cmap="gray", vmin=0, vmax=255)
+        ax.contour(outline, levels=[0.5], colors="red", linewidths=0.6)
+        ax.set_title(name)
+        ax.axis("off")
+    figure.suptitle(title, fontsize=8)
+    with atomic_open(path, "wb") as handle:
+        figure.savefig(handle, format="png", dpi=80)
+
+
+def _process_one(source: ScanSource, cfg: PreprocessConfig, cache_dir: str, threads: int,
+                 save_images: bool = False):
     """Worker: preprocess one scan and write it to the cache. Returns (uid, path, error)."""
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(max(1, threads))
     try:
         volume, mask, meta = preprocess_scan(source, cfg)
         cache.save_array_atomic(cache.volume_path(cache_dir, meta.seriesuid), volume)
         cache.save_array_atomic(cache.mask_path(cache_dir, meta.seriesuid), mask)
+        if save_images:
+            save_mask_overlay(volume, mask, Path(cache_dir) / "debug" / f"{meta.seriesuid}.png",
+                              f"{meta.seriesuid}: lungs {meta.lung_volume_ml / 1000:.2f} L")
         cache.write_scan_meta(cache_dir, meta)  # last: marks the scan as finished
         return source.seriesuid, source.path, None
     except ScanError as err:
@@ -495,10 +524,11 @@ def run(cfg: config_lib.Config, data_dir: Path, cache_dir: Path, *, workers: int
 
     if workers == 1:
         for source in todo:
-            record(*_process_one(source, cfg.preprocess, str(cache_dir), threads))
+            record(*_process_one(source, cfg.preprocess, str(cache_dir), threads, cfg.debug.save_images))
     else:
         with ProcessPoolExecutor(max_workers=workers) as pool:
-            futures = {pool.submit(_process_one, s, cfg.preprocess, str(cache_dir), threads): s
+            futures = {pool.submit(_process_one, s, cfg.preprocess, str(cache_dir), threads,
+                                   cfg.debug.save_images): s
                        for s in todo}
             for future in as_completed(futures):
                 source = futures[future]

@@ -325,3 +325,11 @@ def test_folds_follow_the_luna16_subsets(cached):
     assert [subsets[u] for u in cache.split_by_subset(metas, 2)["val"]] == [0]  # wraps around
     with pytest.raises(ValueError, match="subset7"):
         cache.split_by_subset(metas, 7)
+
+
+def test_debug_options_limit_scans_and_save_mask_overlays(sample, tmp_path):
+    cache_dir = tmp_path / "cache"
+    assert _run(sample, cache_dir, "--debug.max_scans=1", "--debug.save_images=true") == 0
+    assert len(cache.load_meta(cache_dir)) == 1
+    pngs = list((cache_dir / "debug").glob("*.png"))
+    assert len(pngs) == 1 and pngs[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
