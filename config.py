@@ -176,6 +176,8 @@ class InferenceConfig:
 
 @dataclass(frozen=True)
 class EnsembleConfig:
+    # The classifiers run_pipeline.py trains and merges (models.CLASSIFIERS names).
+    models: tuple[str, ...] = ("vgg_simple", "inception", "resnet", "densenet", "densenet_bc")
     method: Literal["mean", "weighted", "rank", "geometric"] = "mean"
     weights: tuple[float, ...] = ()  # one per input file for method=weighted
 
@@ -219,6 +221,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "classification.epochs": 8,
         "classification.steps_per_epoch": 40,
         "inference.batch_size": 4,
+        "ensemble.models": ("resnet", "vgg_simple"),  # the two fastest on a CPU
     },
 }
 

@@ -541,8 +541,12 @@ def candidate_table(cache_dir, seriesuids=None, source="candidates") -> pd.DataF
     Returns:
         DataFrame with seriesuid, coordX/Y/Z, z_vox, y_vox, x_vox, label (1/0/-1; train on
         label >= 0), diameter_mm (of the matched nodule, NaN if none) and, for detections,
-        probability. Rows of scans that are not cached are dropped.
+        probability. Rows of scans that are not cached are dropped. A list of sources
+        gives their rows one after the other (given plus detected candidates).
     """
+    if isinstance(source, (list, tuple)):
+        return pd.concat([candidate_table(cache_dir, seriesuids, s) for s in source],
+                         ignore_index=True)
     import evaluate  # pandas-heavy; only this function needs the hit rule
     from tables import PREDICTION_COLUMNS, read_table
 

@@ -4,8 +4,8 @@
     python predict.py --model resnet --candidates work/detections.csv --scans test --tta --out pred.csv
     python predict.py --model-path my/best.keras --cube-size 32 --cache-dir cache --out pred.csv --scans all
 
-Candidates come from the cache's ``candidates.csv`` (default) or from a detection CSV
-(``--candidates``); the model is ``WORK/classification/<model>/fold<k>/best.keras`` unless
+Candidates come from the cache's ``candidates.csv`` (default) and/or detection CSVs
+(``--candidates candidates work/detections.csv`` scores both); the model is ``WORK/classification/<model>/fold<k>/best.keras`` unless
 ``--model-path`` is given. Writes ``seriesuid,coordX,coordY,coordZ,probability`` (world mm),
 one row per candidate, for the ``--scans`` of the fold (default: its test subset).
 """
@@ -69,8 +69,8 @@ def main(argv=None) -> int:
     parser.add_argument("--cache-dir", help="preprocess.py output (default: paths.cache_dir)")
     parser.add_argument("--work-dir", help="default: paths.work_dir")
     parser.add_argument("--fold", type=int, help="default: training.fold")
-    parser.add_argument("--candidates", default="candidates",
-                        help="'candidates' (the cache's candidates.csv) or a detection CSV")
+    parser.add_argument("--candidates", nargs="+", default=["candidates"],
+                        help="'candidates' (the cache's candidates.csv) and/or detection CSVs")
     parser.add_argument("--scans", choices=["test", "val", "train", "all"], default="test")
     parser.add_argument("--tta", action="store_true", help="average over flips (test-time augmentation)")
     parser.add_argument("--cube-size", type=int, help="default: the model's input size")

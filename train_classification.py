@@ -3,7 +3,7 @@
     python train_classification.py --model densenet
     python train_classification.py --model resnet --fold 3 --profile quick --cache-dir cache --work-dir work
     python train_classification.py --model densenet --resume
-    python train_classification.py --model inception --candidates work/detections.csv    # detected candidates
+    python train_classification.py --model inception --candidates candidates work/detections.csv   # given + detected
     python train_classification.py --model densenet_bc --distribute mirrored --mixed-precision
 
 Cubes of ``classification.cube_size`` around each candidate (``generators``): balanced to
@@ -101,8 +101,8 @@ def main(argv=None) -> int:
     parser.add_argument("--cache-dir", help="preprocess.py output (default: paths.cache_dir)")
     parser.add_argument("--work-dir", help="models and logs (default: paths.work_dir)")
     parser.add_argument("--fold", type=int, help="LUNA16 subset held out (default: training.fold)")
-    parser.add_argument("--candidates", default="candidates",
-                        help="'candidates' (the cache's candidates.csv) or a detection CSV from detect.py")
+    parser.add_argument("--candidates", nargs="+", default=["candidates"],
+                        help="'candidates' (the cache's candidates.csv) and/or detection CSVs from detect.py")
     parser.add_argument("--resume", action="store_true", help="continue the run in the fold folder")
     parser.add_argument("--distribute", choices=["none", "mirrored"])
     parser.add_argument("--mixed-precision", action="store_true")
@@ -127,7 +127,7 @@ def main(argv=None) -> int:
                                  cfg.classification.max_validation_negatives, cfg.training.seed)
     for part, frame in (("training", train_table), ("validation", val_table)):
         if frame["label"].nunique() < 2:
-            print(f"error: {args.candidates}: the {part} scans of fold {cfg.training.fold} need "
+            print(f"error: {', '.join(args.candidates)}: the {part} scans of fold {cfg.training.fold} need "
                   "both positive and negative candidates", file=sys.stderr)
             return 2
     return train(args.model, cfg, cache_dir, work_dir, train_table, val_table, split,
@@ -136,7 +136,7 @@ def main(argv=None) -> int:
 
 def train(name: str, cfg: config_lib.Config, cache_dir: Path, work_dir: Path,
           train_table: pd.DataFrame, val_table: pd.DataFrame, split: dict, *,
-          candidates: str = "candidates", resume: bool = False, verbose: int = 2) -> int:
+          candidates=("candidates",), resume: bool = False, verbose: int = 2) -> int:
     """Train classifier ``name`` into ``WORK/classification/<name>/fold<k>``."""
     import generators
 
@@ -146,7 +146,7 @@ def train(name: str, cfg: config_lib.Config, cache_dir: Path, work_dir: Path,
     state = folder.read_state() if resume else None
     epoch_offset = int(state["epoch"]) + 1 if state else 0
     config_lib.save_config(cfg, folder.root / "config.json",
-                           {"model": name, "candidates": str(candidates), "split": split})
+                           {"model": name, "candidates": list(candidates), "split": split})
     strategy = training.setup_strategy(tr)
     batch = cls.batch_size * strategy.num_replicas_in_sync
     train_data = generators.classification_dataset(

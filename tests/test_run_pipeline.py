@@ -1,0 +1,33 @@
+"""run_pipeline.py end to end on a tiny data set, and the skip of up-to-date stages."""
+
+import pytest
+
+import run_pipeline
+import sample_data
+
+TINY = ["--preprocess.min_lung_volume_ml=20", "--segmentation.patch_size=16", "--segmentation.depth=2",
+        "--segmentation.base_filters=4", "--segmentation.batch_size=2", "--segmentation.epochs=1",
+        "--segmentation.steps_per_epoch=2", "--segmentation.validation_scans_every=1",
+        "--inference.batch_size=4", "--inference.threshold=0.3", "--classification.cube_size=16",
+        "--classification.batch_size=4", "--classification.epochs=1",
+        "--classification.steps_per_epoch=2", "--ensemble.models=vgg_simple,resnet",
+        "--training.workers=1"]
+
+
+@pytest.mark.slow
+def test_pipeline_runs_every_stage_then_skips_them(tmp_path, capsys):
+    data = tmp_path / "data"
+    sample_data.generate_dataset(data, 3, seed=2, scale=0.5, progress=False)
+    work = tmp_path / "work"
+    argv = ["--data-dir", str(data), "--work-dir", str(work), "--fold", "0", "--workers", "1", *TINY]
+    assert run_pipeline.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "CPM: " in out and "Sensitivity at 8 FP/scan" in out
+    for stage in ("preprocess", "segmentation", "detect", "classify vgg_simple", "predict resnet", "ensemble"):
+        assert f"[{stage}] done" in out
+    for name in ("submission.csv", "evaluation/froc.png", "evaluation/froc_metrics.json"):
+        assert (work / name).exists(), name
+    assert run_pipeline.main(argv) == 0
+    again = capsys.readouterr().out
+    assert "[segmentation] up to date, skipped" in again and "[ensemble] up to date, skipped" in again
+    assert "] running" not in again
