@@ -116,11 +116,11 @@ def _layer_class(family: str, rank: int):
 
 
 def conv_layer(rank: int, filters: int, kernel_size, *, strides=1, padding: str = "same",
-               use_bias: bool = True, name: str, dtype=None):
+               use_bias: bool = True, name: str, dtype=None, bias_initializer="zeros"):
     """A Conv1D/2D/3D layer for the given spatial rank."""
     return _layer_class("Conv", rank)(
         filters, kernel_size, strides=strides, padding=padding, use_bias=use_bias,
-        kernel_initializer="he_normal", name=name, dtype=dtype)
+        kernel_initializer="he_normal", bias_initializer=bias_initializer, name=name, dtype=dtype)
 
 
 def conv_transpose_layer(rank: int, filters: int, kernel_size, *, strides=2,

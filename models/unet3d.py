@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import keras
 
 from models.blocks import (
@@ -42,10 +44,18 @@ def apply_up_concat(x, skip, filters: int, *, name: str):
     return keras.layers.Concatenate(axis=CHANNEL_AXIS, name=f"{name}_concat")([skip, x])
 
 
+# Nodule voxels are about 1% of a patch. Starting the output at that prior (Lin et al.
+# 2017, "Focal Loss for Dense Object Detection") keeps the first steps from marking every
+# voxel as nodule, which the dice loss is slow to undo.
+OUTPUT_PRIOR = 0.01
+
+
 def apply_sigmoid_map(x, *, upsample: int = 1, name: str):
     """1x1x1 conv to one channel, optional upsampling, float32 sigmoid named ``name``."""
     rank = spatial_rank(x)
-    x = conv_layer(rank, 1, 1, name=f"{name}_logits")(x)
+    prior_logit = math.log(OUTPUT_PRIOR / (1 - OUTPUT_PRIOR))
+    x = conv_layer(rank, 1, 1, name=f"{name}_logits",
+                   bias_initializer=keras.initializers.Constant(prior_logit))(x)
     if upsample > 1:
         x = upsampling_layer(rank, upsample, name=f"{name}_upsample")(x)
     return keras.layers.Activation("sigmoid", dtype="float32", name=name)(x)
