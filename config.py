@@ -220,7 +220,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "classification.lr": 1e-3,
         "classification.epochs": 8,
         "classification.steps_per_epoch": 40,
-        "inference.batch_size": 4,
+        "inference.batch_size": 1,  # CPU Conv3DTranspose slows down per window at batch > 1
         "ensemble.models": ("resnet", "vgg_simple"),  # the two fastest on a CPU
     },
 }
