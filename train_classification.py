@@ -98,20 +98,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, choices=sorted(models.CLASSIFIERS))
-    parser.add_argument("--cache-dir", help="preprocess.py output (default: paths.cache_dir)")
-    parser.add_argument("--work-dir", help="models and logs (default: paths.work_dir)")
-    parser.add_argument("--fold", type=int, help="LUNA16 subset held out (default: training.fold)")
     parser.add_argument("--candidates", nargs="+", default=["candidates"],
                         help="'candidates' (the cache's candidates.csv) and/or detection CSVs from detect.py")
-    parser.add_argument("--resume", action="store_true", help="continue the run in the fold folder")
-    parser.add_argument("--distribute", choices=["none", "mirrored"])
-    parser.add_argument("--mixed-precision", action="store_true")
-    config_lib.add_config_arguments(parser)
-    args, cfg = config_lib.parse_args(parser, argv, ("cache_dir", "work_dir"))
-    for key, value in (("training.fold", args.fold), ("training.distribute", args.distribute),
-                       ("training.mixed_precision", True if args.mixed_precision else None)):
-        if value is not None:
-            cfg = config_lib.override(cfg, key, value)
+    training.add_training_arguments(parser)
+    args, cfg = training.parse_training_arguments(parser, argv)
     cache_dir, work_dir = Path(cfg.paths.cache_dir), Path(cfg.paths.work_dir)
     try:
         import generators

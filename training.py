@@ -21,6 +21,32 @@ from pathlib import Path
 from tables import atomic_open, atomic_write_text
 
 
+def add_training_arguments(parser) -> None:
+    """The command-line options both training scripts share (paths, fold, resume, devices)."""
+    import config as config_lib
+
+    parser.add_argument("--cache-dir", help="preprocess.py output (default: paths.cache_dir)")
+    parser.add_argument("--work-dir", help="models and logs (default: paths.work_dir)")
+    parser.add_argument("--fold", type=int, help="LUNA16 subset held out (default: training.fold)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in the fold folder")
+    parser.add_argument("--distribute", choices=["none", "mirrored"],
+                        help="tf.distribute.MirroredStrategy over the visible GPUs")
+    parser.add_argument("--mixed-precision", action="store_true", help="float16 compute (GPU)")
+    config_lib.add_config_arguments(parser)
+
+
+def parse_training_arguments(parser, argv):
+    """``(args, cfg)`` with the shared options folded into the config."""
+    import config as config_lib
+
+    args, cfg = config_lib.parse_args(parser, argv, ("cache_dir", "work_dir"))
+    for key, value in (("training.fold", args.fold), ("training.distribute", args.distribute),
+                       ("training.mixed_precision", True if args.mixed_precision else None)):
+        if value is not None:
+            cfg = config_lib.override(cfg, key, value)
+    return args, cfg
+
+
 def setup_strategy(training_cfg):
     """Set the mixed-precision policy and return the distribution strategy to build under."""
     import keras

@@ -57,6 +57,8 @@ if str(REPO_ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
+from benchmarks.common import GIB, machine_info  # noqa: E402
+
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results"
 DEFAULT_SHAPE_ZYX = (350, 300, 300)
 MARGIN_VOX = 8  # preprocess.crop_margin_mm at 1 mm
@@ -68,13 +70,6 @@ GEOMETRY = dict(origin_xyz_mm=(-170.0, -160.0, 40.0), spacing_xyz_mm=(1.0, 1.0, 
 UID = "1.3.6.1.4.1.14519.5.2.1.6279.6001.999999999999999999999999999999"
 SEED = 0
 RESULT_TAG = "BENCH_RESULT "
-GIB = 2.0 ** 30
-
-
-def peak_rss_bytes() -> int:
-    import detect
-
-    return detect.peak_rss_bytes()
 
 
 # --------------------------------------------------------------------------- inputs
@@ -225,7 +220,7 @@ def measure(method: str, cache_dir: str, model_path: str, repeats: int, batch_si
         model.predict(np.zeros((1, *patch, 1), np.float32), verbose=0)
     else:
         raise ValueError(f"unknown method {method!r}; choose ours or naive")
-    rss_setup = peak_rss_bytes()
+    rss_setup = detect.peak_rss_bytes()
     runs = []
     for _ in range(repeats):
         scan = cache.open_scan(cache_dir, UID)
@@ -252,7 +247,7 @@ def measure(method: str, cache_dir: str, model_path: str, repeats: int, batch_si
                      "extract_seconds": seconds - inference_seconds, "windows_predicted": windows,
                      "windows_in_grid": total_windows, "candidates": int(len(frame))})
     return {"method": method, "batch_size": batch_size, "runs": runs,
-            "peak_rss_gib": peak_rss_bytes() / GIB, "rss_after_setup_gib": rss_setup / GIB,
+            "peak_rss_gib": detect.peak_rss_bytes() / GIB, "rss_after_setup_gib": rss_setup / GIB,
             "patch": list(patch)}
 
 
@@ -275,37 +270,6 @@ def run_child(method: str, cache_dir: Path, model_path: Path, repeats: int, batc
 
 
 # --------------------------------------------------------------------------- report
-
-
-def machine_info() -> dict:
-    info = {"cpu_count": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(), "numpy": np.__version__}
-    if hasattr(os, "sched_getaffinity"):
-        info["cpus_usable"] = len(os.sched_getaffinity(0))
-    try:
-        import keras
-        import tensorflow as tf
-
-        info["tensorflow"], info["keras"] = tf.__version__, keras.__version__
-        info["gpus"] = len(tf.config.list_physical_devices("GPU"))
-    except ImportError:
-        pass
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu_model"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        import psutil
-
-        info["memory_gib"] = round(psutil.virtual_memory().total / GIB, 1)
-    except ImportError:
-        pass
-    if hasattr(os, "getloadavg"):
-        info["load_average_at_start"] = [round(v, 2) for v in os.getloadavg()]
-    return info
 
 
 def summarize(result: dict) -> dict:
@@ -413,7 +377,7 @@ def main(argv=None) -> int:
         scan = write_synthetic_scan(tmp_dir / "cache", tuple(args.shape))
         model_path = tmp_dir / "model.keras"
         model = build_and_save_model(model_path)
-        info = machine_info()
+        info = machine_info("tensorflow", "keras")
         plan = [("ours", args.batch_size, args.repeats)]
         plan += [("ours", b, args.baseline_repeats) for b in extra]
         plan += [("naive", 1, args.baseline_repeats)]

@@ -38,7 +38,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -51,6 +50,8 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 import numpy as np  # noqa: E402
+
+from benchmarks.common import machine_info  # noqa: E402
 import pandas as pd  # noqa: E402
 
 import cache  # noqa: E402
@@ -184,31 +185,6 @@ def measure(pipeline: str, method: str, cache_dir: Path, uids, table, batches: i
 # --------------------------------------------------------------------------- report
 
 
-def machine_info() -> dict:
-    import scipy
-    import tensorflow as tf
-
-    info = {
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "scipy": scipy.__version__,
-        "tensorflow": tf.__version__,
-    }
-    if hasattr(os, "getloadavg"):
-        info["load_average_at_start"] = [round(v, 2) for v in os.getloadavg()]
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu_model"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return info
-
-
 def cache_description(cache_dir: Path) -> dict:
     metas = cache.load_scan_metas(cache_dir)
     sizes = [float(np.prod(m.cache_shape_zyx)) / 2 ** 20 for m in metas.values()]
@@ -262,7 +238,7 @@ def parse_args(argv):
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    info = machine_info()
+    info = machine_info("scipy", "tensorflow")
     print(f"machine: {info.get('cpu_model', info['platform'])}, {info['cpus_usable']} usable "
           f"CPUs, load {info.get('load_average_at_start')}", file=sys.stderr)
     tmp_dir = Path(tempfile.mkdtemp(prefix="bench_generators_"))

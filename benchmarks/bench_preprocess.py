@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -58,6 +57,9 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 import numpy as np  # noqa: E402
+
+import detect  # noqa: E402
+from benchmarks.common import GIB, machine_info  # noqa: E402
 
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 DICOM_SCAN = SHARED_DATA / "ct_dicom" / "chest_ct_2mm"
@@ -85,25 +87,9 @@ NAIVE_PAD_HU = 0.0
 
 RESULT_TAG = "BENCH_RESULT "
 METHODS = ("ours", "naive")
-GIB = 2.0 ** 30
 
 
 # --------------------------------------------------------------------------- memory
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident set size of this process (its own address space, not the parent's)."""
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak) if sys.platform == "darwin" else int(peak) * 1024  # bytes on macOS
 
 
 # --------------------------------------------------------------------------- naive baseline
@@ -231,7 +217,7 @@ def measure_one(method: str, path: str) -> dict:
 
         dicom_files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(path)) if is_dicom else None
     listing_seconds = time.perf_counter() - listing_start
-    rss_before = peak_rss_bytes()
+    rss_before = detect.peak_rss_bytes()
 
     start = time.perf_counter()
     if method == "ours":
@@ -240,7 +226,7 @@ def measure_one(method: str, path: str) -> dict:
     else:
         volume, mask, lung_ml = naive_preprocess(path, dicom_files)
     seconds = time.perf_counter() - start
-    peak = peak_rss_bytes()
+    peak = detect.peak_rss_bytes()
     return {
         "method": method,
         "path": path,
@@ -330,41 +316,6 @@ def warm_page_cache(path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- report
-
-
-def machine_info() -> dict:
-    import scipy
-    import SimpleITK as sitk
-    import skimage
-
-    info = {
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "scipy": scipy.__version__,
-        "SimpleITK": sitk.Version_VersionString(),
-        "skimage": skimage.__version__,
-        "simpleitk_default_threads": sitk.ProcessObject.GetGlobalDefaultNumberOfThreads(),
-    }
-    try:
-        import psutil
-
-        info["memory_gib"] = round(psutil.virtual_memory().total / GIB, 1)
-    except ImportError:
-        pass
-    if hasattr(os, "getloadavg"):
-        info["load_average_at_start"] = [round(v, 2) for v in os.getloadavg()]
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu_model"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return info
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -494,7 +445,7 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    info = machine_info()
+    info = machine_info("scipy", "SimpleITK", "skimage")
     print(f"machine: {info.get('cpu_model', info['processor'])}, {info['cpu_count']} CPUs, "
           f"load {info.get('load_average_at_start')}", file=sys.stderr)
 

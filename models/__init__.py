@@ -8,7 +8,13 @@ looks a name up in both. Importing this package registers the custom losses, so
 
 from __future__ import annotations
 
-import inspect
+import os
+
+# TensorFlow's C++ start-up notices (CPU instruction sets) would bury the progress output;
+# its warnings and errors still show. Set before TensorFlow is first imported.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+
+import inspect  # noqa: E402
 from functools import partial
 
 from models import losses

@@ -1,0 +1,797 @@
+"""LIDC-IDRI malignancy benchmark: patient-grouped cross-validation of the 3D classifiers.
+
+    python benchmarks/bench_lidc.py --quick                                  # smoke run, minutes on CPU
+    python benchmarks/bench_lidc.py --models resnet,inception --folds 3 --epochs 15 --lr 1e-3
+    python benchmarks/bench_lidc.py --data-dir ../shared/data/lidc_nodules \\
+        --models densenet,resnet,inception,vgg_simple --folds 5 --epochs 40 \\
+        --cube-size 32 --spacing-mm 1.0 --out benchmarks/results/lidc --seed 0
+    python benchmarks/bench_lidc.py --test-dir /data/other_nodules         # external test set
+
+Data (``--data-dir``, default ``../shared/data/lidc_nodules``, read-only): ``image/*.nii.gz``
+nodule volumes cropped from LIDC-IDRI CTs (HU, native anisotropic spacing, world geometry),
+``mask/`` (not read: the classifiers see the image only) and ``nodules.csv`` with one row per
+nodule: ``patient_id``, world centre ``coordX, coordY, coordZ`` (mm), ``Diagnosis``
+(``Malign`` = 1, ``Benign`` = 0), ``voi_file`` (the volume's file name), and optionally
+``nodule_id`` and ``diameter_mm``.
+
+What it does:
+
+1. Each volume is read with SimpleITK, clamped to [-1024, 3071] HU, linearly resampled to
+   isotropic ``--spacing-mm`` voxels (``preprocess.isotropic_grid`` / ``resample``), and a
+   cube of ``--cube-size`` (plus a margin of ``--max-shift`` voxels per side for the shift
+   augmentation) is cropped around the nodule's world centre (``ct_io.world_to_voxel``).
+   The volumes are tight crops (often only a few slices thick), so the cube is padded with
+   air (-1024 HU) outside them. The cube is HU-windowed like the cache: [-1200, 600] HU ->
+   uint8 [0, 255] -> float [0, 1]. Cubes are kept in memory and in
+   ``OUT/cache/cubes-<hash>.npz`` (the hash covers the settings, ``nodules.csv`` and the
+   volumes' sizes and times; read with ``allow_pickle=False``). A volume that cannot be
+   used is reported with its file and the reason, and skipped.
+2. ``--folds`` folds by ``StratifiedGroupKFold`` with ``groups=patient_id`` (shuffled with
+   ``--seed``): no patient is in both a training and a test fold. In each fold a further
+   group split holds out a fifth of the training patients for validation: the epoch with the
+   best validation AUC is kept, and ``training.RunningAverageEarlyStopping`` on validation
+   loss and AUC decays the learning rate and stops early. The test fold is never looked at
+   until the model is final. Each model (``models.CLASSIFIERS``) is trained with Adam,
+   weighted cross-entropy (positives weighted n_benign / n_malignant of the training part)
+   or ``--loss focal``, batch ``--batch-size``, random flips, 90-degree turns in the axial
+   plane, shifts up to ``--max-shift`` voxels and intensity jitter
+   (``generators.augment``); the test fold is predicted with flip test-time augmentation
+   (the cube and its z, y and x flips, averaged: ``generators.flip_variants``).
+3. ROC AUC, accuracy, sensitivity and specificity at 0.5 (``evaluate.classification_metrics``)
+   of the out-of-fold probabilities, per model and for the ensemble (mean of the models'
+   probabilities), with the training time of each model on this machine; a fixed-format
+   table, reference points, and finally ``AUC: 0.xxxx`` (the ensemble's).
+
+``--test-dir DIR`` (same layout) replaces the cross-validation: the models are trained on
+all of ``--data-dir`` (with the same internal validation split) and evaluated on DIR.
+
+Output in ``--out`` (default ``benchmarks/results/lidc``): ``results.json`` (settings, metrics,
+per-fold details, timings, skipped volumes), ``results.md`` and ``oof_predictions.csv`` (or
+``test_predictions.csv`` with ``--test-dir``). Exit status 2: a data folder or its
+``nodules.csv`` is missing or unusable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import SimpleITK as sitk  # noqa: E402
+
+import cache  # noqa: E402
+from config import ClassificationConfig, PreprocessConfig, TrainingConfig  # noqa: E402
+from ct_io import Geometry, world_to_voxel  # noqa: E402
+from evaluate import classification_metrics  # noqa: E402
+from generators import Augmentation, augment, crop_patch, flip_variants, to_unit  # noqa: E402
+from models import CLASSIFIERS  # noqa: E402
+from preprocess import AIR_HU, MAX_HU, isotropic_grid, resample  # noqa: E402
+
+DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "lidc_nodules"
+DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "lidc"
+# Bump when the cubes would change for the same settings (a code change).
+CUBE_VERSION = 1
+LABELS = {"Benign": 0, "Malign": 1}
+REQUIRED_COLUMNS = ("patient_id", "coordX", "coordY", "coordZ", "Diagnosis", "voi_file")
+# One fifth of the training patients choose the checkpoint (and stop early).
+VALIDATION_SPLITS = 5
+# Published test AUCs on NoduleMNIST3D, built from the same LIDC-IDRI nodules but with its
+# own labels and split (Yang et al., "MedMNIST v2", Scientific Data 2023, Table 3).
+REFERENCE_AUCS = (
+    ("MedMNIST v2 NoduleMNIST3D, ResNet-18 (3D)", 0.863),
+    ("MedMNIST v2 NoduleMNIST3D, ResNet-50 (3D)", 0.875),
+)
+# No random in-plane rotations: the interpolation costs more than a training step on CPU,
+# and flips plus 90-degree turns already give the 8 axial symmetries. No z turns: the
+# thick original slices leave z blurrier than y and x after resampling.
+AUGMENTATION = Augmentation(flip=True, rot90_axial=True, rot90_all=False,
+                            rotate_probability=0.0)
+QUICK = {"folds": 2, "epochs": 2, "cube_size": 16, "models": "vgg_simple,resnet"}
+FULL = {"folds": 5, "epochs": 30, "cube_size": ClassificationConfig().cube_size,
+        "models": "densenet,resnet,inception,vgg_simple"}
+
+
+class DataError(Exception):
+    """A data folder or table that cannot be used; the message names the file."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    models: tuple[str, ...]
+    folds: int
+    epochs: int
+    cube_size: int  # voxels per side of the cube the models see
+    spacing_mm: float
+    max_shift_vox: int  # the cubes are stored this much larger per side
+    lr: float
+    batch_size: int
+    loss: str
+    patience: int
+    seed: int
+    window_hu: tuple[float, float] = PreprocessConfig().window_hu
+    pad_hu: float = float(AIR_HU)
+
+    @property
+    def stored_size(self) -> int:
+        return self.cube_size + 2 * self.max_shift_vox
+
+
+@dataclass
+class NoduleSet:
+    """Cubes of the usable nodules of one data folder, in ``nodules.csv`` order."""
+
+    cubes: np.ndarray  # uint8 (n, s, s, s), s = Settings.stored_size, HU window -> [0, 255]
+    table: pd.DataFrame  # the usable rows, with an int "label" column
+    skipped: list[tuple[str, str]]  # (file, reason)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.table["label"].to_numpy(np.int64)
+
+    @property
+    def patients(self) -> np.ndarray:
+        return self.table["patient_id"].astype(str).to_numpy()
+
+
+# --------------------------------------------------------------------------- cubes
+
+
+def read_nodule_table(data_dir) -> pd.DataFrame:
+    """``DATA_DIR/nodules.csv`` with its required columns checked (``DataError`` if not)."""
+    path = Path(data_dir) / "nodules.csv"
+    if not path.is_file():
+        raise DataError(f"{path} does not exist; a nodule folder holds image/, mask/ and "
+                        "nodules.csv")
+    try:
+        table = pd.read_csv(path, dtype={"patient_id": str, "voi_file": str})
+    except (ValueError, OSError) as err:
+        raise DataError(f"{path}: cannot be read as CSV ({err})") from None
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
+    if missing:
+        raise DataError(f"{path}: lacks column(s) {', '.join(missing)} (needs "
+                        f"{', '.join(REQUIRED_COLUMNS)})")
+    if len(table) == 0:
+        raise DataError(f"{path}: has no rows")
+    return table
+
+
+def window_uint8(hu: np.ndarray, window_hu) -> np.ndarray:
+    """HU -> uint8 exactly as the preprocessing cache stores volumes."""
+    scale, shift = cache.hu_to_uint8(window_hu)
+    windowed = np.asarray(hu, dtype=np.float32) * np.float32(scale) + np.float32(shift)
+    return np.rint(np.clip(windowed, 0, 255)).astype(np.uint8)
+
+
+def nodule_cube(image: sitk.Image, center_xyz_mm, size: int, spacing_mm: float,
+                window_hu=PreprocessConfig().window_hu, pad_hu: float = AIR_HU) -> np.ndarray:
+    """uint8 ``(size, size, size)`` cube around a world point, on isotropic voxels.
+
+    The voxel nearest to ``center_xyz_mm`` on the resampled grid lands at index
+    ``size // 2`` (``generators.crop_patch``); outside the volume is ``pad_hu``.
+    """
+    hu = sitk.Clamp(sitk.Cast(image, sitk.sitkFloat32), sitk.sitkFloat32,
+                    float(AIR_HU), float(MAX_HU))
+    grid, shape_zyx = isotropic_grid(hu, spacing_mm)
+    volume = sitk.GetArrayFromImage(resample(hu, grid, shape_zyx, sitk.sitkFloat32))
+    center_zyx_vox = world_to_voxel(np.asarray(center_xyz_mm, dtype=np.float64), grid)
+    cube = crop_patch(volume, center_zyx_vox, size, pad_value=pad_hu)
+    return window_uint8(cube, window_hu)
+
+
+def _read_volume(path: Path) -> sitk.Image:
+    if not path.is_file():
+        raise ValueError("file does not exist")
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as err:
+        lines = str(err).strip().splitlines()
+        raise ValueError(f"cannot be read ({lines[-1] if lines else 'unknown error'})") from None
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise ValueError(f"is not a 3D grey-value volume ({image.GetDimension()}D, "
+                         f"{image.GetNumberOfComponentsPerPixel()} components)")
+    return image
+
+
+def _center_inside(image: sitk.Image, center_xyz_mm) -> bool:
+    index_zyx = world_to_voxel(np.asarray(center_xyz_mm, dtype=np.float64),
+                               Geometry.from_image(image))
+    size_zyx = np.asarray(image.GetSize()[::-1])
+    return bool(np.all(index_zyx > -0.5) and np.all(index_zyx < size_zyx - 0.5))
+
+
+def cube_cache_key(data_dir, table: pd.DataFrame, settings: Settings) -> str:
+    """Hash of everything the cubes depend on: settings, table and volume files."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"version": CUBE_VERSION, "size": settings.stored_size,
+                              "spacing_mm": settings.spacing_mm,
+                              "window_hu": list(settings.window_hu),
+                              "pad_hu": settings.pad_hu}, sort_keys=True).encode())
+    digest.update((Path(data_dir) / "nodules.csv").read_bytes())
+    for name in table["voi_file"].astype(str):
+        path = Path(data_dir) / "image" / name
+        stat = path.stat() if path.is_file() else None
+        digest.update(f"{name}:{stat.st_size if stat else -1}:"
+                      f"{stat.st_mtime_ns if stat else -1}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def _load_cached(path: Path, table: pd.DataFrame, size: int):
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            cubes, rows = archive["cubes"], archive["rows"]
+            skipped = list(zip(archive["skipped_files"].tolist(),
+                               archive["skipped_reasons"].tolist()))
+    except (OSError, ValueError, KeyError, EOFError) as err:
+        print(f"cube cache {path} is unreadable ({err}); rebuilding it")
+        return None
+    if cubes.shape[1:] != (size,) * 3 or len(rows) != len(cubes) \
+            or (len(rows) and (rows.min() < 0 or rows.max() >= len(table))):
+        print(f"cube cache {path} does not match the table; rebuilding it")
+        return None
+    return cubes, rows, skipped
+
+
+def _save_cached(path: Path, cubes, rows, skipped) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as handle:
+        np.savez(handle, cubes=cubes, rows=np.asarray(rows, dtype=np.int64),
+                 skipped_files=np.asarray([f for f, _ in skipped], dtype=str),
+                 skipped_reasons=np.asarray([r for _, r in skipped], dtype=str))
+    tmp.replace(path)
+
+
+def load_nodules(data_dir, settings: Settings, cache_dir=None, progress: bool = True) -> NoduleSet:
+    """Cubes and labels of every usable nodule of ``data_dir`` (see the module docstring).
+
+    With ``cache_dir`` the cubes are read from, or written to, ``cubes-<hash>.npz`` there.
+    """
+    data_dir = Path(data_dir)
+    table = read_nodule_table(data_dir)
+    size = settings.stored_size
+    cached = None
+    cache_path = None
+    if cache_dir is not None:
+        cache_path = Path(cache_dir) / f"cubes-{cube_cache_key(data_dir, table, settings)}.npz"
+        if cache_path.is_file():
+            cached = _load_cached(cache_path, table, size)
+            if cached is not None:
+                print(f"cubes read from {cache_path}")
+    if cached is None:
+        cubes, rows, skipped = _build_cubes(data_dir, table, settings, progress)
+        if cache_path is not None:
+            _save_cached(cache_path, cubes, rows, skipped)
+    else:
+        cubes, rows, skipped = cached
+    usable = table.iloc[np.asarray(rows, dtype=np.int64)].reset_index(drop=True)
+    usable["label"] = usable["Diagnosis"].map(LABELS).astype(np.int64)
+    return NoduleSet(cubes, usable, skipped)
+
+
+def _build_cubes(data_dir: Path, table: pd.DataFrame, settings: Settings, progress: bool):
+    size = settings.stored_size
+    cubes, rows, skipped = [], [], []
+    start = last_report = time.perf_counter()
+    centers = table[["coordX", "coordY", "coordZ"]].to_numpy(np.float64)
+    for row, (name, diagnosis) in enumerate(zip(table["voi_file"], table["Diagnosis"])):
+        path = data_dir / "image" / str(name)
+        try:
+            if diagnosis not in LABELS:
+                raise ValueError(f"Diagnosis {diagnosis!r} in nodules.csv row {row + 2} is "
+                                 f"not one of {', '.join(LABELS)}")
+            if not np.all(np.isfinite(centers[row])):
+                raise ValueError(f"nodule centre in nodules.csv row {row + 2} is not finite")
+            image = _read_volume(path)
+            if not _center_inside(image, centers[row]):
+                where = ", ".join(f"{v:.2f}" for v in centers[row])
+                raise ValueError(f"nodule centre ({where}) mm of nodules.csv row {row + 2} lies "
+                                 "outside the volume (its geometry does not match the table)")
+            cubes.append(nodule_cube(image, centers[row], size, settings.spacing_mm,
+                                     settings.window_hu, settings.pad_hu))
+            rows.append(row)
+        except ValueError as err:
+            skipped.append((str(path), str(err)))
+        now = time.perf_counter()
+        done = row + 1
+        if progress and (now - last_report > 5.0 or done == len(table)):
+            rate = done / max(now - start, 1e-9)
+            print(f"cubes {done}/{len(table)} ({rate:.0f}/s, ~{(len(table) - done) / rate:.0f} s "
+                  "left)", flush=True)
+            last_report = now
+    stacked = np.stack(cubes) if cubes else np.zeros((0,) + (size,) * 3, np.uint8)
+    return stacked, rows, skipped
+
+
+def centre_crop(cubes: np.ndarray, size: int) -> np.ndarray:
+    """The central ``size`` cube of each stored cube (no shift)."""
+    margin = (cubes.shape[1] - size) // 2
+    cut = slice(margin, margin + size)
+    return cubes[:, cut, cut, cut]
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def _stratified_group_splits(labels, groups, n_splits: int, seed: int):
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    with warnings.catch_warnings():
+        # Tiny test folders have fewer nodules of a class than splits; sklearn only warns.
+        warnings.filterwarnings("ignore", message="The least populated class")
+        splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+        return list(splitter.split(np.zeros(len(labels)), labels, groups))
+
+
+def patient_folds(labels, patients, n_folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``(train, test)`` index arrays of ``n_folds`` folds; no patient in both parts."""
+    n_patients = len(np.unique(patients))
+    if n_folds < 2 or n_folds > n_patients:
+        raise ValueError(f"--folds {n_folds} must be between 2 and the number of patients "
+                         f"({n_patients})")
+    return _stratified_group_splits(labels, patients, n_folds, seed)
+
+
+def validation_split(indices, labels, patients, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split ``indices`` into ``(fit, validation)`` by patient, about 4:1."""
+    indices = np.asarray(indices)
+    groups = np.asarray(patients)[indices]
+    n_splits = min(VALIDATION_SPLITS, len(np.unique(groups)))
+    if n_splits < 2:
+        raise ValueError(f"{len(indices)} training nodules from one patient cannot be split "
+                         "into training and validation patients")
+    fit, val = _stratified_group_splits(np.asarray(labels)[indices], groups, n_splits, seed)[0]
+    return indices[fit], indices[val]
+
+
+# --------------------------------------------------------------------------- training
+
+
+def make_loss(settings: Settings, train_labels):
+    """The loss object, weighted for the class balance of ``train_labels``."""
+    from models import binary_focal_loss, weighted_binary_crossentropy
+
+    labels = np.asarray(train_labels)
+    n_pos, n_neg = int((labels == 1).sum()), int((labels == 0).sum())
+    if settings.loss == "focal":
+        # alpha is the positives' weight: the negatives' share puts both classes level.
+        return binary_focal_loss(gamma=2.0, alpha=n_neg / max(n_pos + n_neg, 1))
+    return weighted_binary_crossentropy(pos_weight=n_neg / max(n_pos, 1))
+
+
+def augmented_batch(stored: np.ndarray, settings: Settings, rng: np.random.Generator) -> np.ndarray:
+    """float32 ``(n, c, c, c, 1)`` training batch: random shift within the stored margin,
+    then ``generators.augment``."""
+    size, margin = settings.cube_size, settings.max_shift_vox
+    out = np.empty((len(stored), size, size, size, 1), dtype=np.float32)
+    for k, cube in enumerate(stored):
+        z, y, x = rng.integers(0, 2 * margin + 1, size=3)
+        shifted = cube[z:z + size, y:y + size, x:x + size]
+        out[k, ..., 0], _ = augment(to_unit(shifted), None, rng, AUGMENTATION)
+    return out
+
+
+def predict(model, cubes_u8: np.ndarray, tta: bool, batch_size: int = 64) -> np.ndarray:
+    """Probabilities ``(n,)`` of unaugmented cubes, optionally averaged over flips."""
+    if len(cubes_u8) == 0:
+        return np.zeros(0, dtype=np.float64)
+    cubes = to_unit(cubes_u8)[..., None]
+    variants = flip_variants(cubes) if tta else [cubes]
+    total = np.zeros(len(cubes), dtype=np.float64)
+    for variant in variants:
+        total += model.predict(variant, batch_size=batch_size, verbose=0).reshape(-1)
+    return total / len(variants)
+
+
+class Progress:
+    """Epoch counter with the time left over the whole run (an upper bound: early stops
+    shorten it)."""
+
+    def __init__(self, total_epochs: int):
+        self.total, self.done, self.seconds = total_epochs, 0, 0.0
+
+    def step(self, seconds: float) -> str:
+        self.done += 1
+        self.seconds += seconds
+        left = (self.total - self.done) * self.seconds / self.done
+        return f"[{self.done}/{self.total} epochs, ~{left / 60:.0f} min left]"
+
+    def skip(self, epochs: int) -> None:
+        self.total -= epochs
+
+
+def train_model(name: str, stored: np.ndarray, labels: np.ndarray, fit_idx, val_idx,
+                settings: Settings, seed_key: tuple[int, ...], label: str,
+                progress: Progress):
+    """Train one classifier; returns ``(model with the best validation weights, info)``."""
+    import keras
+
+    from models import build_model
+    from training import RunningAverageEarlyStopping
+
+    training_cfg = TrainingConfig()
+    keras.utils.set_random_seed(int(np.random.default_rng(seed_key).integers(2 ** 31)))
+    size = settings.cube_size
+    model = build_model(name, (size, size, size, 1))
+    loss = make_loss(settings, labels[fit_idx])
+    model.compile(optimizer=keras.optimizers.Adam(settings.lr), loss=loss)
+    stopper = RunningAverageEarlyStopping(settings.patience, training_cfg.ema_weight,
+                                          training_cfg.lr_decay)
+    val_cubes = centre_crop(stored[val_idx], size)
+    val_labels = labels[val_idx].astype(np.float32)
+    batch = min(settings.batch_size, len(fit_idx))
+    steps = len(fit_idx) // batch
+    best = {"score": -np.inf, "epoch": -1, "weights": None, "val_auc": None}
+    history = []
+    start = time.perf_counter()
+    for epoch in range(settings.epochs):
+        t0 = time.perf_counter()
+        rng = np.random.default_rng((*seed_key, epoch))
+        order = rng.permutation(fit_idx)
+        losses = []
+        for step in range(steps):
+            chosen = order[step * batch:(step + 1) * batch]
+            x = augmented_batch(stored[chosen], settings, rng)
+            y = labels[chosen].astype(np.float32)[:, None]
+            losses.append(float(model.train_on_batch(x, y)))
+        p_val = predict(model, val_cubes, tta=False)
+        val_loss = float(keras.ops.convert_to_numpy(loss(val_labels[:, None], p_val[:, None])))
+        val_auc = classification_metrics(val_labels.astype(np.int64), p_val)["auc"]
+        # Without both classes in validation (tiny folders only) the loss picks the epoch.
+        score = val_auc if val_auc is not None else -val_loss
+        improved = score > best["score"]
+        if improved:
+            best.update(score=score, epoch=epoch, weights=model.get_weights(), val_auc=val_auc)
+        lr = float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
+        action = stopper.update(val_loss, score)
+        history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)),
+                        "val_loss": val_loss, "val_auc": val_auc, "lr": lr})
+        seconds = time.perf_counter() - t0
+        auc_text = f"{val_auc:.4f}" if val_auc is not None else "  n/a "
+        print(f"  {label} {name} epoch {epoch + 1:>2}/{settings.epochs}: loss "
+              f"{np.mean(losses):.4f}  val_loss {val_loss:.4f}  val_auc {auc_text}"
+              f"{' *' if improved else '  '}  lr {lr:.0e}  {seconds:.1f} s  "
+              f"{progress.step(seconds)}", flush=True)
+        if action == "decay":
+            model.optimizer.learning_rate.assign(lr * training_cfg.lr_decay)
+        elif action == "stop":
+            print(f"  {label} {name}: validation loss and AUC stalled, stopping")
+            progress.skip(settings.epochs - epoch - 1)
+            break
+    model.set_weights(best["weights"])
+    info = {"best_epoch": best["epoch"] + 1, "epochs_run": len(history),
+            "best_val_auc": best["val_auc"], "n_fit": int(len(fit_idx)),
+            "n_val": int(len(val_idx)), "train_seconds": time.perf_counter() - start,
+            "history": history}
+    return model, info
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def cross_validate(data: NoduleSet, settings: Settings):
+    """Out-of-fold probabilities ``{model: (n,)}``, fold of each nodule, per-fold details."""
+    labels, patients = data.labels, data.patients
+    folds = patient_folds(labels, patients, settings.folds, settings.seed)
+    progress = Progress(settings.folds * len(settings.models) * settings.epochs)
+    probabilities = {name: np.full(len(labels), np.nan) for name in settings.models}
+    fold_of = np.full(len(labels), -1, dtype=np.int64)
+    details = []
+    for k, (train_idx, test_idx) in enumerate(folds):
+        fit_idx, val_idx = validation_split(train_idx, labels, patients, settings.seed + 1 + k)
+        fold_of[test_idx] = k
+        print(f"fold {k + 1}/{settings.folds}: {len(fit_idx)} training, {len(val_idx)} "
+              f"validation, {len(test_idx)} test nodules ({int(labels[test_idx].sum())} "
+              f"malignant); {len(np.unique(patients[test_idx]))} test patients", flush=True)
+        test_cubes = centre_crop(data.cubes[test_idx], settings.cube_size)
+        for m, name in enumerate(settings.models):
+            model, info = train_model(name, data.cubes, labels, fit_idx, val_idx, settings,
+                                      (settings.seed, k, m), f"fold {k + 1}/{settings.folds}",
+                                      progress)
+            t0 = time.perf_counter()
+            probabilities[name][test_idx] = predict(model, test_cubes, tta=True)
+            info["predict_seconds"] = time.perf_counter() - t0
+            fold_metrics = classification_metrics(labels[test_idx], probabilities[name][test_idx])
+            info.update(fold=k + 1, model=name, test_auc=fold_metrics["auc"],
+                        n_test=int(len(test_idx)))
+            auc = fold_metrics["auc"]
+            print(f"fold {k + 1}/{settings.folds} {name}: best epoch {info['best_epoch']}, "
+                  f"test AUC {auc if auc is None else round(auc, 4)}, trained in "
+                  f"{info['train_seconds']:.0f} s", flush=True)
+            details.append(info)
+            _release(model)
+    return probabilities, fold_of, details
+
+
+def external_test(train: NoduleSet, test: NoduleSet, settings: Settings):
+    """Train on all of ``train`` (internal validation split), predict ``test``."""
+    labels, patients = train.labels, train.patients
+    fit_idx, val_idx = validation_split(np.arange(len(labels)), labels, patients,
+                                        settings.seed + 1)
+    progress = Progress(len(settings.models) * settings.epochs)
+    test_cubes = centre_crop(test.cubes, settings.cube_size)
+    probabilities, details = {}, []
+    print(f"external test: {len(fit_idx)} training, {len(val_idx)} validation nodules; "
+          f"{len(test_cubes)} test nodules", flush=True)
+    for m, name in enumerate(settings.models):
+        model, info = train_model(name, train.cubes, labels, fit_idx, val_idx, settings,
+                                  (settings.seed, 0, m), "external", progress)
+        t0 = time.perf_counter()
+        probabilities[name] = predict(model, test_cubes, tta=True)
+        info.update(model=name, predict_seconds=time.perf_counter() - t0,
+                    n_test=int(len(test_cubes)))
+        details.append(info)
+        _release(model)
+    return probabilities, details
+
+
+def _release(model) -> None:
+    import keras
+
+    del model
+    keras.backend.clear_session(free_memory=True)
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def summarise(labels, probabilities: dict[str, np.ndarray], details: list[dict]) -> dict:
+    """Metrics per model and for the ensemble (mean of the models' probabilities)."""
+    rows = {}
+    for name, probs in probabilities.items():
+        own = [d for d in details if d["model"] == name]
+        rows[name] = {**classification_metrics(labels, probs),
+                      "train_seconds": float(sum(d["train_seconds"] for d in own)),
+                      "predict_seconds": float(sum(d["predict_seconds"] for d in own)),
+                      "epochs_run": int(sum(d["epochs_run"] for d in own))}
+    stacked = np.stack([probabilities[name] for name in probabilities]).astype(np.float32)
+    assert np.isfinite(stacked).all(), "a nodule has no prediction"
+    ensemble = stacked.mean(axis=0, dtype=np.float32)
+    rows["ensemble"] = {**classification_metrics(labels, ensemble),
+                        "train_seconds": float(sum(r["train_seconds"] for r in rows.values())),
+                        "predict_seconds": float(sum(r["predict_seconds"] for r in rows.values())),
+                        "epochs_run": int(sum(r["epochs_run"] for r in rows.values()))}
+    return {"rows": rows, "ensemble_probabilities": ensemble}
+
+
+def _fmt(value, digits=4) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def format_table(rows: dict[str, dict]) -> list[str]:
+    header = (f"{'model':<12} {'AUC':>7} {'acc@0.5':>8} {'sens':>7} {'spec':>7} "
+              f"{'train_min':>9} {'s/epoch':>8}")
+    lines = [header, "-" * len(header)]
+    for name, r in rows.items():
+        per_epoch = r["train_seconds"] / r["epochs_run"] if r["epochs_run"] else 0.0
+        lines.append(f"{name:<12} {_fmt(r['auc']):>7} {_fmt(r['accuracy']):>8} "
+                     f"{_fmt(r['sensitivity']):>7} {_fmt(r['specificity']):>7} "
+                     f"{r['train_seconds'] / 60:>9.1f} {per_epoch:>8.1f}")
+    return lines
+
+
+def format_markdown(rows: dict[str, dict], title: str, notes: list[str]) -> str:
+    lines = [f"# {title}", "", "| model | AUC | accuracy@0.5 | sensitivity | specificity | "
+             "train min | s/epoch | confusion [[tn, fp], [fn, tp]] |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        per_epoch = r["train_seconds"] / r["epochs_run"] if r["epochs_run"] else 0.0
+        lines.append(f"| {name} | {_fmt(r['auc'])} | {_fmt(r['accuracy'])} | "
+                     f"{_fmt(r['sensitivity'])} | {_fmt(r['specificity'])} | "
+                     f"{r['train_seconds'] / 60:.1f} | {per_epoch:.1f} | "
+                     f"{r['confusion_matrix']} |")
+    return "\n".join(lines + [""] + [f"- {n}" for n in notes]) + "\n"
+
+
+def diameter_auc(table: pd.DataFrame) -> float | None:
+    """AUC of the annotated diameter alone as the malignancy score (no learning)."""
+    if "diameter_mm" not in table:
+        return None
+    diameters = pd.to_numeric(table["diameter_mm"], errors="coerce").to_numpy(np.float64)
+    keep = np.isfinite(diameters)
+    if keep.sum() == 0:
+        return None
+    return classification_metrics(table["label"].to_numpy()[keep], diameters[keep])["auc"]
+
+
+def prediction_frame(table: pd.DataFrame, probabilities, ensemble, fold_of=None) -> pd.DataFrame:
+    columns = [c for c in ("patient_id", "nodule_id", "voi_file", "diameter_mm") if c in table]
+    frame = table[columns].copy()
+    if fold_of is not None:
+        frame["fold"] = np.asarray(fold_of) + 1
+    frame["label"] = table["label"].to_numpy()
+    for name, probs in probabilities.items():
+        frame[f"p_{name}"] = np.round(probs, 6)
+    frame["p_ensemble"] = np.round(ensemble, 6)
+    return frame
+
+
+def _json_ready(value):
+    if isinstance(value, dict):
+        return {str(k): _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def write_outputs(out: Path, result: dict, markdown: str, predictions: pd.DataFrame,
+                  predictions_name: str) -> None:
+    from tables import atomic_write_text
+
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "results.json", json.dumps(_json_ready(result), indent=1) + "\n")
+    atomic_write_text(out / "results.md", markdown)
+    atomic_write_text(out / predictions_name, predictions.to_csv(index=False))
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description="LIDC-IDRI nodule malignancy benchmark (patient-grouped cross-validation).")
+    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
+                        help="folder with image/, mask/ and nodules.csv")
+    parser.add_argument("--test-dir", type=Path, default=None,
+                        help="external test folder (same layout): train on all of --data-dir")
+    parser.add_argument("--models", default=None,
+                        help=f"comma-separated, from {', '.join(CLASSIFIERS)} "
+                             f"(default {FULL['models']}; --quick: {QUICK['models']})")
+    parser.add_argument("--folds", type=int, default=None,
+                        help=f"cross-validation folds (default {FULL['folds']})")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help=f"maximum epochs per model and fold (default {FULL['epochs']})")
+    parser.add_argument("--cube-size", type=int, default=None,
+                        help=f"cube side in voxels (default {FULL['cube_size']})")
+    parser.add_argument("--spacing-mm", type=float, default=PreprocessConfig().spacing_mm)
+    parser.add_argument("--max-shift", type=int, default=2,
+                        help="largest random shift (voxels per axis) in training")
+    parser.add_argument("--lr", type=float, default=ClassificationConfig().lr,
+                        help="Adam learning rate (default: config classification.lr)")
+    parser.add_argument("--batch-size", type=int, default=ClassificationConfig().batch_size)
+    parser.add_argument("--loss", choices=("weighted_bce", "focal"), default="weighted_bce")
+    parser.add_argument("--patience", type=int, default=TrainingConfig().patience,
+                        help="epochs of stalled running validation loss before the learning "
+                             "rate decays (and of stalled loss and AUC before stopping)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-cache", action="store_true",
+                        help="do not read or write OUT/cache/cubes-*.npz")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"smoke setting: {QUICK['folds']} folds, {QUICK['epochs']} epochs, "
+                             f"cube {QUICK['cube_size']}, models {QUICK['models']}")
+    args = parser.parse_args(argv)
+    defaults = QUICK if args.quick else FULL
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    names = tuple(n.strip() for n in args.models.split(",") if n.strip())
+    unknown = [n for n in names if n not in CLASSIFIERS]
+    if not names or unknown:
+        parser.error(f"--models: unknown {', '.join(unknown) or '(none given)'}; choose from "
+                     f"{', '.join(CLASSIFIERS)}")
+    if len(set(names)) != len(names):
+        parser.error("--models: a model is named twice")
+    for key in ("epochs", "batch_size", "patience"):
+        if getattr(args, key) < 1:
+            parser.error(f"--{key.replace('_', '-')} must be >= 1")
+    if args.cube_size < 8:
+        parser.error("--cube-size must be >= 8 (the models pool three times)")
+    if args.max_shift < 0 or not args.spacing_mm > 0 or not args.lr > 0:
+        parser.error("--max-shift must be >= 0, --spacing-mm and --lr > 0")
+    args.settings = Settings(models=names, folds=args.folds, epochs=args.epochs,
+                             cube_size=args.cube_size, spacing_mm=args.spacing_mm,
+                             max_shift_vox=args.max_shift, lr=args.lr,
+                             batch_size=args.batch_size, loss=args.loss,
+                             patience=args.patience, seed=args.seed)
+    return args
+
+
+def _load_or_exit(folder: Path, settings: Settings, cache_dir, what: str):
+    if not folder.is_dir():
+        raise DataError(f"{what} {folder} does not exist (expected image/, mask/ and "
+                        "nodules.csv; pass --data-dir / --test-dir)")
+    data = load_nodules(folder, settings, cache_dir)
+    for path, reason in data.skipped:
+        print(f"skipped {path}: {reason}")
+    if len(data.table) == 0:
+        raise DataError(f"{folder}: no usable nodule volume (see the skipped files above)")
+    n_pos = int(data.labels.sum())
+    print(f"{what} {folder}: {len(data.table)} nodules ({len(data.table) - n_pos} benign, "
+          f"{n_pos} malignant) from {len(np.unique(data.patients))} patients; "
+          f"{len(data.skipped)} skipped; cubes {data.cubes.shape[1:]} stored", flush=True)
+    return data
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    settings: Settings = args.settings
+    started = time.perf_counter()
+    load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
+    cache_dir = None if args.no_cache else args.out / "cache"
+    try:
+        data = _load_or_exit(args.data_dir, settings, cache_dir, "data")
+        test = (None if args.test_dir is None
+                else _load_or_exit(args.test_dir, settings, cache_dir, "test data"))
+        if test is None:
+            patient_folds(data.labels, data.patients, settings.folds, settings.seed)
+    except (DataError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from training import setup_strategy
+
+    setup_strategy(TrainingConfig(seed=settings.seed))  # float32 policy, seeded
+    print(f"settings: {asdict(settings)}", flush=True)
+    if test is None:
+        probabilities, fold_of, details = cross_validate(data, settings)
+        evaluated, mode = data, f"{settings.folds}-fold patient-grouped cross-validation"
+    else:
+        probabilities, details = external_test(data, test, settings)
+        fold_of, evaluated, mode = None, test, f"external test set {args.test_dir}"
+    labels = evaluated.labels
+    summary = summarise(labels, probabilities, details)
+    rows = summary["rows"]
+    size_auc = diameter_auc(evaluated.table)
+    n_pos = int(labels.sum())
+    title = (f"LIDC malignancy: {len(labels)} nodules ({len(labels) - n_pos} benign / {n_pos} "
+             f"malignant), {mode}")
+    notes = [f"cube {settings.cube_size}^3 at {settings.spacing_mm} mm, up to {settings.epochs} "
+             f"epochs, Adam lr {settings.lr:g}, {settings.loss}, batch {settings.batch_size}, "
+             "flip TTA (4 views); ensemble = mean of the models' probabilities",
+             f"training on this machine: {os.cpu_count()} CPU cores"
+             + (f", load average {load_start[0]:.1f} at the start" if load_start else "")]
+    notes += [f"reference: {name}: AUC {auc:.3f} (its own labels and split)"
+              for name, auc in REFERENCE_AUCS]
+    if size_auc is not None:
+        notes.append(f"reference: diameter_mm alone as the score (no learning), same nodules: "
+                     f"AUC {size_auc:.4f}")
+    wall = time.perf_counter() - started
+    notes.append(f"total wall time {wall / 60:.1f} min")
+    print()
+    print(title)
+    for line in format_table(rows):
+        print(line)
+    for note in notes:
+        print(note)
+    result = {
+        "mode": "cross_validation" if test is None else "external_test",
+        "data_dir": str(args.data_dir), "test_dir": None if test is None else str(args.test_dir),
+        "settings": asdict(settings), "augmentation": asdict(AUGMENTATION),
+        "n_nodules": len(labels), "n_malignant": n_pos,
+        "n_patients": int(len(np.unique(evaluated.patients))),
+        "skipped": [{"file": f, "reason": r} for f, r in
+                    data.skipped + ([] if test is None else test.skipped)],
+        "metrics": rows,
+        "references": {name: auc for name, auc in REFERENCE_AUCS},
+        "diameter_only_auc": size_auc,
+        "runs": details,
+        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
+                    "loadavg_start": load_start,
+                    "loadavg_end": os.getloadavg() if hasattr(os, "getloadavg") else None},
+        "wall_seconds": wall,
+    }
+    predictions = prediction_frame(evaluated.table, probabilities,
+                                   summary["ensemble_probabilities"], fold_of)
+    write_outputs(args.out, result, format_markdown(rows, title, notes), predictions,
+                  "oof_predictions.csv" if test is None else "test_predictions.csv")
+    print(f"results in {args.out}")
+    print(f"AUC: {_fmt(rows['ensemble']['auc'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
