@@ -212,6 +212,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "segmentation.depth": 3,
         "segmentation.base_filters": 8,
         "segmentation.lr": 1e-3,  # few steps: the source's 3e-5 would barely move
+        "segmentation.loss": "dice_bce",  # converges in few steps; dice alone marks vessels too
         "segmentation.batch_size": 8,
         "segmentation.epochs": 8,
         "segmentation.steps_per_epoch": 40,

@@ -1,0 +1,217 @@
+"""benchmarks/bench_lidc.py: cube centring, patient-grouped folds, end-to-end runs, bad input."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import SimpleITK as sitk
+
+from benchmarks import bench_lidc
+from ct_io import Geometry, voxel_to_world
+
+SPACING_XYZ_MM = (0.7, 0.8, 2.5)  # anisotropic, thick slices as in LIDC
+ORIGIN_XYZ_MM = (-120.3, 45.6, -310.0)
+SHAPE_ZYX = (12, 48, 44)
+BACKGROUND_HU = -850  # lung parenchyma
+NODULE_HU = 40
+
+
+def _settings(**overrides) -> bench_lidc.Settings:
+    base = {"models": ("vgg_simple",), "folds": 2, "epochs": 1, "cube_size": 16,
+            "spacing_mm": 1.0, "max_shift_vox": 2, "lr": 1e-3, "batch_size": 4,
+            "loss": "weighted_bce", "patience": 5, "seed": 0}
+    return bench_lidc.Settings(**{**base, **overrides})
+
+
+def _geometry(flip_z: bool = False) -> Geometry:
+    direction = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, -1.0 if flip_z else 1.0)
+    return Geometry(ORIGIN_XYZ_MM, SPACING_XYZ_MM, direction)
+
+
+def _image(array_zyx: np.ndarray, geometry: Geometry) -> sitk.Image:
+    return geometry.apply_to(sitk.GetImageFromArray(array_zyx.astype(np.int16)))
+
+
+def _sphere_volume(center_xyz_mm, radius_mm: float, geometry: Geometry) -> np.ndarray:
+    zyx = np.stack(np.meshgrid(*[np.arange(n) for n in SHAPE_ZYX], indexing="ij"), -1)
+    world = voxel_to_world(zyx.reshape(-1, 3).astype(np.float64), geometry)
+    inside = np.linalg.norm(world - np.asarray(center_xyz_mm), axis=1) <= radius_mm
+    return np.where(inside, NODULE_HU, BACKGROUND_HU).reshape(SHAPE_ZYX)
+
+
+def make_fake_lidc(root: Path, n_patients: int = 6, seed: int = 0) -> Path:
+    """Two nodules per patient: a large bright sphere ("Malign") and a small one ("Benign"),
+    off the volume centre, in volumes with anisotropic spacing and a shifted origin."""
+    rng = np.random.default_rng(seed)
+    (root / "image").mkdir(parents=True)
+    (root / "mask").mkdir()
+    geometry = _geometry()
+    rows = []
+    for p in range(n_patients):
+        for k, (diagnosis, radius) in enumerate((("Malign", 6.0), ("Benign", 2.0))):
+            center_zyx_vox = np.array([5.0, 20.0, 23.0]) + rng.uniform(-1, 1, 3)
+            center = voxel_to_world(center_zyx_vox, geometry)
+            volume = _sphere_volume(center, radius, geometry)
+            volume = volume + rng.normal(0, 20, volume.shape).astype(np.int64)
+            name = f"LIDC-FAKE-{p:04d}_R_{k + 1}.nii.gz"
+            sitk.WriteImage(_image(volume, geometry), str(root / "image" / name))
+            mask = (volume > -300).astype(np.uint8)
+            sitk.WriteImage(geometry.apply_to(sitk.GetImageFromArray(mask)),
+                            str(root / "mask" / name))
+            rows.append({"patient_id": f"LIDC-FAKE-{p:04d}", "nodule_id": k + 1,
+                         "seriesuid": f"1.2.3.{p}", "coordX": center[0], "coordY": center[1],
+                         "coordZ": center[2], "diameter_mm": 2 * radius + rng.uniform(0, 1),
+                         "Diagnosis": diagnosis, "Malignancy_value": 4 if k == 0 else 2,
+                         "voi_file": name})
+    pd.DataFrame(rows).to_csv(root / "nodules.csv", index=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def fake_lidc(tmp_path_factory) -> Path:
+    return make_fake_lidc(tmp_path_factory.mktemp("lidc"))
+
+
+@pytest.mark.parametrize("flip_z", [False, True])
+@pytest.mark.parametrize("size", [15, 16])
+def test_bright_voxel_at_a_world_point_lands_at_the_cube_centre(flip_z, size):
+    geometry = _geometry(flip_z)
+    volume = np.full(SHAPE_ZYX, BACKGROUND_HU)
+    index_zyx = (6, 25, 2)  # near the x = 0 face: the cube reaches outside the volume
+    volume[index_zyx] = 1000
+    center = voxel_to_world(np.array(index_zyx, dtype=np.float64), geometry)
+    cube = bench_lidc.nodule_cube(_image(volume, geometry), center, size, spacing_mm=1.0)
+    assert cube.shape == (size,) * 3 and cube.dtype == np.uint8
+    assert np.unravel_index(np.argmax(cube), cube.shape) == (size // 2,) * 3
+    # HU window [-1200, 600] -> [0, 255], air outside the thin volume.
+    assert cube[size // 2, size // 2, size // 2] > bench_lidc.window_uint8(-500, (-1200, 600))
+    assert cube[0, 0, 0] == bench_lidc.window_uint8(-1024, (-1200, 600))
+
+
+def test_cubes_labels_and_skipped_files(fake_lidc, tmp_path):
+    broken = tmp_path / "broken"
+    make_fake_lidc(broken, n_patients=2)
+    table = pd.read_csv(broken / "nodules.csv")
+    (broken / "image" / table.voi_file[0]).write_bytes(b"not a nifti file")
+    (broken / "image" / table.voi_file[1]).unlink()
+    table.loc[2, "coordZ"] += 500.0
+    table.to_csv(broken / "nodules.csv", index=False)
+    data = bench_lidc.load_nodules(broken, _settings(), progress=False)
+    reasons = dict(data.skipped)
+    assert len(data.table) == 1 and len(data.skipped) == 3
+    assert "cannot be read" in reasons[str(broken / "image" / table.voi_file[0])]
+    assert "does not exist" in reasons[str(broken / "image" / table.voi_file[1])]
+    assert "outside the volume" in reasons[str(broken / "image" / table.voi_file[2])]
+
+    data = bench_lidc.load_nodules(fake_lidc, _settings(), progress=False)
+    assert data.cubes.shape == (12, 20, 20, 20) and data.skipped == []
+    assert data.labels.tolist() == [1, 0] * 6
+    cubes = bench_lidc.centre_crop(data.cubes, 16)
+    assert cubes.shape == (12, 16, 16, 16)
+    assert np.all(cubes[:, 8, 8, 8] > bench_lidc.window_uint8(-400, (-1200, 600)))  # nodule
+    assert np.all(cubes[:, 0, 0, 0] < bench_lidc.window_uint8(-700, (-1200, 600)))  # lung
+
+
+def test_cube_cache_is_reused_and_keyed_by_settings(fake_lidc, tmp_path):
+    first = bench_lidc.load_nodules(fake_lidc, _settings(), cache_dir=tmp_path, progress=False)
+    files = list(tmp_path.glob("cubes-*.npz"))
+    assert len(files) == 1
+    again = bench_lidc.load_nodules(fake_lidc, _settings(), cache_dir=tmp_path, progress=False)
+    np.testing.assert_array_equal(first.cubes, again.cubes)
+    bench_lidc.load_nodules(fake_lidc, _settings(cube_size=24), cache_dir=tmp_path,
+                            progress=False)
+    assert len(list(tmp_path.glob("cubes-*.npz"))) == 2
+
+
+def test_folds_and_validation_never_share_a_patient():
+    rng = np.random.default_rng(1)
+    patients = np.repeat([f"P{i}" for i in range(40)], rng.integers(1, 4, 40))
+    labels = (rng.random(len(patients)) < 0.33).astype(int)
+    folds = bench_lidc.patient_folds(labels, patients, 3, seed=0)
+    tested = np.concatenate([test for _, test in folds])
+    assert sorted(tested) == list(range(len(labels)))
+    for k, (train, test) in enumerate(folds):
+        assert not set(patients[train]) & set(patients[test])
+        fit, val = bench_lidc.validation_split(train, labels, patients, seed=k)
+        assert sorted(np.concatenate([fit, val])) == sorted(train)
+        assert not set(patients[fit]) & set(patients[val])
+        assert 0.1 < len(val) / len(train) < 0.35
+    with pytest.raises(ValueError, match="--folds"):
+        bench_lidc.patient_folds(labels, patients, 41, seed=0)
+
+
+@pytest.mark.slow
+def test_quick_run_end_to_end(fake_lidc, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert bench_lidc.main(["--data-dir", str(fake_lidc), "--out", str(out), "--quick"]) == 0
+    printed = capsys.readouterr().out
+    last = printed.strip().splitlines()[-1]
+    assert last.startswith("AUC: ") and 0.0 <= float(last.split()[1]) <= 1.0
+    assert "NoduleMNIST3D" in printed and "ensemble" in printed
+    result = json.loads((out / "results.json").read_text())
+    assert set(result["metrics"]) == {"vgg_simple", "resnet", "ensemble"}
+    assert result["n_nodules"] == 12 and result["settings"]["folds"] == 2
+    for run in result["runs"]:
+        assert 1 <= run["best_epoch"] <= run["epochs_run"] <= 2
+    predictions = pd.read_csv(out / "oof_predictions.csv")
+    assert len(predictions) == 12 and set(predictions["fold"]) == {1, 2}
+    for fold in (1, 2):
+        test_patients = set(predictions.patient_id[predictions.fold == fold])
+        assert not test_patients & set(predictions.patient_id[predictions.fold != fold])
+    assert predictions[["p_vgg_simple", "p_resnet", "p_ensemble"]].notna().all().all()
+    assert (out / "results.md").read_text().startswith("# LIDC malignancy")
+    assert len(list((out / "cache").glob("cubes-*.npz"))) == 1
+
+
+@pytest.mark.slow
+def test_external_test_dir(fake_lidc, tmp_path, capsys):
+    other = make_fake_lidc(tmp_path / "other", n_patients=3, seed=7)
+    out = tmp_path / "out"
+    code = bench_lidc.main(["--data-dir", str(fake_lidc), "--test-dir", str(other),
+                            "--out", str(out), "--quick", "--models", "vgg_simple",
+                            "--no-cache"])
+    assert code == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("AUC: ")
+    result = json.loads((out / "results.json").read_text())
+    assert result["mode"] == "external_test" and result["n_nodules"] == 6
+    predictions = pd.read_csv(out / "test_predictions.csv")
+    assert len(predictions) == 6 and predictions.patient_id.str.startswith("LIDC-FAKE").all()
+    assert not (out / "cache").exists()
+
+
+def test_missing_folder_or_table_exits_2(tmp_path, capsys):
+    assert bench_lidc.main(["--data-dir", str(tmp_path / "nowhere"), "--out",
+                            str(tmp_path / "out"), "--quick"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert bench_lidc.main(["--data-dir", str(tmp_path / "empty"), "--out",
+                            str(tmp_path / "out"), "--quick"]) == 2
+    assert "nodules.csv" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        bench_lidc.main(["--data-dir", str(tmp_path), "--models", "alexnet", "--quick"])
+    assert info.value.code == 2
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_real_lidc_cubes(shared_data):
+    folder = shared_data / "lidc_nodules"
+    if not folder.is_dir():
+        pytest.skip(f"{folder} not present")
+    settings = _settings(cube_size=32, max_shift_vox=0)
+    data = bench_lidc.load_nodules(folder, settings, progress=False)
+    table = pd.read_csv(folder / "nodules.csv")
+    skipped = table[[str(folder / "image" / n) in dict(data.skipped) for n in table.voi_file]]
+    for path, reason in data.skipped:
+        print(f"skipped {path}: {reason}")
+    # One volume (LIDC-IDRI-0332_R_1) lies ~30 mm away from its nodules.csv centre.
+    assert len(data.skipped) <= 2 and len(data.table) + len(data.skipped) == 794
+    assert data.cubes.shape == (len(data.table), 32, 32, 32)
+    usable = np.bincount(data.labels, minlength=2)
+    lost = [int((skipped.Diagnosis == d).sum()) for d in ("Benign", "Malign")]
+    assert (usable + lost).tolist() == [529, 265]
+    # Nodules are brighter than their surroundings: the centre beats the cube mean.
+    centre = data.cubes[:, 14:18, 14:18, 14:18].mean(axis=(1, 2, 3))
+    assert np.mean(centre > data.cubes.mean(axis=(1, 2, 3))) > 0.95
