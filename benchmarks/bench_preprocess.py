@@ -371,7 +371,7 @@ def markdown_report(report: dict) -> str:
     lines = [
         "# Preprocessing benchmark",
         "",
-        f"{report['date']}; {info.get('cpu_model', info['processor'])}, {info['cpu_count']} CPUs "
+        f"{report['date']}; {info.get('cpu_model', info['platform'])}, {info['cpu_count']} CPUs "
         f"({info['cpus_usable']} usable), {info.get('memory_gib', '?')} GiB; Python {info['python']}, "
         f"numpy {info['numpy']}, scipy {info['scipy']}, SimpleITK {info['SimpleITK']}, "
         f"scikit-image {info['skimage']}; load average at start "
@@ -446,7 +446,7 @@ def main(argv=None) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     info = machine_info("scipy", "SimpleITK", "skimage")
-    print(f"machine: {info.get('cpu_model', info['processor'])}, {info['cpu_count']} CPUs, "
+    print(f"machine: {info.get('cpu_model', info['platform'])}, {info['cpu_count']} CPUs, "
           f"load {info.get('load_average_at_start')}", file=sys.stderr)
 
     tmp_dir = Path(tempfile.mkdtemp(prefix="bench_preprocess_"))
