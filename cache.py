@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from ct_io import Geometry, check_seriesuid
-from tables import atomic_open, atomic_write_text
+from tables import InputError, atomic_open, atomic_write_text, read_table, require_folder
 
 VOLUMES = "volumes"
 MASKS = "masks"
@@ -148,18 +148,58 @@ def clean_temporary_files(cache_dir) -> int:
     return removed
 
 
+def check_cache_dir(cache_dir) -> Path:
+    """``cache_dir`` as a Path when it is a preprocessing cache (a folder with a meta table);
+    otherwise ``FileNotFoundError`` or ``tables.InputError`` naming the folder."""
+    hint = f"; run preprocess.py --cache-dir {cache_dir} first"
+    path = require_folder(cache_dir, "cache folder", hint=hint)
+    if not (path / META_TABLE).exists():
+        raise InputError(f"{path}: not a preprocessing cache (no {META_TABLE}){hint}")
+    return path
+
+
 def load_meta(cache_dir) -> pd.DataFrame:
-    """The meta table, one row per cached scan (tuples as space-separated numbers)."""
-    path = Path(cache_dir) / META_TABLE
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: run preprocess.py --cache-dir {cache_dir} first")
-    return pd.read_csv(path, dtype={"seriesuid": str})
+    """The meta table, one row per cached scan (tuples as space-separated numbers); checked
+    like every input table (``tables.read_table``: columns, safe seriesuids)."""
+    path = check_cache_dir(cache_dir) / META_TABLE
+    return read_table(path, [f.name for f in fields(ScanMeta)], kind="cache meta table",
+                      finite=())
 
 
 def load_scan_metas(cache_dir) -> dict[str, ScanMeta]:
-    """All cached scans' meta, keyed by seriesuid, from the meta table."""
-    return {row["seriesuid"]: ScanMeta.from_row(row)
-            for row in load_meta(cache_dir).to_dict("records")}
+    """All cached scans' meta, keyed by seriesuid, from the meta table. A cache without
+    scans, or a row that does not parse, is an ``InputError`` naming the table."""
+    frame = load_meta(cache_dir)
+    path = Path(cache_dir) / META_TABLE
+    if frame.empty:
+        raise InputError(f"{path}: the cache holds no scans (see {FAILURES} beside it); "
+                         f"run preprocess.py --cache-dir {cache_dir}")
+    metas = {}
+    for row in frame.to_dict("records"):
+        try:
+            meta = ScanMeta.from_row(row)
+            _check_meta_numbers(meta)
+        except (ValueError, KeyError, TypeError) as err:
+            raise InputError(f"{path}: the row of scan {row['seriesuid']} is malformed "
+                             f"({err})") from None
+        if meta.seriesuid in metas:
+            raise InputError(f"{path}: scan {meta.seriesuid} appears more than once")
+        metas[meta.seriesuid] = meta
+    return metas
+
+
+def _check_meta_numbers(meta: ScanMeta) -> None:
+    lengths = {"direction": 9, "window_hu": 2, "lung_bbox_zyx_vox": 6}
+    for f in fields(ScanMeta):
+        value = getattr(meta, f.name)
+        if isinstance(value, tuple):
+            if len(value) != lengths.get(f.name, 3):
+                raise ValueError(f"{f.name} has {len(value)} values, expected "
+                                 f"{lengths.get(f.name, 3)}")
+            if not np.all(np.isfinite(value)):
+                raise ValueError(f"{f.name} {value} is not finite")
+        elif isinstance(value, float) and not np.isfinite(value):
+            raise ValueError(f"{f.name} is {value}")
 
 
 def load_table(cache_dir, name: str) -> pd.DataFrame:
@@ -167,10 +207,10 @@ def load_table(cache_dir, name: str) -> pd.DataFrame:
     if name not in CACHED_TABLES:
         raise ValueError(f"unknown cached table {name!r}; choose one of {', '.join(CACHED_TABLES)}")
     path = Path(cache_dir) / f"{name}.csv"
+    columns = ["seriesuid", "coordX", "coordY", "coordZ", "z_vox", "y_vox", "x_vox"]
     if not path.exists():
-        return pd.DataFrame(columns=["seriesuid", "coordX", "coordY", "coordZ",
-                                     "z_vox", "y_vox", "x_vox"])
-    return pd.read_csv(path, dtype={"seriesuid": str})
+        return pd.DataFrame(columns=columns)
+    return read_table(path, columns, kind=f"cached {name} table")
 
 
 @dataclass(frozen=True)

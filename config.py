@@ -86,6 +86,9 @@ class SegmentationConfig:
     lr: float = 3e-5  # source document: 3e-5 works well for the UNet
     batch_size: int = 16  # source document: 16 fits GPU memory at 64^3
     negative_fraction: float = 0.3  # source document: 30% patches without a nodule
+    # Share of those negatives centred on the given non-nodule candidates (candidates.csv:
+    # vessels, pleura) instead of random lung; 0 without a candidate list.
+    hard_negative_fraction: float = 0.5
     # Sampling weight by nodule diameter: 4x under 10 mm, 3x for 10-30 mm, 1x above
     # (source document: small nodules are the hard ones).
     size_bins_mm: tuple[float, ...] = (10.0, 30.0)

@@ -35,7 +35,9 @@ Outputs:
 * ``WORK/detections/fold{k}/<seriesuid>.csv``: per-scan results, written as each scan
   finishes; a rerun skips scans done with the same model, cache and inference settings
   (recorded in ``settings.json`` there; a change starts that folder afresh) unless the scan
-  was preprocessed again since.
+  was preprocessed again since. Every file is written atomically, so a kill leaves at most a
+  temporary ``.<name>.*.tmp`` (deleted by the rerun); a damaged result (cut short, missing
+  values) counts as not done.
 
 Exit status: 0 done; 1 some scans failed (named; rerun to retry them); 2 bad input (missing
 cache or model, empty split), with nothing written.
@@ -431,12 +433,11 @@ def keras_predict_fn(model, batch_size: int, patch_size=None):
 
 
 def load_segmenter(path):
-    """Load a ``.keras`` segmenter in safe mode (``import models`` registers its losses)."""
-    import keras
+    """Load a ``.keras`` segmenter in safe mode, checked to map a volume to a same-size map
+    (``models.load_model_file``)."""
+    import models
 
-    import models  # noqa: F401
-
-    return keras.saving.load_model(path)
+    return models.load_model_file(path, "segmenter")
 
 
 # --------------------------------------------------------------------------- metrics
@@ -516,12 +517,32 @@ def _prepare_scan_dir(scan_dir: Path, settings: dict) -> bool:
     return False
 
 
+def _remove_temporary_files(scan_dir: Path, outputs) -> None:
+    """Delete the temporary files a killed run left beside the per-scan results and the
+    outputs (``tables.atomic_open`` names them ``.<name>.<random>.tmp``)."""
+    leftovers = list(scan_dir.glob(".*.tmp")) if scan_dir.is_dir() else []
+    for output in outputs:
+        if output.parent.is_dir():
+            leftovers += output.parent.glob(f".{output.name}.*.tmp")
+    for tmp in leftovers:
+        tmp.unlink(missing_ok=True)
+
+
 def _read_scan_result(path: Path) -> pd.DataFrame | None:
+    """A per-scan result, or None when it is unreadable, or damaged: cut short (every file
+    written ends with a newline) or holding a missing value."""
     try:
+        with open(path, "rb") as handle:
+            handle.seek(-1, 2)
+            if handle.read(1) != b"\n":
+                return None
         frame = pd.read_csv(path, dtype={"seriesuid": str})
     except (OSError, ValueError):
         return None
-    return frame if all(c in frame.columns for c in DETECTION_COLUMNS) else None
+    if not all(c in frame.columns for c in DETECTION_COLUMNS):
+        return None
+    values = frame[DETECTION_COLUMNS[1:]].apply(pd.to_numeric, errors="coerce").to_numpy(np.float64)
+    return frame if frame["seriesuid"].notna().all() and np.isfinite(values).all() else None
 
 
 def _select_scans(cache_dir: Path, selection: str, fold: int, max_scans: int) -> list[str]:
@@ -536,12 +557,34 @@ def _select_scans(cache_dir: Path, selection: str, fold: int, max_scans: int) ->
     return uids[:max_scans] if max_scans > 0 else uids
 
 
-def _metrics(detections: pd.DataFrame, uids: list[str], cache_dir: Path, run_info: dict) -> dict:
+def _metrics(detections: pd.DataFrame, uids: list[str], cache_dir: Path, run_info: dict,
+             fold: int | None = None) -> dict:
+    """Counts, recall and false positives over ``uids``; with ``fold``, the same per split
+    (``by_split``: train / val / test), since recall on training scans flatters a model."""
+    metrics = _split_metrics(detections, uids, cache_dir)
+    metrics.update(run_info)
+    if fold is not None:
+        try:
+            split = cache.split_by_subset(cache.load_scan_metas(cache_dir), fold)
+        except ValueError:
+            split = {}
+        chosen = set(uids)
+        by_split = {}
+        for name, members in split.items():
+            members = [u for u in members if u in chosen]
+            if members and len(members) < len(uids):
+                by_split[name] = _split_metrics(
+                    detections[detections["seriesuid"].isin(set(members))], members, cache_dir)
+        if by_split:
+            metrics["by_split"] = by_split
+    return metrics
+
+
+def _split_metrics(detections: pd.DataFrame, uids: list[str], cache_dir: Path) -> dict:
     metrics = {
         "scans": len(uids),
         "candidates": int(len(detections)),
         "candidates_per_scan": round(len(detections) / len(uids), 3) if uids else None,
-        **run_info,
     }
     annotations = cache.load_table(cache_dir, "annotations")
     if len(annotations) and "diameter_mm" in annotations.columns:
@@ -569,6 +612,12 @@ def _format_metrics(metrics: dict) -> str:
     for key, value in metrics.get("recall", {}).items():
         recall = "n/a" if value["recall"] is None else f"{value['recall']:.3f}"
         lines.append(f"recall {key:>6}: {recall} ({value['found']}/{value['nodules']} nodules)")
+    for name, part in metrics.get("by_split", {}).items():
+        recalls = ", ".join(
+            f"{key} {'n/a' if v['recall'] is None else format(v['recall'], '.3f')} "
+            f"({v['found']}/{v['nodules']})" for key, v in part.get("recall", {}).items())
+        lines.append(f"{name} scans ({part['scans']}): {part['candidates_per_scan']} "
+                     f"candidates per scan; recall {recalls}")
     return "\n".join(lines)
 
 
@@ -598,16 +647,19 @@ def main(argv=None) -> int:
     metrics_out = out.with_suffix(".metrics.json")
     scan_dir = work_dir / "detections" / f"fold{fold}"
 
-    if not cache_dir.is_dir():
-        print(f"error: cache folder {cache_dir} does not exist; run preprocess.py "
-              f"--cache-dir {cache_dir} first", file=sys.stderr)
+    try:
+        cache.check_cache_dir(cache_dir)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
-    if not model_path.is_file():
-        print(f"error: model {model_path} does not exist; train one with train_segmentation.py "
+    if not model_path.exists():
+        print(f"error: {model_path}: model does not exist; train one with train_segmentation.py "
               "or give --model", file=sys.stderr)
         return 2
     try:
         uids = _select_scans(cache_dir, args.scans, fold, cfg.debug.max_scans)
+        for table in ("annotations", "annotations_excluded"):  # the metrics read them last
+            cache.load_table(cache_dir, table)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -619,7 +671,8 @@ def main(argv=None) -> int:
         model = load_segmenter(model_path)
         patch = model_patch_shape(model, cfg.segmentation.patch_size)
     except Exception as err:  # noqa: BLE001 - any unreadable model file is bad input
-        print(f"error: model {model_path} cannot be loaded ({type(err).__name__}: {err}); "
+        reason = str(err).removeprefix(f"{model_path}: ")
+        print(f"error: {model_path}: cannot be used as the segmenter ({reason}); "
               "give a .keras file saved by train_segmentation.py", file=sys.stderr)
         return 2
     if patch != patch_shape(cfg.segmentation.patch_size):
@@ -630,6 +683,7 @@ def main(argv=None) -> int:
     settings = {"model_sha256": _file_sha256(model_path), "cache_dir": str(cache_dir.resolve()),
                 "patch_size_zyx": list(patch),
                 "inference": dataclasses.asdict(cfg.inference)}
+    _remove_temporary_files(scan_dir, (out, config_out, metrics_out))
     _prepare_scan_dir(scan_dir, settings)
     results: dict[str, pd.DataFrame] = {}
     for uid in uids:
@@ -687,7 +741,7 @@ def main(argv=None) -> int:
         **windows,
         "peak_rss_gib": round(peak_rss_bytes() / GIB, 3),
     }
-    metrics = _metrics(detections, uids, cache_dir, run_info)
+    metrics = _metrics(detections, uids, cache_dir, run_info, fold)
     config_lib.save_config(cfg, config_out, {
         "argv": sys.argv[1:] if argv is None else list(argv), "model": str(model_path),
         "fold": fold, "scans": args.scans, "seriesuids": len(uids),

@@ -46,11 +46,16 @@ def _keyed(frame: pd.DataFrame, path) -> pd.Series:
     index = pd.MultiIndex.from_frame(key)
     if index.has_duplicates:
         first = index[index.duplicated()][0]
-        raise EnsembleError(f"{path}: candidate {first} appears more than once")
+        raise EnsembleError(f"{path}: candidate {_describe(first)} appears more than once")
     probabilities = frame["probability"].to_numpy(np.float64)
     if ((probabilities < 0) | (probabilities > 1)).any():
         raise EnsembleError(f"{path}: probabilities must lie in [0, 1]")
     return pd.Series(probabilities, index=index)
+
+
+def _describe(key) -> str:
+    uid, x, y, z = key
+    return f"{uid} at x, y, z = {x:g}, {y:g}, {z:g} mm"
 
 
 def align(frames: list[pd.DataFrame], paths: list) -> tuple[pd.DataFrame, np.ndarray]:
@@ -63,8 +68,9 @@ def align(frames: list[pd.DataFrame], paths: list) -> tuple[pd.DataFrame, np.nda
         missing = reference.index.difference(series.index)
         extra = series.index.difference(reference.index)
         if len(missing) or len(extra):
-            what = (f"lacks {len(missing)} candidate(s) of {paths[0]}, e.g. {missing[0]}" if len(missing)
-                    else f"has {len(extra)} candidate(s) not in {paths[0]}, e.g. {extra[0]}")
+            what = (f"lacks {len(missing)} candidate(s) of {paths[0]}, e.g. {_describe(missing[0])}"
+                    if len(missing) else
+                    f"has {len(extra)} candidate(s) not in {paths[0]}, e.g. {_describe(extra[0])}")
             raise EnsembleError(f"{path}: does not score the same candidates: {what}")
         columns.append(series.reindex(reference.index).to_numpy())
     return frames[0][KEY].reset_index(drop=True), np.stack(columns, axis=1)
@@ -110,7 +116,7 @@ def main(argv=None) -> int:
         parser.error(f"--weights {args.weights!r}: expected comma-separated numbers")
     out = Path(args.out)
     if out.resolve() in {Path(p).resolve() for p in args.predictions}:
-        print(f"error: --out {out} is one of the inputs; choose another file", file=sys.stderr)
+        print(f"error: {out}: --out is one of the inputs; choose another file", file=sys.stderr)
         return 2
     try:
         frames = [read_predictions(p) for p in args.predictions]

@@ -706,7 +706,7 @@ def main(argv=None) -> int:
         try:
             write_outputs(out, result, metrics, labels, probabilities, name, inputs)
         except OSError as err:
-            print(f"error: cannot write to {out}: {err}", file=sys.stderr)
+            print(f"error: {out}: cannot write ({err.strerror or err})", file=sys.stderr)
             return 1
         print(f"\nwrote {out}/froc.png, froc_curve.csv, froc_metrics.json, "
               f"classification_metrics.json, roc.png")

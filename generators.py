@@ -132,23 +132,29 @@ class Augmentation:
     rotate_probability: float = 0.2  # interpolating a 64^3 patch costs ~10x a crop
     intensity_scale: float = 0.1  # image * U(1 - s, 1 + s): scanner and kernel contrast
     intensity_offset: float = 0.05  # image + U(-o, o), in units of the [0, 1] image
+    # Gaussian noise of standard deviation U(0, n) in [0, 1] units (0.02 = 36 HU in the
+    # default window): image noise differs 3-fold between scanners and doses, and a model
+    # that has only seen quiet scans goes silent on noisy ones.
+    noise_sigma: float = 0.02
 
     def __post_init__(self):
         if not 0.0 <= self.rotate_probability <= 1.0:
             raise ValueError(f"rotate_probability={self.rotate_probability} must be in [0, 1]")
-        if self.rotate_max_deg < 0 or self.intensity_scale < 0 or self.intensity_offset < 0:
-            raise ValueError("rotate_max_deg, intensity_scale and intensity_offset must be >= 0")
+        if min(self.rotate_max_deg, self.intensity_scale, self.intensity_offset,
+               self.noise_sigma) < 0:
+            raise ValueError("rotate_max_deg, intensity_scale, intensity_offset and "
+                             "noise_sigma must be >= 0")
 
 
 NO_AUGMENTATION = Augmentation(flip=False, rot90_axial=False, rot90_all=False,
                                rotate_probability=0.0, intensity_scale=0.0,
-                               intensity_offset=0.0)
+                               intensity_offset=0.0, noise_sigma=0.0)
 
 
 def augment(patch: np.ndarray, target: np.ndarray | None, rng: np.random.Generator,
             cfg: Augmentation = Augmentation()):
-    """Random flips, 90-degree turns, a small rotation (with probability) and intensity
-    jitter of a float image ``(z, y, x[, c])`` in [0, 1]; ``target`` (same spatial shape,
+    """Random flips, 90-degree turns, a small rotation (with probability), intensity
+    jitter and Gaussian noise of a float image ``(z, y, x[, c])`` in [0, 1]; ``target`` (same spatial shape,
     or None) gets the same geometric transforms, nearest-neighbour interpolated.
 
     Returns ``(image float32 in [0, 1], target or None)``; deterministic given ``rng``.
@@ -186,6 +192,10 @@ def augment(patch: np.ndarray, target: np.ndarray | None, rng: np.random.Generat
         offset = rng.uniform(-cfg.intensity_offset, cfg.intensity_offset)
         image *= np.float32(scale)
         image += np.float32(offset)
+    if cfg.noise_sigma > 0:
+        sigma = rng.uniform(0.0, cfg.noise_sigma)
+        image += rng.normal(0.0, sigma, size=image.shape).astype(np.float32)
+    if cfg.intensity_scale > 0 or cfg.intensity_offset > 0 or cfg.noise_sigma > 0:
         np.clip(image, 0.0, 1.0, out=image)
     out_target = None if target is None else np.ascontiguousarray(arrays[1])
     return image, out_target
@@ -388,9 +398,9 @@ class SegmentationSampler:
                  seed: int = 0, *, augment: bool = True,
                  augmentation: Augmentation = Augmentation(), max_shift_vox: int | None = None,
                  mask_stride_vox: int = 8, max_open_scans: int = 16, nodule_masks_dir=None):
-        if not 0.0 <= cfg.negative_fraction <= 1.0:
-            raise ValueError(f"segmentation.negative_fraction={cfg.negative_fraction} must be "
-                             "in [0, 1]")
+        for key in ("negative_fraction", "hard_negative_fraction"):
+            if not 0.0 <= getattr(cfg, key) <= 1.0:
+                raise ValueError(f"segmentation.{key}={getattr(cfg, key)} must be in [0, 1]")
         self.cache_dir = str(cache_dir)
         self.cfg = cfg
         self.seed = int(seed)
@@ -417,6 +427,18 @@ class SegmentationSampler:
         self._nodule_zyx = nodules[VOXEL_COLUMNS].to_numpy(np.float64)
         self._nodule_diameter_vox = nodules["diameter_vox"].to_numpy(np.float64)
         self._nodule_uids = nodules["seriesuid"].to_numpy(str)
+        # Hard negatives: the given non-nodule candidates (LUNA16's candidates.csv marks
+        # vessels, bronchi walls and pleura that look like nodules). Random lung positions
+        # alone are mostly parenchyma, and a UNet trained on them marks every vessel.
+        hard = cache.load_table(cache_dir, "candidates")
+        if "class" in hard:
+            hard = hard[(hard["class"] == 0) & hard["seriesuid"].isin(self.seriesuids)]
+            hard = hard.sort_values(["seriesuid", *VOXEL_COLUMNS], kind="stable")
+        else:
+            hard = hard.iloc[:0]
+        self._hard_uids = hard["seriesuid"].to_numpy(str)
+        self._hard_zyx = hard[VOXEL_COLUMNS].to_numpy(np.float64) if len(hard) else \
+            np.zeros((0, 3))
         self._by_scan = {uid: nodules.loc[rows, [*VOXEL_COLUMNS, "diameter_vox"]]
                          .to_numpy(np.float64)
                          for uid, rows in nodules.groupby("seriesuid").groups.items()}
@@ -426,6 +448,11 @@ class SegmentationSampler:
     def _draw_plan(self, rng: np.random.Generator) -> PatchPlan:
         negative = len(self.nodules) == 0 or rng.random() < self.cfg.negative_fraction
         if negative:
+            if len(self._hard_uids) and rng.random() < self.cfg.hard_negative_fraction:
+                row = int(rng.integers(len(self._hard_uids)))
+                shift = rng.integers(-self.max_shift_vox, self.max_shift_vox + 1, size=3)
+                return PatchPlan(str(self._hard_uids[row]),
+                                 tuple(float(v) for v in self._hard_zyx[row] + shift), False)
             uid = self.seriesuids[int(rng.integers(len(self.seriesuids)))]
             center = self.pool.random_lung_voxel(uid, rng)
             return PatchPlan(uid, tuple(float(v) for v in center), False)

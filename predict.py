@@ -26,16 +26,15 @@ from tables import PREDICTION_COLUMNS, TableError, write_csv_atomic
 
 
 def load_classifier(path):
-    """Load a ``.keras`` classifier in safe mode (``import models`` registers the losses)."""
-    import keras
-
-    import models  # noqa: F401
+    """Load a ``.keras`` classifier in safe mode, checked to map a cube to one probability
+    (``FileNotFoundError`` / ``tables.InputError`` naming the file otherwise)."""
+    import models
 
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"model {path} does not exist: train it with "
+        raise FileNotFoundError(f"{path}: model does not exist; train it with "
                                 "train_classification.py, or give --model-path")
-    return keras.saving.load_model(path)
+    return models.load_model_file(path, "classifier")
 
 
 def score_table(model, cache_dir, table: pd.DataFrame, cube_size: int, batch_size: int = 64,

@@ -43,7 +43,14 @@ import cache
 import config as config_lib
 from config import PreprocessConfig
 from ct_io import Geometry, ScanError, ScanSource, find_scans, read_image, voxel_to_world, world_to_voxel
-from tables import TableError, atomic_write_text, read_annotations, read_candidates, write_csv_atomic
+from tables import (
+    InputError,
+    atomic_write_text,
+    read_annotations,
+    read_candidates,
+    require_folder,
+    write_csv_atomic,
+)
 
 # Bump when the cached arrays would change for the same settings (a code change).
 CACHE_VERSION = 2
@@ -485,13 +492,14 @@ def run(cfg: config_lib.Config, data_dir: Path, cache_dir: Path, *, workers: int
         shard: tuple[int, int] = (0, 1), force: bool = False,
         table_paths: dict[str, str | None] | None = None, progress: bool = True) -> dict:
     """Preprocess every scan under ``data_dir`` into ``cache_dir``; returns a summary."""
-    if not data_dir.is_dir():
-        raise FileNotFoundError(f"data folder {data_dir} does not exist or is not a folder")
+    require_folder(data_dir, "data folder")
+    if cache_dir.exists() and not cache_dir.is_dir():
+        raise InputError(f"{cache_dir}: --cache-dir is not a folder")
     tables = read_input_tables(data_dir, table_paths or {})
     sources, problems = find_scans(data_dir)
     if not sources and not problems:
-        raise FileNotFoundError(f"no scans (.mhd, .nii, .nii.gz, .nrrd or DICOM series) "
-                                f"found under {data_dir}")
+        raise InputError(f"{data_dir}: no scans (.mhd, .nii, .nii.gz, .nrrd or DICOM series) "
+                         "found in this data folder")
     if cfg.debug.max_scans > 0:
         sources = sources[: cfg.debug.max_scans]
     sources = sources[shard[0]::shard[1]]
@@ -578,11 +586,15 @@ def main(argv=None) -> int:
                                    "annotations_excluded": args.excluded,
                                    "candidates": args.candidates},
                       progress=not args.no_progress)
-    except (FileNotFoundError, NotADirectoryError, TableError) as err:
+    except (FileNotFoundError, NotADirectoryError, InputError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(json.dumps(summary))
-    return 0 if summary["cached_total"] > 0 else 1
+    if summary["cached_total"] == 0:
+        print(f"error: {cfg.paths.data_dir}: no scan could be used ({summary['failed']} failed); "
+              f"see {Path(cfg.paths.cache_dir) / cache.FAILURES}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

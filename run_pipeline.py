@@ -19,11 +19,14 @@ command after a crash continues where it stopped:
 7. ``ensemble``      ``WORK/submission.csv`` (``ensemble.py``)
 8. ``evaluate``      LUNA16 FROC on the held-out subset (``evaluate.py``): the seven
                      sensitivities and ``CPM: 0.xxxxxx``, plot and metrics in ``WORK/evaluation``
+9. ``report``        figures and ``WORK/report/report.md`` (``visual_utils.py``; always rebuilt,
+                     a failing figure is a warning, never a failed run)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -31,9 +34,15 @@ from pathlib import Path
 import cache
 import config as config_lib
 import sample_data
+from tables import InputError, atomic_write_text, require_folder
 
-SAMPLE_SCANS = 10
+# The built-in set is denser in nodules than LUNA16 (2-5 a scan, one scan in seven
+# without any): the quick profile's classifiers need tens of training nodules, and the
+# held-out subset enough nodules for a FROC that is not decided by one or two of them.
+SAMPLE_SCANS = 20
 SAMPLE_SEED = 0
+SAMPLE_NODULE_RANGE = (2, 5)
+SAMPLE_EMPTY_EVERY = 7
 
 
 def _fresh(outputs: list[Path], inputs: list[Path]) -> bool:
@@ -73,6 +82,14 @@ def main(argv=None) -> int:
     args, cfg = config_lib.parse_args(parser, argv)
     overrides = [a for a in (sys.argv[1:] if argv is None else argv) if a.startswith("--") and "." in a.split("=")[0]]
     work = Path(args.work_dir)
+    try:  # bad paths are refused before anything is written
+        if args.data_dir:
+            require_folder(args.data_dir, "data folder", nonempty=True)
+        if work.exists() and not work.is_dir():
+            raise InputError(f"{work}: --work-dir is not a folder")
+    except (FileNotFoundError, InputError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     work.mkdir(parents=True, exist_ok=True)
     config_lib.save_config(cfg, work / "config.json", {"argv": sys.argv[1:] if argv is None else list(argv)})
     settings = ["--profile", cfg.profile, *overrides]
@@ -86,11 +103,19 @@ def main(argv=None) -> int:
 
     cache_dir = work / "cache"
     excluded = cache_dir / "annotations_excluded.csv"
-    return evaluate.main([
+    code = evaluate.main([
         "--annotations", str(cache_dir / "annotations.csv"),
         *(["--excluded", str(excluded)] if excluded.exists() else []),
         "--seriesuids", str(work / f"test_seriesuids_fold{args.fold}.csv"),
         "--submission", str(work / "submission.csv"), "--out", str(work / "evaluation")])
+    if code == 0:
+        rows = model_table(work, args.fold, cfg.ensemble.models)
+        print("\n" + format_model_table(rows), flush=True)
+        atomic_write_text(work / "evaluation" / "models.json", json.dumps(rows, indent=1) + "\n")
+    import visual_utils
+
+    visual_utils.pipeline_report(work, args.fold)  # warns on failures, never changes the exit code
+    return code
 
 
 def run(cfg, args, work: Path, settings: list[str]) -> None:
@@ -103,7 +128,9 @@ def run(cfg, args, work: Path, settings: list[str]) -> None:
         data_dir = work / "sample_data"
 
         def make_sample():
-            sample_data.generate_dataset(data_dir, SAMPLE_SCANS, SAMPLE_SEED)
+            sample_data.generate_dataset(data_dir, SAMPLE_SCANS, SAMPLE_SEED,
+                                         nodule_range=SAMPLE_NODULE_RANGE,
+                                         empty_every=SAMPLE_EMPTY_EVERY)
 
         _stage("sample_data", [data_dir / "seriesuids.csv"], [], make_sample)
     cache_dir = work / "cache"
@@ -145,9 +172,64 @@ def run(cfg, args, work: Path, settings: list[str]) -> None:
                lambda: predict.main([*common, *fold, "--model", name, "--candidates", *sources,
                                      "--scans", "test", "--out", str(out)]))
         predictions.append(out)
+        if "candidates" in sources:  # the LUNA16 false-positive-reduction setting alone
+            given = given_prediction_path(work, args.fold, name)
+            _stage(f"predict {name} (given candidates)", [given], [model_dir / "best.keras"],
+                   lambda: predict.main([*common, *fold, "--model", name, "--candidates",
+                                         "candidates", "--scans", "test", "--out", str(given)]))
     submission = work / "submission.csv"
     _stage("ensemble", [submission], predictions,
            lambda: ensemble.main([*map(str, predictions), "--out", str(submission), *settings]))
+    if "candidates" in sources:
+        given = [given_prediction_path(work, args.fold, n) for n in cfg.ensemble.models]
+        given_ensemble = given_prediction_path(work, args.fold, "ensemble")
+        _stage("ensemble (given candidates)", [given_ensemble], given,
+               lambda: ensemble.main([*map(str, given), "--out", str(given_ensemble), *settings]))
+
+
+def given_prediction_path(work: Path, fold: int, name: str) -> Path:
+    """Scores of the data set's own candidate list alone (LUNA16 false-positive reduction)."""
+    return work / "predictions" / f"fold{fold}" / "given_candidates" / f"{name}.csv"
+
+
+def model_table(work: Path, fold: int, models) -> list[dict]:
+    """CPM on the held-out subset of each classifier and of the ensemble: on the submitted
+    candidates (given + detected) and on the given candidates alone (LUNA16's
+    false-positive-reduction track). Rows whose file is missing are left out."""
+    import evaluate
+    from tables import read_annotations, read_predictions, read_seriesuids
+
+    cache_dir = work / "cache"
+    annotations = read_annotations(cache_dir / "annotations.csv")
+    excluded_path = cache_dir / "annotations_excluded.csv"
+    excluded = (read_annotations(excluded_path, kind="excluded findings")
+                if excluded_path.exists() else None)
+    seriesuids = read_seriesuids(work / f"test_seriesuids_fold{fold}.csv")
+    rows = []
+    for name in [*models, "ensemble"]:
+        files = {"submitted": (work / "submission.csv" if name == "ensemble" else
+                               work / "predictions" / f"fold{fold}" / f"{name}.csv"),
+                 "given": given_prediction_path(work, fold, name)}
+        row = {"model": name}
+        for key, path in files.items():
+            if path.exists():
+                result = evaluate.compute_froc(read_predictions(path), annotations, excluded,
+                                               seriesuids)
+                row[f"cpm_{key}"] = round(float(result.cpm), 6)
+        if len(row) > 1:
+            rows.append(row)
+    return rows
+
+
+def format_model_table(rows: list[dict]) -> str:
+    lines = ["CPM on the held-out subset   submitted candidates   given candidates only",
+             *(f"    {r['model']:<24} {_cpm(r, 'cpm_submitted'):>20} {_cpm(r, 'cpm_given'):>22}"
+               for r in rows)]
+    return "\n".join(lines)
+
+
+def _cpm(row: dict, key: str) -> str:
+    return f"{row[key]:.6f}" if key in row else "-"
 
 
 def _resume(folder: Path) -> list[str]:

@@ -1,4 +1,4 @@
-"""python sample_data.py --out data/sample --scans 10 --seed 0 [--subsets K] [--scale F]
+"""python sample_data.py --out data/sample --scans 10 --seed 0 [--subsets K] [--scale F] [--nodules 1-4] [--empty-every 5]
 python sample_data.py --out /tmp/tiny --scans 3 --seed 1 --scale 0.5 --quiet
 
 Writes the project's built-in synthetic chest-CT data set in LUNA16 layout.
@@ -60,6 +60,9 @@ MIN_SCALE, MAX_SCALE = 0.4, 1.0
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 FLIPPED_Z = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, -1.0)
 NODULE_TYPES = ("solid", "part-solid", "ground-glass")
+DEFAULT_NODULE_RANGE = (1, 4)
+MAX_NODULES = 6
+DEFAULT_EMPTY_EVERY = 5
 
 HU_AIR = -1000.0
 HU_FAT = -100.0
@@ -722,7 +725,8 @@ def _noise_gain(sigma_vox, truncate) -> float:
 
 
 def make_phantom(rng: np.random.Generator, *, scale: float = 1.0, flip_z: bool | None = None,
-                 circular_fov: bool | None = None, n_nodules: int | None = None):
+                 circular_fov: bool | None = None, n_nodules: int | None = None,
+                 nodule_range: tuple[int, int] = DEFAULT_NODULE_RANGE):
     """One synthetic chest CT.
 
     Args:
@@ -731,7 +735,10 @@ def make_phantom(rng: np.random.Generator, *, scale: float = 1.0, flip_z: bool |
         flip_z: store with direction ``diag(1, 1, -1)``; random (p = 1/4) when None.
         circular_fov: pad outside the reconstruction circle with -2048 or -3024; random
             when None.
-        n_nodules: nodules (0-4); random (1-4) when None.
+        n_nodules: nodules (0-6); random in ``nodule_range`` when None.
+        nodule_range: (fewest, most) nodules of a random count; the default (1, 4) draws
+            1-4 with LUNA16-like odds (more scans with one nodule), any other range
+            uniformly.
 
     Returns:
         ``(volume_zyx_int16, geometry, nodules, excluded, truth)``: nodules and excluded
@@ -747,7 +754,14 @@ def make_phantom(rng: np.random.Generator, *, scale: float = 1.0, flip_z: bool |
     if circular_fov is None:
         circular_fov = bool(rng.random() < 0.35)
     if n_nodules is None:
-        n_nodules = int(rng.choice([1, 2, 3, 4], p=[0.35, 0.3, 0.2, 0.15]))
+        low, high = nodule_range
+        if not 0 <= low <= high <= MAX_NODULES:
+            raise SampleDataError(f"nodule range must satisfy 0 <= fewest <= most <= "
+                                  f"{MAX_NODULES}, got {nodule_range}")
+        if (low, high) == DEFAULT_NODULE_RANGE:
+            n_nodules = int(rng.choice([1, 2, 3, 4], p=[0.35, 0.3, 0.2, 0.15]))
+        else:  # one draw either way, so the rest of the scan's random stream is the same
+            n_nodules = int(rng.choice(np.arange(low, high + 1)))
     n_excluded = int(rng.integers(0, 4))
 
     # Geometry: the body must fit a square (and inscribed circular) field of view.
@@ -962,13 +976,16 @@ def default_subsets(n_scans: int) -> int:
 
 
 def generate_dataset(out_dir, n_scans: int, seed: int, n_subsets: int | None = None, *,
-                     scale: float = 1.0, progress: bool = True) -> dict:
+                     scale: float = 1.0, progress: bool = True,
+                     nodule_range: tuple[int, int] = DEFAULT_NODULE_RANGE,
+                     empty_every: int = DEFAULT_EMPTY_EVERY) -> dict:
     """Write the synthetic data set (see the module docstring) and return a summary.
 
-    Deterministic in ``(n_scans, seed, n_subsets, scale)``. Scan ``index`` uses
-    ``np.random.default_rng([seed, index])``; every fourth scan (index 2, 6, ...) is stored
-    with a flipped z axis, every fifth (index 4, 9, ...) has no nodule, and every third
-    (index 1, 4, ...) has circular field-of-view padding.
+    Deterministic in all arguments. Scan ``index`` uses ``np.random.default_rng([seed,
+    index])``; every fourth scan (index 2, 6, ...) is stored with a flipped z axis, every
+    ``empty_every``-th (index ``empty_every - 1``, ...; 0 = none) has no nodule, the others
+    a random number in ``nodule_range`` (see ``make_phantom``), and every third (index 1,
+    4, ...) has circular field-of-view padding.
     """
     if isinstance(n_scans, bool) or not isinstance(n_scans, (int, np.integer)) or n_scans < 1:
         raise SampleDataError(f"number of scans must be a positive integer, got {n_scans!r}")
@@ -981,9 +998,15 @@ def generate_dataset(out_dir, n_scans: int, seed: int, n_subsets: int | None = N
                               f"({n_scans}), got {n_subsets}")
     if not MIN_SCALE <= scale <= MAX_SCALE:
         raise SampleDataError(f"scale must be in [{MIN_SCALE}, {MAX_SCALE}], got {scale}")
+    low, high = nodule_range
+    if not 0 <= low <= high <= MAX_NODULES:
+        raise SampleDataError(f"nodule range must satisfy 0 <= fewest <= most <= {MAX_NODULES}, "
+                              f"got {low}-{high}")
+    if empty_every < 0:
+        raise SampleDataError(f"empty_every must be >= 0, got {empty_every}")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
-        raise SampleDataError(f"output {out} exists and is not a folder")
+        raise SampleDataError(f"{out}: --out exists and is not a folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -998,7 +1021,8 @@ def generate_dataset(out_dir, n_scans: int, seed: int, n_subsets: int | None = N
         rng = np.random.default_rng([seed, index])
         volume, geometry, nodules, excluded, truth = make_phantom(
             rng, scale=scale, flip_z=index % 4 == 2, circular_fov=index % 3 == 1,
-            n_nodules=0 if index % 5 == 4 else None)
+            n_nodules=0 if empty_every and index % empty_every == empty_every - 1 else None,
+            nodule_range=nodule_range)
         subset = index % n_subsets
         relative = f"subset{subset}/{uid}.mhd"
         write_scan(volume, geometry, out / relative)
@@ -1050,16 +1074,32 @@ def main(argv=None) -> int:
     parser.add_argument("--scale", type=float, default=1.0,
                         help=f"physical size of the phantoms, {MIN_SCALE}-{MAX_SCALE} "
                              "(smaller is faster; default 1)")
+    parser.add_argument("--nodules", default=f"{DEFAULT_NODULE_RANGE[0]}-{DEFAULT_NODULE_RANGE[1]}",
+                        help="fewest-most nodules of a scan (default 1-4, LUNA16-like odds)")
+    parser.add_argument("--empty-every", type=int, default=DEFAULT_EMPTY_EVERY,
+                        help="every N-th scan has no nodule (default 5; 0 = none)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:
+        low, _, high = args.nodules.partition("-")
+        nodule_range = (int(low), int(high or low))
+    except ValueError:
+        print(f"sample_data.py: error: --nodules {args.nodules!r}: expected FEWEST-MOST, "
+              "e.g. 2-5", file=sys.stderr)
+        return 2
+    if args.empty_every < 0:
+        print(f"sample_data.py: error: --empty-every {args.empty_every}: must be >= 0",
+              file=sys.stderr)
+        return 2
+    try:
         summary = generate_dataset(args.out, args.scans, args.seed, args.subsets,
-                                   scale=args.scale, progress=not args.quiet)
+                                   scale=args.scale, progress=not args.quiet,
+                                   nodule_range=nodule_range, empty_every=args.empty_every)
     except SampleDataError as err:
-        print(f"sample_data.py: error: {err}", file=sys.stderr)
+        print(f"error: {err}", file=sys.stderr)
         return 2
     except OSError as err:
-        print(f"sample_data.py: error: cannot write to {args.out}: {err}", file=sys.stderr)
+        print(f"error: {args.out}: cannot write ({err.strerror or err})", file=sys.stderr)
         return 2
     if summary["stale_scans"]:
         print(f"warning: {len(summary['stale_scans'])} scan(s) in {args.out} are not part of "

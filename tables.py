@@ -24,8 +24,27 @@ CANDIDATE_COLUMNS = ["seriesuid", *WORLD_COLUMNS, "class"]
 PREDICTION_COLUMNS = ["seriesuid", *WORLD_COLUMNS, "probability"]
 
 
-class TableError(ValueError):
+class InputError(ValueError):
+    """An input file or folder that cannot be used; the message is ``"<path>: <problem>"``
+    and the command lines print it as ``error: <path>: <problem>``."""
+
+
+class TableError(InputError):
     """A CSV that cannot be used; the message names the file and the problem."""
+
+
+def require_folder(path, kind: str, *, hint: str = "", nonempty: bool = False) -> Path:
+    """``path`` as a Path when it is an existing folder (with something in it where
+    ``nonempty``); otherwise ``FileNotFoundError`` (missing) or ``InputError`` (a file, an
+    empty folder), both ``"<path>: <problem>"`` followed by ``hint``."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: {kind} does not exist{hint}")
+    if not path.is_dir():
+        raise InputError(f"{path}: not a folder (expected the {kind}){hint}")
+    if nonempty and not any(path.iterdir()):
+        raise InputError(f"{path}: {kind} is empty{hint}")
+    return path
 
 
 def read_table(path, columns, *, kind: str = "table", allow_empty: bool = True,
@@ -52,6 +71,8 @@ def read_table(path, columns, *, kind: str = "table", allow_empty: bool = True,
                          f"{','.join(columns)})") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as err:
         raise TableError(f"{path}: {kind} file is not a valid CSV ({err})") from None
+    except OSError as err:
+        raise TableError(f"{path}: {kind} file cannot be read ({err.strerror or err})") from None
     frame.columns = [str(c).strip() for c in frame.columns]
     missing = [c for c in columns if c not in frame.columns]
     if missing:
@@ -106,7 +127,13 @@ def read_seriesuids(path) -> list[str]:
     path = Path(path)
     if not path.exists():
         raise TableError(f"{path}: seriesuid list does not exist")
-    lines = [line.split(",")[0].strip() for line in path.read_text().splitlines()]
+    if path.is_dir():
+        raise TableError(f"{path}: seriesuid list is a folder, expected a text file")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise TableError(f"{path}: seriesuid list cannot be read ({err})") from None
+    lines = [line.split(",")[0].strip() for line in text.splitlines()]
     uids = [line for line in lines if line and line != "seriesuid"]
     if not uids:
         raise TableError(f"{path}: seriesuid list is empty")

@@ -116,10 +116,10 @@ def main(argv=None) -> int:
     try:
         metas = cache.load_scan_metas(cache_dir)
         split = cache.split_by_subset(metas, cfg.training.fold)
+        annotations = cache.load_table(cache_dir, "annotations")
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    annotations = cache.load_table(cache_dir, "annotations")
     for part in ("train", "val"):
         if not annotations["seriesuid"].isin(split[part]).any():
             print(f"error: {cache_dir}: no annotated nodule in the {part} scans of fold "

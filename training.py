@@ -97,6 +97,34 @@ class RunFolder:
     def write_state(self, state: dict) -> None:
         atomic_write_text(self.state_path, json.dumps(state, indent=1) + "\n")
 
+    def pending_checkpoint(self, path: Path, epoch: int) -> Path:
+        """Where epoch ``epoch`` saves checkpoint ``path`` until the state names it."""
+        return path.with_name(f".{path.stem}.epoch{epoch}.tmp.keras")
+
+    def settle(self, state: dict | None) -> None:
+        """Make the folder match ``state`` after a kill at any moment of an epoch's end.
+
+        An epoch's checkpoints are saved under temporary names, then the state that lists
+        them (``pending``) is written (the commit), then they are renamed. So: move the
+        committed epoch's checkpoints into place, delete every other temporary file (a
+        half-saved model or table of an epoch that was not committed) and drop history rows
+        after the committed epoch."""
+        for final, pending in (state or {}).get("pending", {}).items():
+            if (self.root / pending).exists():
+                (self.root / pending).replace(self.root / final)
+        for leftover in [*self.root.glob(".*.tmp"), *self.root.glob(".*.tmp.keras")]:
+            leftover.unlink(missing_ok=True)
+        if state is not None and self.history.exists():
+            with open(self.history, newline="") as handle:
+                reader = csv.DictReader(handle)
+                keys, rows = reader.fieldnames, list(reader)
+            kept = [r for r in rows if int(r["epoch"]) <= int(state["epoch"])]
+            if len(kept) < len(rows):
+                with atomic_open(self.history, "w") as handle:
+                    writer = csv.DictWriter(handle, fieldnames=keys)
+                    writer.writeheader()
+                    writer.writerows(kept)
+
 
 def save_model_atomic(model, path: Path) -> None:
     """``model.save`` through a temporary name: a kill mid-save keeps the previous file."""
@@ -164,8 +192,10 @@ def _callback_class():
             best = self.state.get("best_value")
             improved = value is not None and math.isfinite(value) and (
                 best is None or (value > best if self.mode == "max" else value < best))
+            pending = {}  # checkpoints of this epoch, renamed once the state names them
             if improved:
-                save_model_atomic(self.model, self.folder.best)
+                pending[self.folder.best.name] = self.folder.pending_checkpoint(self.folder.best, epoch)
+                self.model.save(pending[self.folder.best.name])
                 self.state.update(best_value=value, best_epoch=epoch)
             action = "continue"
             if self.stopper is not None and self.loss_key in logs and self.accuracy_key in logs:
@@ -179,9 +209,12 @@ def _callback_class():
                     self.model.stop_training = True
                 self.state["early_stopping"] = self.stopper.state
             self._append_history(epoch, logs)
-            save_model_atomic(self.model, self.folder.last)
-            self.state.update(epoch=epoch, stopped=action == "stop")
-            self.folder.write_state(self.state)
+            pending[self.folder.last.name] = self.folder.pending_checkpoint(self.folder.last, epoch)
+            self.model.save(pending[self.folder.last.name])
+            self.state.update(epoch=epoch, stopped=action == "stop",
+                              pending={k: v.name for k, v in pending.items()})
+            self.folder.write_state(self.state)  # the commit
+            self.folder.settle(self.state)
 
         def _append_history(self, epoch, logs):
             rows = []
@@ -213,10 +246,13 @@ def fit(build_and_compile, folder: RunFolder, model_name: str, train_data, val_d
 
     folder.root.mkdir(parents=True, exist_ok=True)
     state = folder.read_state() if resume else None
+    folder.settle(state)
     strategy = strategy or setup_strategy(training_cfg)
     with strategy.scope():
         if state is not None and folder.last.exists():
-            model = keras.saving.load_model(folder.last)
+            import models  # noqa: F401 - registers the custom losses the checkpoint names
+
+            model = keras.saving.load_model(folder.last, safe_mode=True)
             initial_epoch = int(state["epoch"]) + 1
             print(f"resuming {folder.last} at epoch {initial_epoch + 1}")
         else:

@@ -2,7 +2,8 @@
 
     python benchmarks/bench_detect.py
     python benchmarks/bench_detect.py --repeats 3 --baseline-repeats 1 --out benchmarks/results
-    python benchmarks/bench_detect.py --shape 120 128 128 --repeats 1 --extra-batch-sizes ""  # quick
+    python benchmarks/bench_detect.py --shape 120,128,128 --repeats 1 --extra-batch-sizes ""  # quick
+    python benchmarks/bench_detect.py --shape 314,260,332 --repeats 1 --baseline-repeats 0  # memory
 
 Scan: a synthetic cached scan of a LUNA16 scan's size after resampling to 1 mm (default
 350 x 300 x 300 voxels, z y x), written in the cache layout to a temporary folder (deleted
@@ -41,11 +42,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -57,72 +56,16 @@ if str(REPO_ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from benchmarks.common import GIB, machine_info  # noqa: E402
+from benchmarks.common import (  # noqa: E402,F401 - lung_mask, write_synthetic_scan: re-exported
+    DEFAULT_CACHED_SHAPE_ZYX, DEFAULT_OUT, GIB, MARGIN_VOX, SEED, UID, lung_mask, machine_info,
+    parse_triple, print_result, run_tagged, write_synthetic_scan)
 
-DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results"
-DEFAULT_SHAPE_ZYX = (350, 300, 300)
-MARGIN_VOX = 8  # preprocess.crop_margin_mm at 1 mm
-LUNG_COVER_SCALE = 1.05  # ellipsoids 5% larger than their half-box, clipped: ~60% of the box
-LUNG_RANGE_UINT8 = (20, 120)
-PAD_UINT8 = 170  # 0 HU in the cache's (-1200, 600) window
-GEOMETRY = dict(origin_xyz_mm=(-170.0, -160.0, 40.0), spacing_xyz_mm=(1.0, 1.0, 1.0),
-                direction=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, -1.0))
-UID = "1.3.6.1.4.1.14519.5.2.1.6279.6001.999999999999999999999999999999"
-SEED = 0
-RESULT_TAG = "BENCH_RESULT "
+DEFAULT_SHAPE_ZYX = DEFAULT_CACHED_SHAPE_ZYX
 
 
 # --------------------------------------------------------------------------- inputs
-
-
-def lung_mask(shape_zyx, margin: int = MARGIN_VOX, scale: float = LUNG_COVER_SCALE) -> np.ndarray:
-    """Two ellipsoids side by side along x, filling the box ``margin`` voxels inside the volume."""
-    box = [n - 2 * margin for n in shape_zyx]
-    z, y, x = np.ogrid[:shape_zyx[0], :shape_zyx[1], :shape_zyx[2]]
-    cz, cy = margin + (box[0] - 1) / 2, margin + (box[1] - 1) / 2
-    az, ay, ax = box[0] / 2 * scale, box[1] / 2 * scale, box[2] / 4 * scale
-    common = ((z - cz) / az) ** 2 + ((y - cy) / ay) ** 2
-    mask = np.zeros(shape_zyx, dtype=np.uint8)
-    for cx in (margin + box[2] / 4 - 0.5, margin + 3 * box[2] / 4 - 0.5):
-        mask |= (common + ((x - cx) / ax) ** 2 <= 1.0).astype(np.uint8)
-    inside = tuple(slice(margin, n - margin) for n in shape_zyx)
-    clipped = np.zeros_like(mask)
-    clipped[inside] = mask[inside]
-    return clipped
-
-
-def write_synthetic_scan(cache_dir: Path, shape_zyx) -> dict:
-    """The benchmark scan in the cache layout; returns facts about it."""
-    import cache
-    import preprocess
-    from ct_io import Geometry
-
-    rng = np.random.default_rng(SEED)
-    mask = lung_mask(shape_zyx)
-    volume = rng.integers(*LUNG_RANGE_UINT8, size=shape_zyx, dtype=np.uint8, endpoint=True)
-    volume[mask == 0] = PAD_UINT8
-    zs, ys, xs = (np.flatnonzero(mask.any(axis=axes)) for axes in ((1, 2), (0, 2), (0, 1)))
-    bbox = (int(zs[0]), int(ys[0]), int(xs[0]), int(zs[-1]) + 1, int(ys[-1]) + 1, int(xs[-1]) + 1)
-    geometry = Geometry(**GEOMETRY)
-    lung_ml = float(mask.sum()) / 1000.0
-    box_voxels = int(np.prod([b - a for a, b in zip(bbox[:3], bbox[3:])]))
-    meta = cache.ScanMeta(
-        seriesuid=UID, source_path=f"/synthetic/subset0/{UID}.mhd",
-        original_shape_zyx=tuple(shape_zyx), original_spacing_xyz_mm=geometry.spacing_xyz_mm,
-        origin_xyz_mm=geometry.origin_xyz_mm, direction=geometry.direction,
-        resampled_shape_zyx=tuple(shape_zyx), resampled_spacing_xyz_mm=geometry.spacing_xyz_mm,
-        crop_offset_zyx_vox=(0, 0, 0), cache_shape_zyx=tuple(shape_zyx),
-        cache_origin_xyz_mm=geometry.origin_xyz_mm, lung_bbox_zyx_vox=bbox,
-        lung_volume_ml=lung_ml, lung_cover_ratio=round(lung_ml * 1000.0 / volume.size, 6),
-        left_lung_ml=lung_ml / 2, right_lung_ml=lung_ml / 2, airway_removed_ml=0.0,
-        window_hu=(-1200.0, 600.0), settings_hash="benchmark")
-    cache.save_array_atomic(cache.volume_path(cache_dir, UID), volume)
-    cache.save_array_atomic(cache.mask_path(cache_dir, UID), mask)
-    cache.write_scan_meta(cache_dir, meta)
-    preprocess.write_tables(cache_dir, {})
-    return {"shape_zyx": list(shape_zyx), "lung_bbox_zyx_vox": list(bbox),
-            "mask_fraction_of_box": round(float(mask.sum()) / box_voxels, 4),
-            "volume_mib": round(volume.nbytes / 2 ** 20, 1)}
+# The scan (lung_mask, write_synthetic_scan) lives in benchmarks/common.py: bench_classify.py
+# scores candidates in the same scan.
 
 
 def _inline_unet(input_shape, depth: int, base_filters: int):
@@ -255,18 +198,10 @@ def run_child(method: str, cache_dir: Path, model_path: Path, repeats: int, batc
               timeout_s: float) -> dict:
     command = [sys.executable, str(Path(__file__).resolve()), "--one", method, str(cache_dir),
                str(model_path), "--repeats", str(repeats), "--batch-size", str(batch_size)]
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s,
-                              cwd=str(REPO_ROOT), env=env)
-    except subprocess.TimeoutExpired:
-        return {"method": method, "batch_size": batch_size, "error": f"timed out after {timeout_s:.0f} s"}
-    for line in reversed(done.stdout.splitlines()):
-        if line.startswith(RESULT_TAG):
-            return json.loads(line[len(RESULT_TAG):])
-    tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-8:])
-    return {"method": method, "batch_size": batch_size,
-            "error": f"worker exited with status {done.returncode}: {tail}"}
+    result = run_tagged(command, timeout_s)
+    if "error" in result:
+        return {"method": method, "batch_size": batch_size, "error": result["error"]}
+    return result
 
 
 # --------------------------------------------------------------------------- report
@@ -331,9 +266,11 @@ def parse_args(argv):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3, help="runs of ours (default 3)")
     parser.add_argument("--baseline-repeats", type=int, default=1,
-                        help="runs of the naive recipe and of extra batch sizes (default 1; slow)")
-    parser.add_argument("--shape", type=int, nargs=3, default=list(DEFAULT_SHAPE_ZYX),
-                        metavar=("Z", "Y", "X"), help="scan size in voxels (default 350 300 300)")
+                        help="runs of the naive recipe and of extra batch sizes (default 1; slow; "
+                             "0: ours only, e.g. to measure its peak memory on a large scan)")
+    parser.add_argument("--shape", nargs="+", default=[",".join(map(str, DEFAULT_SHAPE_ZYX))],
+                        metavar="Z,Y,X", help="cached scan size in voxels, 'Z,Y,X' or 'Z Y X' "
+                                              "(default 350,300,300)")
     parser.add_argument("--batch-size", type=int, default=1,
                         help="ours' batch (default 1: on CPU, TensorFlow's Conv3DTranspose is "
                              "slower per window with larger batches)")
@@ -344,8 +281,12 @@ def parse_args(argv):
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds allowed per method")
     parser.add_argument("--one", nargs=3, metavar=("METHOD", "CACHE", "MODEL"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.repeats < 1 or args.baseline_repeats < 1 or args.batch_size < 1:
-        parser.error("--repeats, --baseline-repeats and --batch-size must be at least 1")
+    if args.repeats < 1 or args.baseline_repeats < 0 or args.batch_size < 1:
+        parser.error("--repeats and --batch-size must be at least 1, --baseline-repeats at least 0")
+    try:
+        args.shape = list(parse_triple(args.shape, int, "--shape"))
+    except ValueError as err:
+        parser.error(str(err))
     if min(args.shape) < 2 * MARGIN_VOX + 8:
         parser.error(f"--shape must be at least {2 * MARGIN_VOX + 8} voxels along each axis")
     return args
@@ -355,8 +296,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.one:
         method, cache_dir, model_path = args.one
-        result = measure(method, cache_dir, model_path, args.repeats, args.batch_size)
-        print(RESULT_TAG + json.dumps(result), flush=True)
+        print_result(measure(method, cache_dir, model_path, args.repeats, args.batch_size))
         return 0
 
     import config as config_lib
@@ -379,8 +319,9 @@ def main(argv=None) -> int:
         model = build_and_save_model(model_path)
         info = machine_info("tensorflow", "keras")
         plan = [("ours", args.batch_size, args.repeats)]
-        plan += [("ours", b, args.baseline_repeats) for b in extra]
-        plan += [("naive", 1, args.baseline_repeats)]
+        if args.baseline_repeats:
+            plan += [("ours", b, args.baseline_repeats) for b in extra]
+            plan += [("naive", 1, args.baseline_repeats)]
         results = []
         for method, batch, repeats in plan:
             print(f"  {method} (batch {batch}) x{repeats} ...", file=sys.stderr, flush=True)

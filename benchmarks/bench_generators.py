@@ -51,7 +51,7 @@ if str(REPO_ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from benchmarks.common import machine_info  # noqa: E402
+from benchmarks.common import DEFAULT_OUT, machine_info, warm_files  # noqa: E402
 import pandas as pd  # noqa: E402
 
 import cache  # noqa: E402
@@ -59,7 +59,6 @@ import generators as gen  # noqa: E402
 from config import ClassificationConfig, SegmentationConfig, load_profile  # noqa: E402
 from tables import write_csv_atomic  # noqa: E402
 
-DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results"
 BATCH_SIZE = 16
 SEG_CFG = SegmentationConfig(patch_size=64)
 CLS_CFG = ClassificationConfig(cube_size=32)
@@ -98,9 +97,8 @@ def build_padded_cache(source: Path, target: Path, shape_zyx) -> Path:
 
 
 def warm_page_cache(cache_dir: Path) -> None:
-    for path in sorted((cache_dir / cache.VOLUMES).glob("*.npy")) + \
-            sorted((cache_dir / cache.MASKS).glob("*.npy")):
-        path.read_bytes()
+    warm_files(sorted((cache_dir / cache.VOLUMES).glob("*.npy")) +
+               sorted((cache_dir / cache.MASKS).glob("*.npy")))
 
 
 # --------------------------------------------------------------------------- methods
@@ -219,17 +217,21 @@ def parse_args(argv):
     parser.add_argument("--cache-dir", help="an existing cache (default: build one from "
                                             "synthetic sample data in a temporary folder)")
     parser.add_argument("--scans", type=int, default=6, help="sample scans to build (default 6)")
-    parser.add_argument("--batches", type=int, default=20, help="timed batches per run")
+    parser.add_argument("--batches", type=int, default=None,
+                        help="timed batches per run (default 20; 10 with --quick)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed batches first")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per method (median)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="runs per method, median (default 3; 1 with --quick)")
     parser.add_argument("--luna-shape", type=int, nargs=3, default=(300, 240, 330),
                         metavar=("Z", "Y", "X"), help="padded cache size (voxels)")
     parser.add_argument("--quick", action="store_true",
-                        help="1 repeat, 10 batches, no LUNA16-sized cache")
+                        help="1 repeat, 10 batches (unless given), no LUNA16-sized cache")
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="folder for .md and .json")
     args = parser.parse_args(argv)
-    if args.quick:
-        args.repeats, args.batches = 1, 10
+    if args.repeats is None:
+        args.repeats = 1 if args.quick else 3
+    if args.batches is None:
+        args.batches = 10 if args.quick else 20
     if min(args.batches, args.repeats, args.scans) < 1 or args.warmup < 0:
         parser.error("--batches, --repeats and --scans must be >= 1, --warmup >= 0")
     return args
@@ -284,8 +286,14 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "generators.md").write_text(text)
-    payload = {"machine": info, "batch_size": BATCH_SIZE, "batches": args.batches,
-               "warmup": args.warmup, "repeats": args.repeats, "rows": rows}
+    import detect
+
+    payload = {"date": time.strftime("%Y-%m-%d %H:%M:%S"),
+               "command": " ".join([Path(sys.executable).name, *sys.argv]),
+               "machine": info, "batch_size": BATCH_SIZE, "batches": args.batches,
+               "warmup": args.warmup, "repeats": args.repeats, "quick": args.quick,
+               # one process runs every method: its peak, not a per-method figure
+               "peak_rss_gib": detect.peak_rss_bytes() / 2.0 ** 30, "rows": rows}
     (out / "generators.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
     return 0
 

@@ -3,6 +3,9 @@
     python benchmarks/bench_preprocess.py
     python benchmarks/bench_preprocess.py --repeats 3 --baseline-repeats 1 --out benchmarks/results
     python benchmarks/bench_preprocess.py --quick        # only the real DICOM scan
+    python benchmarks/bench_preprocess.py --shape 400,512,512 --spacing 0.7,0.7,1.0 --repeats 1
+    python benchmarks/bench_preprocess.py --shape 400,512,512 --spacing 0.7,0.7,1.0 --no-real \
+        --repeats 1 --baseline-repeats 0                 # peak memory of ours only
 
 Scans (read-only inputs; nothing is written next to them):
 
@@ -11,7 +14,10 @@ Scans (read-only inputs; nothing is written next to them):
 * a LUNA16-sized scan (512 x 512 x 300 at 0.7 x 0.7 x 1.25 mm, int16 ``.mhd``) built from
   that real scan: linear resampling with SimpleITK, centre crop/pad in x/y, reflect-padding
   along z. It is written to a temporary folder (outside the repository) and deleted at
-  the end unless ``--keep-tmp`` is given. ``--quick`` skips it.
+  the end unless ``--keep-tmp`` is given. ``--quick`` skips it. ``--shape Z,Y,X`` and
+  ``--spacing X,Y,Z`` (mm) build it at another size, e.g. ``--shape 400,512,512 --spacing
+  0.7,0.7,1.0`` for the memory target on a 512 x 512 x 400 scan; ``--no-real`` measures
+  only the built scan, ``--baseline-repeats 0`` only ours.
 
 Methods:
 
@@ -43,10 +49,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -59,11 +63,11 @@ if str(REPO_ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 
 import detect  # noqa: E402
-from benchmarks.common import GIB, machine_info  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    DEFAULT_OUT, GIB, machine_info, parse_triple, print_result, run_tagged, warm_files)
 
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 DICOM_SCAN = SHARED_DATA / "ct_dicom" / "chest_ct_2mm"
-DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results"
 
 # LUNA16-sized scan: a typical LUNA16 grid.
 LUNA_SPACING_XYZ_MM = (0.7, 0.7, 1.25)
@@ -85,11 +89,7 @@ NAIVE_DILATION_VOX = 5  # 5 mm at 1 mm, as preprocess.dilation_mm
 NAIVE_WINDOW_HU = (-1200.0, 600.0)
 NAIVE_PAD_HU = 0.0
 
-RESULT_TAG = "BENCH_RESULT "
 METHODS = ("ours", "naive")
-
-
-# --------------------------------------------------------------------------- memory
 
 
 # --------------------------------------------------------------------------- naive baseline
@@ -242,39 +242,35 @@ def measure_one(method: str, path: str) -> dict:
 
 def run_child(method: str, path: str, timeout_s: float) -> dict:
     """Run ``measure_one`` in a fresh Python process; return its figures or an error."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--one", method, path]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(REPO_ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s,
-                              cwd=str(REPO_ROOT), env=env)
-    except subprocess.TimeoutExpired:
-        return {"method": method, "path": path, "error": f"timed out after {timeout_s:.0f} s"}
-    for line in reversed(done.stdout.splitlines()):
-        if line.startswith(RESULT_TAG):
-            return json.loads(line[len(RESULT_TAG):])
-    tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-8:])
-    return {"method": method, "path": path,
-            "error": f"worker exited with status {done.returncode}: {tail}"}
+    result = run_tagged([sys.executable, str(Path(__file__).resolve()), "--one", method, path],
+                        timeout_s)
+    if "error" in result:
+        return {"method": method, "path": path, "error": result["error"]}
+    return result
 
 
 # --------------------------------------------------------------------------- test scans
 
 
-def make_luna16_sized_scan(dicom_dir: Path, out_dir: Path) -> tuple[Path, dict]:
-    """Build a 512 x 512 x 300 scan at 0.7 x 0.7 x 1.25 mm from the real DICOM scan."""
+def make_luna16_sized_scan(dicom_dir: Path, out_dir: Path,
+                           shape_zyx=(LUNA_SLICES, LUNA_SIZE_XY, LUNA_SIZE_XY),
+                           spacing_xyz_mm=LUNA_SPACING_XYZ_MM) -> tuple[Path, dict]:
+    """Build a scan of ``shape_zyx`` voxels at ``spacing_xyz_mm`` from the real DICOM scan
+    (default 512 x 512 x 300 at 0.7 x 0.7 x 1.25 mm)."""
     import SimpleITK as sitk
+
+    spacing_xyz_mm = tuple(float(v) for v in spacing_xyz_mm)
 
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(dicom_dir)))
     image = reader.Execute()
     size = [max(1, int(round(n * s / t)))
-            for n, s, t in zip(image.GetSize(), image.GetSpacing(), LUNA_SPACING_XYZ_MM)]
+            for n, s, t in zip(image.GetSize(), image.GetSpacing(), spacing_xyz_mm)]
     resampled = sitk.Resample(image, size, sitk.Transform(), sitk.sitkLinear, image.GetOrigin(),
-                              LUNA_SPACING_XYZ_MM, image.GetDirection(), AIR_HU, sitk.sitkInt16)
+                              spacing_xyz_mm, image.GetDirection(), AIR_HU, sitk.sitkInt16)
     del image
     array = sitk.GetArrayFromImage(resampled)  # (z, y, x)
-    target = (LUNA_SLICES, LUNA_SIZE_XY, LUNA_SIZE_XY)
+    target = tuple(int(n) for n in shape_zyx)
     start_index = []  # first output voxel as a (continuous) index of the resampled grid, z, y, x
     for axis, wanted in enumerate(target):
         have = array.shape[axis]
@@ -292,13 +288,13 @@ def make_luna16_sized_scan(dicom_dir: Path, out_dir: Path) -> tuple[Path, dict]:
                 array = np.pad(array, widths, mode="constant", constant_values=AIR_HU)
             start_index.append(-before)
     out = sitk.GetImageFromArray(np.ascontiguousarray(array, dtype=np.int16))
-    out.SetSpacing(LUNA_SPACING_XYZ_MM)
+    out.SetSpacing(spacing_xyz_mm)
     out.SetDirection(resampled.GetDirection())
     out.SetOrigin(resampled.TransformContinuousIndexToPhysicalPoint(
         [float(v) for v in reversed(start_index)]))
-    path = out_dir / "luna16_sized.mhd"
+    path = out_dir / f"built_{'x'.join(map(str, target))}.mhd"
     sitk.WriteImage(out, str(path), False)  # uncompressed .raw, as LUNA16 ships
-    info = {"shape_zyx": [int(n) for n in array.shape], "spacing_xyz_mm": list(LUNA_SPACING_XYZ_MM),
+    info = {"shape_zyx": [int(n) for n in array.shape], "spacing_xyz_mm": list(spacing_xyz_mm),
             "dtype": "int16", "built_from": str(dicom_dir),
             "how": "SimpleITK linear resampling, centre crop/pad x/y, reflect-pad z"}
     return path, info
@@ -306,19 +302,15 @@ def make_luna16_sized_scan(dicom_dir: Path, out_dir: Path) -> tuple[Path, dict]:
 
 def warm_page_cache(path: Path) -> None:
     """Read every file of a scan once so that no method pays for a cold disk."""
-    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else \
-        [path, path.with_suffix(".raw")]
-    for file in files:
-        if file.exists():
-            with open(file, "rb") as handle:
-                while handle.read(1 << 22):
-                    pass
+    warm_files(sorted(path.iterdir()) if path.is_dir() else [path, path.with_suffix(".raw")])
 
 
 # --------------------------------------------------------------------------- report
 
 
 def summarize(runs: list[dict]) -> dict:
+    if not runs:
+        return {"ok": False, "skipped": True, "errors": []}
     good = [r for r in runs if "error" not in r]
     if not good:
         return {"ok": False, "errors": [r.get("error") for r in runs]}
@@ -341,7 +333,9 @@ def check_targets(scans: list[dict]) -> list[dict]:
     targets = []
     for scan in scans:
         ours, naive = scan["ours"], scan["naive"]
-        if ours["ok"] and naive["ok"]:
+        if naive.get("skipped"):
+            pass  # --baseline-repeats 0: no speed-up to check
+        elif ours["ok"] and naive["ok"]:
             speedup = scan["speedup"]
             targets.append({"check": f"speed-up vs naive, {scan['name']}", "value": f"{speedup:.1f}x",
                             "target": f">= {MIN_SPEEDUP:g}x", "pass": speedup >= MIN_SPEEDUP})
@@ -363,6 +357,8 @@ def check_targets(scans: list[dict]) -> list[dict]:
 
 
 def _fmt(summary: dict, key: str, spec: str) -> str:
+    if summary.get("skipped"):
+        return "skipped"
     return format(summary[key], spec) if summary.get("ok") else "failed"
 
 
@@ -417,7 +413,14 @@ def parse_args(argv):
                         help="runs of the naive recipe per scan (default 1; it is slow)")
     parser.add_argument("--out", default=str(DEFAULT_OUT),
                         help="folder for preprocess.md / preprocess.json (default benchmarks/results)")
-    parser.add_argument("--quick", action="store_true", help="skip the LUNA16-sized scan")
+    parser.add_argument("--quick", action="store_true",
+                        help="skip the LUNA16-sized scan (unless --shape is given)")
+    parser.add_argument("--shape", default=None, nargs="+", metavar="Z,Y,X",
+                        help="size of the built scan in voxels (default 300,512,512)")
+    parser.add_argument("--spacing", default=None, nargs="+", metavar="X,Y,Z",
+                        help="voxel size of the built scan in mm, x,y,z (default 0.7,0.7,1.25)")
+    parser.add_argument("--no-real", action="store_true",
+                        help="measure only the built scan, not the real DICOM scan")
     parser.add_argument("--dicom", default=str(DICOM_SCAN), help="the real DICOM scan folder")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds allowed per run")
     parser.add_argument("--keep-tmp", action="store_true",
@@ -425,16 +428,26 @@ def parse_args(argv):
     parser.add_argument("--check", action="store_true", help="exit status 1 when a target fails")
     parser.add_argument("--one", nargs=2, metavar=("METHOD", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.repeats < 1 or args.baseline_repeats < 1:
-        parser.error("--repeats and --baseline-repeats must be at least 1")
+    if args.repeats < 1 or args.baseline_repeats < 0:
+        parser.error("--repeats must be at least 1, --baseline-repeats at least 0 (0: ours only)")
+    try:
+        args.built = args.shape is not None or args.spacing is not None or not args.quick
+        args.shape = parse_triple(args.shape or [LUNA_SLICES, LUNA_SIZE_XY, LUNA_SIZE_XY], int,
+                                  "--shape")
+        args.spacing = parse_triple(args.spacing or list(LUNA_SPACING_XYZ_MM), float, "--spacing")
+    except ValueError as err:
+        parser.error(str(err))
+    if min(args.shape) < 8 or min(args.spacing) <= 0:
+        parser.error("--shape needs at least 8 voxels per axis, --spacing positive sizes")
+    if args.no_real and not args.built:
+        parser.error("--no-real with --quick leaves nothing to measure: give --shape")
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.one:
-        result = measure_one(*args.one)
-        print(RESULT_TAG + json.dumps(result), flush=True)
+        print_result(measure_one(*args.one))
         return 0
 
     dicom = Path(args.dicom)
@@ -451,13 +464,20 @@ def main(argv=None) -> int:
 
     tmp_dir = Path(tempfile.mkdtemp(prefix="bench_preprocess_"))
     try:
-        scans = [{"name": "chest_ct_2mm (real DICOM, 141x512x512)", "path": str(dicom),
-                  "luna16_sized": False, "info": {"source": "real scan"}}]
-        if not args.quick:
-            print("building the LUNA16-sized scan ...", file=sys.stderr)
-            path, scan_info = make_luna16_sized_scan(dicom, tmp_dir)
-            scans.append({"name": "LUNA16-sized (300x512x512 mhd)", "path": str(path),
-                          "luna16_sized": True, "info": scan_info})
+        scans = []
+        if not args.no_real:
+            scans.append({"name": "chest_ct_2mm (real DICOM, 141x512x512)", "path": str(dicom),
+                          "luna16_sized": False, "info": {"source": "real scan"}})
+        if args.built:
+            default = (args.shape == (LUNA_SLICES, LUNA_SIZE_XY, LUNA_SIZE_XY)
+                       and args.spacing == tuple(LUNA_SPACING_XYZ_MM))
+            size = "x".join(map(str, args.shape))
+            name = ("LUNA16-sized (300x512x512 mhd)" if default else
+                    f"built {size} at {'x'.join(f'{v:g}' for v in args.spacing)} mm (mhd)")
+            print(f"building the {size} scan ...", file=sys.stderr)
+            path, scan_info = make_luna16_sized_scan(dicom, tmp_dir, args.shape, args.spacing)
+            scans.append({"name": name, "path": str(path), "luna16_sized": True,
+                          "info": scan_info})
         for scan in scans:
             warm_page_cache(Path(scan["path"]))
             for method, repeats in (("ours", args.repeats), ("naive", args.baseline_repeats)):
@@ -471,7 +491,7 @@ def main(argv=None) -> int:
                     print(f"  {scan['name']} / {method} run {i + 1}/{repeats}: {what}", file=sys.stderr)
                 scan[method] = summarize(runs)
                 scan[method]["all_runs"] = runs
-            ok = scan["ours"]["ok"] and scan["naive"]["ok"]
+            ok = scan["ours"]["ok"] and scan["naive"]["ok"]  # False where naive was skipped
             scan["speedup"] = (scan["naive"]["median_seconds"] / scan["ours"]["median_seconds"]
                                if ok else None)
     finally:
@@ -484,7 +504,8 @@ def main(argv=None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "args": {"repeats": args.repeats, "baseline_repeats": args.baseline_repeats,
-                 "quick": args.quick},
+                 "quick": args.quick, "no_real": args.no_real, "built": args.built,
+                 "shape_zyx": list(args.shape), "spacing_xyz_mm": list(args.spacing)},
         "machine": info,
         "targets_required": {"min_speedup": MIN_SPEEDUP, "max_luna16_seconds": MAX_LUNA_SECONDS,
                              "max_peak_gib": MAX_PEAK_GIB},

@@ -3,7 +3,8 @@
 ``SEGMENTERS`` and ``CLASSIFIERS`` map the names the command lines accept (``choices``) to
 callables ``f(input_shape, **overrides) -> keras.Model`` (not compiled). ``build_model``
 looks a name up in both. Importing this package registers the custom losses, so
-``keras.saving.load_model(path)`` reads ``.keras`` files in safe mode.
+``load_model_file(path)`` (``keras.saving.load_model`` with ``safe_mode=True`` plus checks)
+reads ``.keras`` files in safe mode.
 """
 
 from __future__ import annotations
@@ -81,13 +82,69 @@ def build_model(name: str, input_shape, **overrides):
     return builder(input_shape, **overrides)
 
 
+def load_model_file(path, role: str = "model"):
+    """Load a ``.keras`` file saved by this project, in Keras safe mode (no Python code from
+    the file runs: a ``Lambda`` layer or an unregistered class is refused).
+
+    Args:
+        path: the ``.keras`` file (a zip archive; legacy H5 and SavedModel folders are
+            refused: they are not what the training commands write).
+        role: ``"segmenter"`` or ``"classifier"`` also checks the input and output shapes
+            (one-channel 3D volume in; a same-size probability map, or one probability
+            per cube, out); anything else only loads.
+
+    Raises:
+        FileNotFoundError: no such file.
+        tables.InputError: ``"<path>: <problem>"`` for a file that is not a usable model.
+    """
+    import zipfile
+    from pathlib import Path
+
+    import keras
+
+    from tables import InputError
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: {role} file does not exist")
+    if path.is_dir() or path.suffix != ".keras" or not zipfile.is_zipfile(path):
+        what = "a folder" if path.is_dir() else "another kind of file"
+        raise InputError(f"{path}: not a .keras model file ({what})")
+    try:
+        model = keras.saving.load_model(path, safe_mode=True)
+    except Exception as err:  # noqa: BLE001 - whatever is wrong inside the archive
+        if "safe_mode" in str(err):
+            raise InputError(f"{path}: {role} cannot be loaded in Keras safe mode: it holds "
+                             "Python code (e.g. a Lambda layer) that loading would run; "
+                             "refused") from None
+        lines = str(err).strip().splitlines() or [""]
+        raise InputError(f"{path}: {role} cannot be loaded ({type(err).__name__}: "
+                         f"{lines[0]})") from None
+    if role in ("segmenter", "classifier"):
+        inputs, outputs = model.input_shape, model.output_shape
+        inputs = inputs[0] if isinstance(inputs, list) and len(inputs) == 1 else inputs
+        if isinstance(outputs, dict):  # deep supervision: the full-resolution map
+            outputs = outputs.get("segmentation", next(iter(outputs.values())))
+        outputs = outputs[0] if isinstance(outputs, list) else outputs
+        volume_in = isinstance(inputs, tuple) and len(inputs) == 5 and inputs[-1] == 1
+        ok = (volume_in and isinstance(outputs, tuple)
+              and (len(outputs) == 5 and outputs[-1] == 1 if role == "segmenter"
+                   else tuple(outputs[1:]) == (1,)))
+        if not ok:
+            expected = ("(batch, z, y, x, 1) -> (batch, z, y, x, 1)" if role == "segmenter"
+                        else "(batch, z, y, x, 1) -> (batch, 1)")
+            raise InputError(f"{path}: not a {role}: it maps {model.input_shape} to "
+                             f"{model.output_shape}, a {role} maps {expected}")
+    return model
+
+
 def custom_objects() -> dict:
     """Custom losses/metrics by name (also registered, so safe-mode loading needs none)."""
     return losses.custom_objects()
 
 
 __all__ = [
-    "SEGMENTERS", "CLASSIFIERS", "MODELS", "build_model", "custom_objects",
+    "SEGMENTERS", "CLASSIFIERS", "MODELS", "build_model", "custom_objects", "load_model_file",
     "build_unet3d", "build_vgg3d", "build_inception3d", "build_resnet3d",
     "build_densenet3d", "dice_coefficient", "dice_loss", "dice_bce_loss",
     "binary_focal_loss", "weighted_binary_crossentropy", "BinaryFocalLoss",

@@ -1,12 +1,20 @@
-"""train_classification.py and predict.py on a tiny cache: training, resume, scoring."""
+"""train_classification.py and predict.py on a tiny cache: training, resume (also after
+SIGKILL, ending exactly as an uninterrupted run), scoring."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
+import numpy as np
 import pandas as pd
 import pytest
 
 import predict
 import train_classification
+from tests.conftest import ROOT
 
 TINY = ["--profile", "quick", "--classification.cube_size=16", "--classification.batch_size=4",
         "--classification.steps_per_epoch=2", "--training.workers=1"]
@@ -41,3 +49,72 @@ def test_train_resume_and_predict(tiny_cache, tmp_path):
     assert list(frame.columns) == ["seriesuid", "coordX", "coordY", "coordZ", "probability"]
     assert len(frame) > 0 and frame["probability"].between(0, 1).all()
     assert frame["seriesuid"].nunique() == 1  # the test subset of fold 0
+
+
+# No dropout: training on the CPU is then deterministic for a seed (dropout masks are not
+# restored on resume), so the resumed run must repeat the uninterrupted one exactly.
+KILL = [*TINY, "--classification.vgg.dropout=0"]
+
+
+def _weights(path):
+    import keras
+
+    import models  # noqa: F401 - registers the custom losses
+
+    return keras.saving.load_model(path).get_weights()
+
+
+@pytest.mark.slow
+def test_run_killed_mid_way_resumes_and_ends_as_an_uninterrupted_run(tiny_cache, tmp_path):
+    work = tmp_path / "work"
+    folder = work / "classification" / "vgg_simple" / "fold0"
+    command = [sys.executable, str(ROOT / "train_classification.py"), "--model", "vgg_simple",
+               "--cache-dir", str(tiny_cache), "--work-dir", str(work), "--fold", "0", *KILL]
+    process = subprocess.Popen([*command, "--classification.epochs=40"], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        state = folder / "state.json"
+        if state.exists() and json.loads(state.read_text())["epoch"] >= 0:
+            break
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    killed = json.loads((folder / "state.json").read_text())
+    assert 0 <= killed["epoch"] < 39, "the kill must land mid-run"
+    done = killed["epoch"] + 1
+    # What a kill while saving the next epoch leaves: a half-written checkpoint and table.
+    (folder / f".last.epoch{done}.tmp.keras").write_bytes(b"PK\x03\x04 half a zip")
+    (folder / ".state.json.k1ll3d.tmp").write_text('{"epoch": ')
+    resumed_run = subprocess.run([*command, f"--classification.epochs={done + 1}", "--resume"],
+                                 cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                 text=True, timeout=300, check=False)
+    assert resumed_run.returncode == 0, resumed_run.stderr[-3000:]
+    resumed = json.loads((folder / "state.json").read_text())
+    assert resumed["epoch"] == done and resumed["run"] == killed["run"]
+    assert sorted(p.name for p in folder.iterdir() if ".tmp" in p.name) == []
+    assert len(list((folder / "logs").iterdir())) == 1  # the resumed run logs into the same folder
+
+    reference_work = tmp_path / "reference"
+    assert train_classification.main(["--model", "vgg_simple", "--cache-dir", str(tiny_cache),
+                                      "--work-dir", str(reference_work), "--fold", "0", *KILL,
+                                      f"--classification.epochs={done + 1}"]) == 0
+    reference = reference_work / "classification" / "vgg_simple" / "fold0"
+    history = pd.read_csv(folder / "history.csv")
+    assert list(history["epoch"]) == list(range(done + 1))
+    pd.testing.assert_frame_equal(history, pd.read_csv(reference / "history.csv"), rtol=1e-6, atol=1e-9)
+    expected = json.loads((reference / "state.json").read_text())
+    assert resumed["best_epoch"] == expected["best_epoch"]
+    assert resumed["best_value"] == pytest.approx(expected["best_value"], rel=1e-6)
+    for name in ("last.keras", "best.keras"):
+        for w, e in zip(_weights(folder / name), _weights(reference / name)):
+            assert np.all(np.isfinite(w)), name
+            np.testing.assert_allclose(w, e, rtol=1e-5, atol=1e-7, err_msg=name)
+    # The resumed model scores like the uninterrupted one.
+    scores = {}
+    for name, root in (("resumed", work), ("reference", reference_work)):
+        out = tmp_path / f"{name}.csv"
+        assert predict.main(["--model", "vgg_simple", "--cache-dir", str(tiny_cache), "--work-dir", str(root),
+                             "--fold", "0", "--out", str(out)]) == 0
+        scores[name] = pd.read_csv(out)
+    pd.testing.assert_frame_equal(scores["resumed"], scores["reference"], rtol=1e-5, atol=1e-7)

@@ -1,6 +1,11 @@
 """detect.py: sliding windows, blending, candidates in world mm, merging, the command line."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +17,7 @@ import detect
 import preprocess
 from config import load_profile
 from ct_io import Geometry, voxel_to_world, world_to_voxel
+from tests.conftest import ROOT
 
 FLIPPED_Z = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, -1.0)
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
@@ -288,6 +294,22 @@ def test_nodule_recall_uses_the_strict_radius():
     assert detect.nodule_recall(marks, annotations)["all"]["found"] == 3
 
 
+def test_metrics_report_each_split_of_the_fold(tiny_cache):
+    """Marks on the test scan's nodules only: recall 1 on test, 0 on train and val."""
+    uids = sorted(cache.load_scan_metas(tiny_cache))
+    split = cache.split_by_subset(cache.load_scan_metas(tiny_cache), 0)
+    annotations = cache.load_table(tiny_cache, "annotations")
+    on_test = annotations[annotations["seriesuid"].isin(split["test"])]
+    marks = on_test[["seriesuid", "coordX", "coordY", "coordZ"]].assign(probability=1.0)
+    metrics = detect._metrics(marks, uids, tiny_cache, {}, fold=0)
+    parts = metrics["by_split"]
+    assert set(parts) == {name for name, members in split.items() if members} >= {"test", "val"}
+    assert parts["test"]["recall"]["all"]["recall"] == 1.0
+    assert parts["test"]["candidates_per_scan"] == len(on_test) / len(split["test"])
+    assert parts["val"]["recall"]["all"]["found"] == 0 < parts["val"]["recall"]["all"]["nodules"]
+    assert metrics["recall"]["all"]["found"] == len(on_test) < len(annotations)
+    assert "by_split" not in detect._metrics(marks, split["test"], tiny_cache, {}, fold=0)
+
 # --------------------------------------------------------------------------- command line
 
 
@@ -392,3 +414,137 @@ def test_main_rejects_bad_paths_with_status_2(tiny_cache, threshold_model_file, 
     assert detect.main(["--cache-dir", str(empty), "--model", str(threshold_model_file), *common]) == 2
     assert "meta.csv" in capsys.readouterr().err
     assert not out.parent.exists() and not work.exists()
+
+
+# --------------------------------------------------------------------------- crash safety
+
+KILL_SCANS = 5
+KILL_SHAPE = (40, 48, 48)
+
+
+@pytest.fixture(scope="module")
+def noisy_cache(tmp_path_factory):
+    """Five noisy scans with a sphere each, large enough that detecting one with a small
+    UNet takes a good fraction of a second (a kill can land between two scans)."""
+    cache_dir = tmp_path_factory.mktemp("noisy_cache")
+    rng = np.random.default_rng(11)
+    rows = []
+    for i in range(KILL_SCANS):
+        uid = f"1.2.4.{i + 1}"
+        geometry = Geometry((-60.0 + 7.5 * i, 12.25, 150.0 - i), (1.0, 1.0, 1.0),
+                            FLIPPED_Z if i % 2 else IDENTITY)
+        centre = np.array(KILL_SHAPE) / 2.0 + rng.uniform(-6.0, 6.0, 3)
+        volume = sphere_volume(KILL_SHAPE, centre, 4.0).astype(np.int16)
+        volume = np.clip(volume + rng.integers(-40, 41, KILL_SHAPE), 0, 255).astype(np.uint8)
+        write_cached_scan(cache_dir, uid, volume,
+                          box_mask(KILL_SHAPE, (2, 2, 2), tuple(n - 2 for n in KILL_SHAPE)),
+                          geometry, subset=i % 3)
+        x, y, z = voxel_to_world(centre, geometry)
+        rows.append({"seriesuid": uid, "coordX": x, "coordY": y, "coordZ": z, "diameter_mm": 8.0})
+    preprocess.write_tables(cache_dir, {"annotations": pd.DataFrame(rows)})
+    return cache_dir
+
+
+@pytest.fixture(scope="module")
+def random_unet_file(tmp_path_factory):
+    """The project's smallest UNet (unet_simple, depth 2, 4 filters, 16^3) with random
+    weights, saved as .keras: real inference, many candidates of varied probability."""
+    keras = pytest.importorskip("keras")
+    import models
+
+    keras.utils.set_random_seed(7)
+    model = models.build_model("unet_simple", (16, 16, 16, 1), depth=2, base_filters=4)
+    path = tmp_path_factory.mktemp("random_unet") / "unet.keras"
+    model.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def random_unet_threshold(noisy_cache, random_unet_file):
+    """A threshold that the random UNet's probabilities pass in a few small regions per
+    scan (a quantile of its map of the first scan; random weights set the scale)."""
+    model = detect.load_segmenter(random_unet_file)
+    scan = cache.open_scan(noisy_cache, "1.2.4.1")
+    prob = detect.sliding_window_probability(scan.volume, scan.mask, scan.meta.lung_bbox_zyx_vox,
+                                             detect.keras_predict_fn(model, 8), 16, 0.5, 8)
+    return float(f"{np.quantile(prob, 0.998):.4g}")
+
+
+def _temporary_files(*folders):
+    return sorted(str(p) for folder in folders if folder.is_dir() for p in folder.rglob("*.tmp"))
+
+
+@pytest.mark.slow
+def test_killed_detection_then_rerun_equals_uninterrupted(noisy_cache, random_unet_file,
+                                                          random_unet_threshold, tmp_path):
+    def argv(work, out):
+        return ["--cache-dir", str(noisy_cache), "--work-dir", str(work), "--model",
+                str(random_unet_file), "--scans", "all", "--out", str(out), "--profile", "quick",
+                "--no-progress", "--inference.window_overlap=0.5",
+                f"--inference.threshold={random_unet_threshold}"]
+
+    reference_work, reference_out = tmp_path / "reference", tmp_path / "reference" / "detections.csv"
+    assert detect.main(argv(reference_work, reference_out)) == 0
+    reference = pd.read_csv(reference_out, dtype={"seriesuid": str})
+    per_scan = reference.groupby("seriesuid").size()
+    assert len(per_scan) == KILL_SCANS and per_scan.min() >= 2, per_scan  # a meaningful comparison
+
+    work, out = tmp_path / "work", tmp_path / "out" / "detections.csv"
+    scan_dir = work / "detections" / "fold0"
+    command = [sys.executable, str(ROOT / "detect.py"), *argv(work, out)]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None and not list(scan_dir.glob("*.csv")):
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    done = sorted(p.stem for p in scan_dir.glob("*.csv"))
+    assert 1 <= len(done) < KILL_SCANS, f"the kill must land mid-way ({len(done)} scans done)"
+    assert not out.exists()  # the combined CSV is written only when every scan is done
+    for uid in done:  # what the killed run finished is already final
+        assert (scan_dir / f"{uid}.csv").read_bytes() == \
+            (reference_work / "detections" / "fold0" / f"{uid}.csv").read_bytes()
+    # Results are written through a temporary file and renamed, so a kill cannot leave a
+    # truncated result; it can leave the temporary file, which a rerun must ignore and remove.
+    unfinished = min(set(reference["seriesuid"]) - set(done))
+    (scan_dir / f".{unfinished}.csv.k1ll3d.tmp").write_text("seriesuid,coordX,coordY\n1.2,3.")
+    out.parent.mkdir(parents=True, exist_ok=True)  # as a kill while writing the combined CSV leaves
+    (out.parent / f".{out.name}.k1ll3d.tmp").write_text("seriesuid,coordX")
+
+    rerun = subprocess.run(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           text=True, timeout=300, check=False)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"{len(done)} done before, {KILL_SCANS - len(done)} to detect" in rerun.stderr
+    assert out.read_bytes() == reference_out.read_bytes()
+    pd.testing.assert_frame_equal(pd.read_csv(out, dtype={"seriesuid": str}), reference)
+    for uid in reference["seriesuid"].unique():
+        assert (scan_dir / f"{uid}.csv").read_bytes() == \
+            (reference_work / "detections" / "fold0" / f"{uid}.csv").read_bytes(), uid
+    assert _temporary_files(work, out.parent) == []
+    metrics = json.loads(out.with_suffix(".metrics.json").read_text())
+    expected = json.loads(reference_out.with_suffix(".metrics.json").read_text())
+    assert metrics["scans_detected_now"] == KILL_SCANS - len(done)
+    for key in ("scans", "candidates", "recall", "candidates_on_nodules", "false_positives_per_scan"):
+        assert metrics[key] == expected[key], key
+
+
+@pytest.mark.slow
+def test_damaged_per_scan_result_is_detected_again(noisy_cache, random_unet_file,
+                                                   random_unet_threshold, tmp_path):
+    """A result file cut short (not by a kill: writes are atomic, but by a full disk or a
+    half-copied work folder) is not taken for a finished scan."""
+    work, out = tmp_path / "work", tmp_path / "detections.csv"
+    argv = ["--cache-dir", str(noisy_cache), "--work-dir", str(work), "--model", str(random_unet_file),
+            "--fold", "0", "--out", str(out), "--profile", "quick", "--no-progress",
+            f"--inference.threshold={random_unet_threshold}"]
+    assert detect.main(argv) == 0
+    reference = out.read_bytes()
+    results = sorted((work / "detections" / "fold0").glob("*.csv"))
+    texts = [path.read_text() for path in results]
+    assert len(results) == 2 and texts[0].count("\n") >= 3  # fold 0's test scans; 2+ rows
+    results[0].write_text(texts[0][:texts[0].index("\n", texts[0].index("\n") + 1) + 12])  # mid-row
+    results[1].write_text(texts[1][:10])  # mid-header
+    out.unlink()
+    assert detect.main(argv) == 0
+    assert out.read_bytes() == reference
+    assert [path.read_text() for path in results] == texts

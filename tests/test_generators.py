@@ -169,6 +169,20 @@ def test_augmentation_keeps_image_and_target_aligned():
     np.testing.assert_array_equal(again[1], first[1])
 
 
+def test_noise_augmentation_has_the_drawn_strength_and_no_bias():
+    image = np.full((32, 32, 32), 0.5, dtype=np.float32)
+    cfg = gen.Augmentation(flip=False, rot90_axial=False, rotate_probability=0.0,
+                           intensity_scale=0.0, intensity_offset=0.0, noise_sigma=0.03)
+    sigmas = [float(gen.augment(image, None, np.random.default_rng(s), cfg)[0].std())
+              for s in range(40)]
+    assert max(sigmas) <= 0.03 * 1.05 and min(sigmas) < 0.01 < max(sigmas)
+    assert abs(np.mean([gen.augment(image, None, np.random.default_rng(s), cfg)[0].mean()
+                        for s in range(10)]) - 0.5) < 1e-3
+    quiet = dataclasses.replace(cfg, noise_sigma=0.0)
+    np.testing.assert_array_equal(gen.augment(image, None, np.random.default_rng(0), quiet)[0],
+                                  image)
+
+
 @pytest.mark.parametrize("plane", [(1, 2), (0, 1), (2, 0)])
 def test_sparse_mask_rotation_equals_ndimage(plane):
     from scipy import ndimage
@@ -258,7 +272,8 @@ def test_augmented_segmentation_target_still_covers_the_bright_voxels(cache_dir)
 
 
 def test_negative_share_and_negative_centres_in_the_lungs(cache_dir):
-    sampler = _sampler(cache_dir)
+    sampler = gen.SegmentationSampler(
+        cache_dir, list(SCANS), dataclasses.replace(SEG_CFG, hard_negative_fraction=0.0), 0)
     plans = [sampler.plan(0, i) for i in range(600)]
     negatives = [p for p in plans if not p.positive]
     assert abs(len(negatives) / len(plans) - SEG_CFG.negative_fraction) < 0.06
@@ -267,6 +282,27 @@ def test_negative_share_and_negative_centres_in_the_lungs(cache_dir):
     assert all(lung[tuple(int(v) for v in p.center_zyx_vox)] for p in negatives)
     assert any(int(v) % 8 for p in negatives for v in p.center_zyx_vox)  # not only the lattice
     assert {p.seriesuid for p in negatives} == set(SCANS)  # the nodule-free scan too
+
+
+def test_hard_negatives_centre_on_the_given_non_nodule_candidates(cache_dir):
+    cfg = dataclasses.replace(SEG_CFG, negative_fraction=1.0, hard_negative_fraction=0.5)
+    sampler = gen.SegmentationSampler(cache_dir, list(SCANS), cfg, 0, max_shift_vox=2)
+    table = cache.load_table(cache_dir, "candidates")
+    hard = table[table["class"] == 0]
+    plans = [sampler.plan(0, i) for i in range(400)]
+    on_candidate = 0
+    for plan in plans:
+        rows = hard[hard["seriesuid"] == plan.seriesuid][["z_vox", "y_vox", "x_vox"]]
+        offsets = np.abs(rows.to_numpy() - np.asarray(plan.center_zyx_vox)).max(axis=1)
+        on_candidate += bool(len(offsets) and offsets.min() <= 2.0 + 1e-6)
+    assert 0.4 < on_candidate / len(plans) < 0.65  # half, plus random ones landing nearby
+    # Without class-0 candidates every negative is a random lung position.
+    none = dataclasses.replace(cfg, hard_negative_fraction=0.0)
+    plans = [gen.SegmentationSampler(cache_dir, list(SCANS), none, 0).plan(0, i)
+             for i in range(50)]
+    lung = np.zeros(SHAPE, dtype=bool)
+    lung[LUNG] = True
+    assert all(lung[tuple(int(v) for v in p.center_zyx_vox)] for p in plans)
 
 
 def test_size_weighting_draws_small_nodules_more_often(cache_dir):

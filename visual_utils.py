@@ -1,0 +1,1197 @@
+"""Figures for looking at scans, candidates, models and a whole run, plus the run report.
+
+    python visual_utils.py report --work-dir work [--fold 0] [--top 8]
+    python visual_utils.py gradcam --model-path work/classification/resnet/fold0/best.keras \\
+        --cache-dir work/cache --candidates work/submission.csv --out gradcam.png [--top 6]
+    python visual_utils.py montage --cache-dir work/cache --seriesuid UID --out montage.png \\
+        [--candidates work/submission.csv] [--slices 12]
+
+Figures (each returns a ``matplotlib.figure.Figure``; ``save_figure`` writes it as PNG):
+
+* ``slice_montage``: axial slices of a scan with nodule / candidate circles;
+* ``three_plane_view``: axial, coronal and sagittal slices through a point, mark drawn;
+* ``surface_figure``: 3D surface of the lung mask (marching cubes) with the nodules;
+* ``training_curves_figure``: loss and metrics of ``history.csv`` files;
+* ``gradcam_figure``: Grad-CAM maps (``grad_cams``) over a cube's three central slices.
+
+Slices are shown in the radiological orientation whatever the scan's direction matrix
+(patient right on the left, anterior up in axial slices, superior up in coronal and
+sagittal ones), so a flipped-z scan looks like any other (meant for axis-aligned direction
+matrices, flips included, as in LUNA16). Every mark is placed with ``ct_io.world_to_voxel``
+and drawn with its true cross-section radius in the slice.
+Figures use matplotlib's object API with the Agg canvas: no pyplot, no global state.
+
+``build_report(work_dir, fold)`` writes ``WORK/report/`` (see its docstring);
+``run_pipeline.py`` calls ``pipeline_report`` after the evaluation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+import cache
+from ct_io import Geometry, voxel_to_world, world_to_voxel
+from tables import atomic_open, atomic_write_text
+
+WORLD_COLUMNS = ["coordX", "coordY", "coordZ"]
+PLANES = ("axial", "coronal", "sagittal")
+# (row axis, column axis, normal axis) as array axes (0 = z, 1 = y, 2 = x) of each plane.
+PLANE_AXES = {"axial": (1, 2, 0), "coronal": (0, 2, 1), "sagittal": (0, 1, 2)}
+# World direction (0 = x, 1 = y, 2 = z; sign) that rows and columns run along on screen
+# in the radiological convention of LPS coordinates: columns towards the patient's left
+# (+x) in axial and coronal slices, towards posterior (+y) in sagittal ones; rows towards
+# posterior (+y) in axial slices, towards inferior (-z) in coronal and sagittal ones.
+SCREEN_DIRECTIONS = {"axial": ((1, 1), (0, 1)), "coronal": ((2, -1), (0, 1)),
+                     "sagittal": ((2, -1), (1, 1))}
+DEFAULT_NODULE_DIAMETER_MM = 10.0  # LUNA16's size for a negative diameter
+NODULE_COLOR = "lime"
+EXCLUDED_COLOR = "gold"
+MARK_COLOR = "red"
+CANDIDATE_COLOR = "orange"
+REPORT_FILES = ("top_detections.png", "missed_nodules.png", "training_curves.png",
+                "surface.png", "gradcam.png")
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def new_figure(width_in: float, height_in: float):
+    """A Figure on its own Agg canvas (leaves pyplot and the global backend alone)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width_in, height_in))
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def save_figure(figure, path, dpi: int = 90) -> Path:
+    """Write ``figure`` as PNG atomically (a reader never sees half a file); returns the path."""
+    path = Path(path)
+    with atomic_open(path, "wb") as handle:
+        figure.savefig(handle, format="png", dpi=dpi)
+    return path
+
+
+def message_figure(text: str, title: str = "", width_in: float = 8.0, height_in: float = 2.5):
+    """A figure holding only ``text``: stands in for a figure that has nothing to show."""
+    figure = new_figure(width_in, height_in)
+    ax = figure.add_subplot(1, 1, 1)
+    ax.axis("off")
+    ax.text(0.5, 0.5, text, ha="center", va="center", wrap=True, fontsize=11)
+    if title:
+        ax.set_title(title)
+    return figure
+
+
+def _value_range(image: np.ndarray, value_range):
+    if value_range is not None:
+        return value_range
+    if image.dtype == np.uint8:
+        return 0, 255
+    finite = image[np.isfinite(image)]
+    return (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+
+
+# --------------------------------------------------------------------------- planes
+
+
+@dataclass(frozen=True, eq=False)
+class PlaneView:
+    """One slice of a volume, oriented for the screen, and how voxels map into it.
+
+    ``image[row, col]``; ``locate`` gives where any voxel point falls on it and how far
+    (mm) it lies from the slice plane.
+    """
+
+    name: str
+    image: np.ndarray
+    row_axis: int  # array axis (0 = z, 1 = y, 2 = x) running down the rows
+    col_axis: int
+    normal_axis: int
+    slice_vox: int  # index of the slice along normal_axis in the full volume
+    start_vox: tuple[int, int, int]  # full-volume voxel of the image's first row/col
+    flip_rows: bool
+    flip_cols: bool
+    pixel_mm: tuple[float, float]  # (row, col) pixel size
+    normal_mm: float  # voxel size along the normal
+
+    def locate(self, points_zyx_vox):
+        """``(rows, cols, offsets_mm)`` of voxel points ``(n, 3)`` (z, y, x) on the image."""
+        p = np.atleast_2d(np.asarray(points_zyx_vox, dtype=np.float64))
+        rows = p[:, self.row_axis] - self.start_vox[self.row_axis]
+        cols = p[:, self.col_axis] - self.start_vox[self.col_axis]
+        if self.flip_rows:
+            rows = self.image.shape[0] - 1 - rows
+        if self.flip_cols:
+            cols = self.image.shape[1] - 1 - cols
+        offsets = (p[:, self.normal_axis] - self.slice_vox) * self.normal_mm
+        return rows, cols, offsets
+
+    @property
+    def aspect(self) -> float:
+        return self.pixel_mm[0] / self.pixel_mm[1]
+
+
+def _screen_flips(geometry: Geometry, plane: str) -> tuple[bool, bool]:
+    """Whether rows / columns of the raw array slice run against the screen convention."""
+    matrix = geometry.direction_matrix
+    flips = []
+    for array_axis, (world_axis, sign) in zip(PLANE_AXES[plane][:2], SCREEN_DIRECTIONS[plane]):
+        # Column a of the direction matrix is the world direction of index axis a (x, y, z);
+        # array axis v is index axis 2 - v.
+        component = matrix[world_axis, 2 - array_axis]
+        flips.append(bool(component * sign < 0))
+    return flips[0], flips[1]
+
+
+def plane_view(volume: np.ndarray, geometry: Geometry, plane: str, center_zyx_vox,
+               window_vox: int | None = None, pad_value=0) -> PlaneView:
+    """The ``plane`` slice through voxel ``center_zyx_vox`` (rounded half up; clamped into
+    the volume), whole or a ``window_vox`` square around the centre (padded with
+    ``pad_value`` outside the volume). Reads only that slice of a memory-mapped volume."""
+    from generators import crop_patch
+
+    if plane not in PLANE_AXES:
+        raise ValueError(f"plane {plane!r} must be one of {', '.join(PLANES)}")
+    row_axis, col_axis, normal_axis = PLANE_AXES[plane]
+    shape = np.asarray(volume.shape[:3], dtype=np.int64)
+    center = np.floor(np.asarray(center_zyx_vox, dtype=np.float64) + 0.5).astype(np.int64)
+    center[normal_axis] = np.clip(center[normal_axis], 0, shape[normal_axis] - 1)
+    size = shape.copy()
+    start = np.zeros(3, dtype=np.int64)
+    size[normal_axis] = 1
+    start[normal_axis] = center[normal_axis]
+    if window_vox is not None:
+        for axis in (row_axis, col_axis):
+            size[axis] = int(window_vox)
+            start[axis] = center[axis] - int(window_vox) // 2
+    box = crop_patch(volume, start + size // 2, size, pad_value)
+    image = np.squeeze(box, axis=normal_axis)  # remaining axes keep their order: rows, cols
+    flip_rows, flip_cols = _screen_flips(geometry, plane)
+    if flip_rows:
+        image = image[::-1]
+    if flip_cols:
+        image = image[:, ::-1]
+    spacing = geometry.spacing_zyx_mm
+    return PlaneView(plane, np.ascontiguousarray(image), row_axis, col_axis, normal_axis,
+                     int(center[normal_axis]), tuple(int(v) for v in start), flip_rows,
+                     flip_cols, (float(spacing[row_axis]), float(spacing[col_axis])),
+                     float(spacing[normal_axis]))
+
+
+def plane_views(volume: np.ndarray, geometry: Geometry, point_xyz_mm,
+                window_vox: int | None = 64, pad_value=0) -> list[PlaneView]:
+    """Axial, coronal and sagittal views through a world point (x, y, z mm)."""
+    center = world_to_voxel(np.asarray(point_xyz_mm, dtype=np.float64), geometry)
+    return [plane_view(volume, geometry, plane, center, window_vox, pad_value) for plane in PLANES]
+
+
+def _show(ax, view: PlaneView, value_range=None, cmap: str = "gray"):
+    vmin, vmax = _value_range(view.image, value_range)
+    ax.imshow(view.image, cmap=cmap, vmin=vmin, vmax=vmax, aspect=view.aspect,
+              interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def draw_circles(ax, view: PlaneView, points_zyx_vox, diameters_mm, *, color: str,
+                 linestyle: str = "-", linewidth: float = 1.2) -> int:
+    """Circle each sphere where it cuts the slice (radius of the cross-section, so a
+    nodule shrinks on the slices near its edge and vanishes beyond it); returns how
+    many were drawn."""
+    from matplotlib.patches import Ellipse
+
+    points = np.atleast_2d(np.asarray(points_zyx_vox, dtype=np.float64))
+    if len(points) == 0:
+        return 0
+    diameters = np.broadcast_to(np.asarray(diameters_mm, dtype=np.float64), (len(points),))
+    rows, cols, offsets = view.locate(points)
+    drawn = 0
+    height, width = view.image.shape
+    for row, col, offset, diameter in zip(rows, cols, offsets, diameters):
+        radius = (diameter if diameter > 0 else DEFAULT_NODULE_DIAMETER_MM) / 2.0
+        if abs(offset) >= radius:
+            continue
+        cut = math.sqrt(radius * radius - offset * offset)
+        # Skip circles wholly outside the image; matplotlib would still widen the axes.
+        if col + cut / view.pixel_mm[1] < -0.5 or col - cut / view.pixel_mm[1] > width - 0.5 \
+                or row + cut / view.pixel_mm[0] < -0.5 or row - cut / view.pixel_mm[0] > height - 0.5:
+            continue
+        ax.add_patch(Ellipse((col, row), 2 * cut / view.pixel_mm[1], 2 * cut / view.pixel_mm[0],
+                             fill=False, edgecolor=color, linestyle=linestyle, linewidth=linewidth))
+        drawn += 1
+    ax.set_xlim(-0.5, width - 0.5)
+    ax.set_ylim(height - 0.5, -0.5)
+    return drawn
+
+
+def draw_cross(ax, view: PlaneView, point_zyx_vox, *, color: str = MARK_COLOR,
+               gap: float | None = None, length: float | None = None):
+    """Crosshair on the point: four ticks around it with a gap in the middle, so the
+    structure under the mark stays visible. Drawn whatever the point's distance to the
+    slice (it marks the centre of the view). ``gap``, ``length`` in image pixels (default
+    a fraction of the image). Returns the Line2D (its ticks are symmetric about the point)."""
+    rows, cols, _ = view.locate(point_zyx_vox)
+    row, col = float(rows[0]), float(cols[0])
+    side = min(view.image.shape)
+    gap = max(2.0, 0.06 * side) if gap is None else gap
+    length = max(2.0, 0.1 * side) if length is None else length
+    nan = np.nan
+    xs = [col - gap - length, col - gap, nan, col + gap, col + gap + length, nan,
+          col, col, nan, col, col]
+    # Ticks along rows are divided by the pixel aspect so all four look equally long.
+    ys = [row, row, nan, row, row, nan,
+          row - (gap + length) / view.aspect, row - gap / view.aspect, nan,
+          row + gap / view.aspect, row + (gap + length) / view.aspect]
+    (line,) = ax.plot(xs, ys, "-", color=color, linewidth=1.6, gid="mark")
+    return line
+
+
+def _table_voxels(frame: pd.DataFrame | None, geometry: Geometry):
+    """Voxel points (n, 3) and diameters (n,) of a table's rows (diameter 0 where absent)."""
+    if frame is None or len(frame) == 0:
+        return np.zeros((0, 3)), np.zeros(0)
+    points = world_to_voxel(frame[WORLD_COLUMNS].to_numpy(np.float64), geometry)
+    diameters = (frame["diameter_mm"].to_numpy(np.float64) if "diameter_mm" in frame
+                 else np.zeros(len(frame)))
+    return points.reshape(-1, 3), diameters
+
+
+def three_plane_view(volume: np.ndarray, geometry: Geometry, point_xyz_mm, *,
+                     diameter_mm: float | None = None, nodules: pd.DataFrame | None = None,
+                     excluded: pd.DataFrame | None = None, window_vox: int | None = 64,
+                     pad_value=0, title: str | None = None, axes=None, value_range=None):
+    """Axial, coronal and sagittal slices through a world point with a red crosshair on it.
+
+    Args:
+        volume: ``(z, y, x)`` array (e.g. ``cache.open_scan(...).volume``).
+        geometry: its ``ct_io.Geometry``.
+        point_xyz_mm: the point (x, y, z mm).
+        diameter_mm: also circle the point in red with this diameter.
+        nodules, excluded: tables (``coordX, coordY, coordZ, diameter_mm``) of spheres to
+            circle in green / yellow where they cut the slices.
+        window_vox: side of the square shown around the point; None for whole slices.
+        pad_value: value outside the volume.
+        title: figure title (or, with ``axes``, the axial panel's title).
+        axes: three Axes to draw into (e.g. one row of a grid); default a new figure.
+
+    Returns:
+        The Figure.
+    """
+    views = plane_views(volume, geometry, point_xyz_mm, window_vox, pad_value)
+    if axes is None:
+        figure = new_figure(9.0, 3.4)
+        axes = [figure.add_subplot(1, 3, i + 1) for i in range(3)]
+        if title:
+            figure.suptitle(title, fontsize=10)
+        title = None
+    figure = axes[0].figure
+    center = world_to_voxel(np.asarray(point_xyz_mm, dtype=np.float64), geometry)
+    nodule_points, nodule_diameters = _table_voxels(nodules, geometry)
+    excluded_points, excluded_diameters = _table_voxels(excluded, geometry)
+    for ax, view in zip(axes, views):
+        _show(ax, view, value_range)
+        draw_circles(ax, view, excluded_points, excluded_diameters, color=EXCLUDED_COLOR,
+                     linestyle=":")
+        draw_circles(ax, view, nodule_points, nodule_diameters, color=NODULE_COLOR)
+        if diameter_mm:
+            draw_circles(ax, view, center, diameter_mm, color=MARK_COLOR, linestyle="--")
+        draw_cross(ax, view, center)
+        ax.set_xlabel(view.name, fontsize=8)
+    if title:
+        axes[0].set_title(title, fontsize=9, loc="left")
+    return figure
+
+
+# --------------------------------------------------------------------------- montage
+
+
+def montage_slices(volume_shape, geometry: Geometry, nodules: pd.DataFrame | None = None,
+                   n_slices: int = 12) -> list[int]:
+    """Axial slice indices for a montage: every nodule's centre slice first (at most
+    ``n_slices``), the rest spread evenly over the volume; sorted."""
+    n_z = int(volume_shape[0])
+    chosen: list[int] = []
+    points, _ = _table_voxels(nodules, geometry)
+    for z in np.floor(points[:, 0] + 0.5).astype(int) if len(points) else []:
+        if 0 <= z < n_z and z not in chosen and len(chosen) < n_slices:
+            chosen.append(int(z))
+    for z in np.linspace(0, n_z - 1, n_slices + 2)[1:-1].round().astype(int):
+        if len(chosen) >= n_slices:
+            break
+        if int(z) not in chosen:
+            chosen.append(int(z))
+    return sorted(chosen)
+
+
+def slice_montage(volume: np.ndarray, geometry: Geometry, nodules: pd.DataFrame | None = None,
+                  candidates: pd.DataFrame | None = None, *, mask: np.ndarray | None = None,
+                  slices=None, n_slices: int = 12, columns: int = 4,
+                  candidate_diameter_mm: float = 6.0, title: str | None = None,
+                  value_range=None):
+    """Axial slices of a scan with the nodules (green circles of their cross-section),
+    candidates (orange dashed circles of ``candidate_diameter_mm``) and optionally the
+    lung mask outline (cyan).
+
+    ``slices``: axial indices to show (default ``montage_slices``). Returns the Figure.
+    """
+    if slices is None:
+        slices = montage_slices(volume.shape, geometry, nodules, n_slices)
+    slices = [int(s) for s in slices]
+    if not slices:
+        raise ValueError("no slice to show")
+    rows = math.ceil(len(slices) / columns)
+    figure = new_figure(3.0 * columns, 3.1 * rows + (0.4 if title else 0.0))
+    nodule_points, nodule_diameters = _table_voxels(nodules, geometry)
+    cand_points, _ = _table_voxels(candidates, geometry)
+    for i, z in enumerate(slices):
+        ax = figure.add_subplot(rows, columns, i + 1)
+        center = (z, volume.shape[1] / 2.0, volume.shape[2] / 2.0)
+        view = plane_view(volume, geometry, "axial", center)
+        _show(ax, view, value_range)
+        if mask is not None:
+            outline = plane_view(mask, geometry, "axial", center).image
+            if outline.any():
+                ax.contour(outline, levels=[0.5], colors="cyan", linewidths=0.5)
+        n_cand = draw_circles(ax, view, cand_points, candidate_diameter_mm, color=CANDIDATE_COLOR,
+                              linestyle="--", linewidth=0.9)
+        n_nod = draw_circles(ax, view, nodule_points, nodule_diameters, color=NODULE_COLOR)
+        world_z = voxel_to_world(np.asarray(center, dtype=np.float64), geometry)[2]
+        ax.set_title(f"z={z} ({world_z:.1f} mm) nod {n_nod} cand {n_cand}", fontsize=8)
+    if title:
+        figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    return figure
+
+
+# --------------------------------------------------------------------------- surface
+
+
+def surface_mesh(mask: np.ndarray, geometry: Geometry, step: int = 2, level: float = 0.5):
+    """Marching-cubes surface of a binary mask, on every ``step``-th voxel.
+
+    Returns ``(vertices (n, 3) world x, y, z mm, faces (m, 3) vertex indices)``; empty
+    arrays for an empty mask.
+    """
+    from skimage.measure import marching_cubes
+
+    if step < 1:
+        raise ValueError(f"step={step} must be >= 1")
+    small = np.asarray(mask[::step, ::step, ::step]) > 0
+    if not small.any():
+        return np.zeros((0, 3)), np.zeros((0, 3), dtype=np.int64)
+    # A zero border closes the surface where the mask touches the volume's edge.
+    padded = np.pad(small.astype(np.float32), 1)
+    vertices, faces, _, _ = marching_cubes(padded, level)
+    vertices_vox = (vertices - 1.0) * step  # back to full-volume voxel indices (z, y, x)
+    return voxel_to_world(vertices_vox, geometry), faces.astype(np.int64)
+
+
+def sphere_mesh(center_xyz_mm, diameter_mm: float, resolution: int = 12):
+    """Quadrilaterals ``(n, 4, 3)`` (world mm) of a sphere, for a Poly3DCollection."""
+    radius = (diameter_mm if diameter_mm > 0 else DEFAULT_NODULE_DIAMETER_MM) / 2.0
+    u = np.linspace(0.0, 2.0 * np.pi, resolution + 1)
+    v = np.linspace(0.0, np.pi, resolution // 2 + 1)
+    grid = np.stack([np.outer(np.cos(u), np.sin(v)), np.outer(np.sin(u), np.sin(v)),
+                     np.outer(np.ones_like(u), np.cos(v))], axis=-1) * radius
+    grid = grid + np.asarray(center_xyz_mm, dtype=np.float64)
+    quads = np.stack([grid[:-1, :-1], grid[1:, :-1], grid[1:, 1:], grid[:-1, 1:]], axis=2)
+    return quads.reshape(-1, 4, 3)
+
+
+def surface_figure(mask: np.ndarray, geometry: Geometry, nodules: pd.DataFrame | None = None,
+                   *, step: int | None = None, title: str | None = None,
+                   elevation: float = 10.0, azimuth: float = -90.0):
+    """3D view of the lung mask's surface (translucent) and the nodules (red spheres of
+    their diameter) in world coordinates; seen from the front (anterior) by default.
+
+    ``step``: mask subsampling for marching cubes (default: about 64 voxels along the
+    longest axis). Returns the Figure.
+    """
+    from mpl_toolkits.mplot3d.art3d import Poly3DCollection
+
+    if step is None:
+        step = max(1, math.ceil(max(mask.shape) / 64))
+    vertices, faces = surface_mesh(mask, geometry, step)
+    figure = new_figure(7.0, 7.0)
+    ax = figure.add_subplot(1, 1, 1, projection="3d")
+    if len(faces):
+        ax.add_collection3d(Poly3DCollection(vertices[faces], facecolor="steelblue",
+                                             edgecolor="none", alpha=0.15))
+        low, high = vertices.min(axis=0), vertices.max(axis=0)
+    else:
+        corners = voxel_to_world(np.array([[0, 0, 0], np.asarray(mask.shape) - 1], float), geometry)
+        low, high = corners.min(axis=0), corners.max(axis=0)
+    n_nodules = 0
+    if nodules is not None:
+        for row in nodules.itertuples(index=False):
+            ax.add_collection3d(Poly3DCollection(
+                sphere_mesh((row.coordX, row.coordY, row.coordZ), float(row.diameter_mm)),
+                facecolor="red", edgecolor="none", alpha=0.9))
+            n_nodules += 1
+    ax.set_xlim(low[0], high[0])
+    ax.set_ylim(low[1], high[1])
+    ax.set_zlim(low[2], high[2])
+    ax.set_box_aspect(np.maximum(high - low, 1e-6))
+    ax.set_xlabel("x mm")
+    ax.set_ylabel("y mm")
+    ax.set_zlabel("z mm")
+    ax.view_init(elev=elevation, azim=azimuth)
+    ax.set_title(title or f"lungs and {n_nodules} nodule(s)", fontsize=9)
+    return figure
+
+
+# --------------------------------------------------------------------------- training curves
+
+
+def read_history(path) -> pd.DataFrame:
+    """A ``history.csv`` (``training.RunFolder``) with an ``epoch`` column."""
+    path = Path(path)
+    frame = pd.read_csv(path)
+    if frame.empty:
+        raise ValueError(f"{path}: history has no epochs")
+    if "epoch" not in frame:
+        frame.insert(0, "epoch", np.arange(len(frame)))
+    if "loss" not in frame:
+        raise ValueError(f"{path}: history has no loss column (found {', '.join(frame.columns)})")
+    return frame
+
+
+def metric_families(columns) -> list[str]:
+    """Metric names of a history (``auc`` for ``auc``/``val_auc``), loss and lr left out."""
+    names = []
+    for column in columns:
+        base = column.removeprefix("val_")
+        if base not in ("epoch", "loss", "lr", "learning_rate") and base not in names:
+            names.append(base)
+    return names
+
+
+def training_curves_figure(histories: dict):
+    """Loss (left) and metrics (right, train solid, validation dashed) per model.
+
+    ``histories``: label -> ``history.csv`` path or DataFrame. Returns the Figure.
+    """
+    if not histories:
+        raise ValueError("no history to plot")
+    figure = new_figure(12.0, 3.2 * len(histories))
+    colors = [f"C{i}" for i in range(10)]
+    for r, (label, history) in enumerate(histories.items()):
+        frame = history if isinstance(history, pd.DataFrame) else read_history(history)
+        epochs = frame["epoch"].to_numpy()
+        ax = figure.add_subplot(len(histories), 2, 2 * r + 1)
+        for column, style in (("loss", "-o"), ("val_loss", "--s")):
+            if column in frame:
+                _plot_series(ax, epochs, frame[column], style, "C0" if column == "loss" else "C3",
+                             column)
+        ax.set_title(f"{label}: loss", fontsize=9)
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        ax = figure.add_subplot(len(histories), 2, 2 * r + 2)
+        families = metric_families(frame.columns)
+        for k, name in enumerate(families):
+            color = colors[k % len(colors)]
+            for column, style in ((name, "-o"), (f"val_{name}", "--s")):
+                if column in frame:
+                    _plot_series(ax, epochs, frame[column], style, color, column)
+        ax.set_title(f"{label}: metrics", fontsize=9)
+        ax.set_xlabel("epoch", fontsize=8)
+        if families:
+            ax.legend(fontsize=6, ncol=2)
+        ax.grid(alpha=0.3)
+    figure.tight_layout()
+    return figure
+
+
+def _plot_series(ax, epochs, values, style, color, label):
+    values = pd.to_numeric(values, errors="coerce").to_numpy(np.float64)
+    keep = np.isfinite(values)  # some metrics are computed only every few epochs
+    if keep.any():
+        ax.plot(epochs[keep], values[keep], style, color=color, label=label, markersize=3)
+
+
+# --------------------------------------------------------------------------- Grad-CAM
+
+
+def find_gradcam_layer(model) -> str:
+    """Name of the last layer with a 5D output (batch, z, y, x, channels) before the first
+    global pooling / flatten layer: the last 3D feature map the prediction is read from."""
+    import keras
+
+    pooling = (keras.layers.GlobalAveragePooling3D, keras.layers.GlobalMaxPooling3D,
+               keras.layers.Flatten)
+    layers = list(model.layers)
+    stop = next((i for i, layer in enumerate(layers) if isinstance(layer, pooling)), len(layers))
+    for layer in reversed(layers[:stop]):
+        if isinstance(layer, keras.layers.InputLayer):
+            continue
+        try:
+            rank = len(layer.output.shape)
+        except (AttributeError, ValueError):
+            continue  # a layer used several times has no single output
+        if rank == 5:
+            return layer.name
+    raise ValueError(f"model {model.name} has no 3D feature map (5D layer output) before its "
+                     "global pooling: Grad-CAM needs a 3D convolutional classifier")
+
+
+def grad_cams(model, cubes, layer_name: str | None = None):
+    """Grad-CAM of a 3D classifier's output probability.
+
+    Gradients of the probability w.r.t. the feature map of ``layer_name`` (default
+    ``find_gradcam_layer``), averaged over space, weight the map's channels; the ReLU of
+    the weighted sum is upsampled to the cube (``scipy.ndimage.zoom``, linear) and divided
+    by its maximum.
+
+    Args:
+        model: a keras classifier ``(n, c, c, c, 1) -> (n, 1)``.
+        cubes: ``(n, c, c, c)`` or ``(n, c, c, c, 1)`` float inputs as the model saw them
+            in training (``generators.to_unit`` of the cache's uint8); uint8 is converted.
+
+    Returns:
+        ``(cams float32 (n, c, c, c) in [0, 1], probabilities float64 (n,))``; a cam is all
+        zero where no region raises the probability.
+    """
+    import keras
+    import tensorflow as tf
+    from scipy import ndimage
+
+    x = np.asarray(cubes)
+    if x.dtype == np.uint8:
+        x = x.astype(np.float32) / np.float32(255.0)
+    x = x.astype(np.float32)
+    if x.ndim == 4:
+        x = x[..., None]
+    if x.ndim != 5:
+        raise ValueError(f"cubes of shape {x.shape}: expected (n, z, y, x) or (n, z, y, x, 1)")
+    name = layer_name or find_gradcam_layer(model)
+    probe = keras.Model(model.inputs, [model.get_layer(name).output, model.outputs[0]])
+    inputs = tf.convert_to_tensor(x)
+    with tf.GradientTape() as tape:
+        features, probability = probe(inputs, training=False)
+        # Samples are independent in inference mode, so the gradient of the sum gives
+        # each sample's own gradient.
+        score = tf.reduce_sum(tf.cast(probability, tf.float32))
+    grads = tape.gradient(score, features)
+    if grads is None:
+        raise ValueError(f"the output does not depend on layer {name}")
+    features = tf.cast(features, tf.float32).numpy()
+    grads = tf.cast(grads, tf.float32).numpy()
+    weights = grads.mean(axis=(1, 2, 3))  # (n, channels)
+    maps = np.maximum(np.einsum("nzyxc,nc->nzyx", features, weights), 0.0)
+    target = x.shape[1:4]
+    cams = np.zeros((len(x), *target), dtype=np.float32)
+    for i, cam in enumerate(maps):
+        factors = [t / s for t, s in zip(target, cam.shape)]
+        # grid_mode: each feature-map cell covers a block of the input, edges to edges.
+        up = ndimage.zoom(cam, factors, order=1, grid_mode=True, mode="nearest")
+        up = _fit_shape(np.maximum(up, 0.0), target)
+        peak = float(up.max())
+        cams[i] = up / peak if peak > 0 else 0.0
+    return cams, np.asarray(probability, dtype=np.float64).reshape(-1)
+
+
+def grad_cam(model, cube, layer_name: str | None = None):
+    """``grad_cams`` of one cube ``(c, c, c)``: ``(cam (c, c, c), probability)``."""
+    cams, probabilities = grad_cams(model, np.asarray(cube)[None], layer_name)
+    return cams[0], float(probabilities[0])
+
+
+def _fit_shape(array: np.ndarray, shape) -> np.ndarray:
+    """Crop / edge-pad to ``shape`` (zoom's rounding can be one voxel off)."""
+    out = array[tuple(slice(0, s) for s in shape)]
+    pad = [(0, s - o) for s, o in zip(shape, out.shape)]
+    return np.pad(out, pad, mode="edge") if any(p[1] for p in pad) else out
+
+
+def gradcam_figure(cubes, cams, titles=None, geometries=None, alpha: float = 0.4):
+    """Each cube's three central slices (axial, coronal, sagittal) with its Grad-CAM in
+    'jet' on top and a red crosshair at the centre (the candidate). ``geometries`` (one
+    ``Geometry`` for all cubes or one per cube: spacing and direction of the scan a cube
+    comes from) orient the slices like ``plane_view``; without them they are raw array
+    slices. Returns the Figure."""
+    cubes = np.asarray(cubes)
+    if cubes.ndim == 5:
+        cubes = cubes[..., 0]
+    cams = np.asarray(cams)
+    if cubes.shape != cams.shape:
+        raise ValueError(f"cubes {cubes.shape} and cams {cams.shape} differ in shape")
+    if geometries is None:
+        geometries = Geometry((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    if isinstance(geometries, Geometry):
+        geometries = [geometries] * len(cubes)
+    figure = new_figure(9.0, 3.1 * max(len(cubes), 1))
+    for i, (cube, cam, geometry) in enumerate(zip(cubes, cams, geometries)):
+        center = np.asarray(cube.shape) // 2  # where crop_patch put the candidate
+        for j, plane in enumerate(PLANES):
+            ax = figure.add_subplot(len(cubes), 3, 3 * i + j + 1)
+            view = plane_view(cube, geometry, plane, center)
+            heat = plane_view(cam, geometry, plane, center)
+            _show(ax, view, (0, 255) if cube.dtype == np.uint8 else (0.0, 1.0))
+            ax.imshow(heat.image, cmap="jet", alpha=alpha, vmin=0.0, vmax=1.0,
+                      aspect=view.aspect, interpolation="bilinear")
+            draw_cross(ax, view, center)
+            ax.set_xlabel(plane, fontsize=8)
+            if j == 0 and titles is not None:
+                ax.set_title(titles[i], fontsize=8, loc="left")
+    figure.tight_layout()
+    return figure
+
+
+def candidate_cubes(cache_dir, table: pd.DataFrame, cube_size: int) -> np.ndarray:
+    """uint8 cubes ``(n, c, c, c)`` around the rows' world points (cache padding value
+    outside the scan), in table order."""
+    import generators
+
+    metas = cache.load_scan_metas(cache_dir)
+    cubes = np.zeros((len(table), cube_size, cube_size, cube_size), dtype=np.uint8)
+    for i, row in enumerate(table.itertuples(index=False)):
+        if row.seriesuid not in metas:
+            raise ValueError(f"scan {row.seriesuid} is not in the cache {cache_dir}")
+        scan = cache.open_scan(cache_dir, row.seriesuid)
+        center = world_to_voxel(np.array([row.coordX, row.coordY, row.coordZ]), scan.geometry)
+        cubes[i] = generators.crop_patch(scan.volume, center, cube_size,
+                                         generators.cache_pad_value(cache_dir, scan.meta))
+    return cubes
+
+
+# --------------------------------------------------------------------------- detections
+
+
+def cut_marks(marks: pd.DataFrame, max_marks: int = 100) -> pd.DataFrame:
+    """The marks the LUNA16 evaluation keeps: per scan with more than ``max_marks``, only
+    those strictly above the (max_marks + 1)-th highest probability."""
+    if max_marks <= 0 or len(marks) == 0:
+        return marks
+    keep = np.ones(len(marks), dtype=bool)
+    probabilities = marks["probability"].to_numpy(np.float64)
+    for rows in marks.groupby("seriesuid", sort=False).indices.values():
+        if len(rows) > max_marks:
+            p = probabilities[rows]
+            cut = np.partition(p, len(p) - 1 - max_marks)[len(p) - 1 - max_marks]
+            keep[rows] = p > cut
+    return marks[keep]
+
+
+def nodule_status(submission: pd.DataFrame, annotations: pd.DataFrame,
+                  excluded: pd.DataFrame | None, seriesuids, fp_rate: float = 8.0,
+                  max_marks: int = 100) -> pd.DataFrame:
+    """Per annotated nodule of the listed scans: the best probability of a mark hitting it
+    and whether it is found at ``fp_rate`` false positives per scan.
+
+    Hits follow the LUNA16 rule (``evaluate.hit_labels``: strictly inside the nodule's
+    sphere; marks on excluded findings are not false positives), after the LUNA16 cut to
+    ``max_marks`` per scan. A nodule counts as found when its best mark ranks above the
+    ``floor(fp_rate * n_scans) + 1``-th highest false positive, i.e. at most
+    ``fp_rate`` false positives per scan rank above it.
+
+    Returns the annotation rows with ``best_probability`` (NaN: no mark hits it),
+    ``threshold`` (probability to beat) and ``found`` (bool).
+    """
+    import evaluate
+
+    uids = list(seriesuids)
+    nodules = annotations[annotations["seriesuid"].isin(uids)].reset_index(drop=True).copy()
+    marks = cut_marks(submission[submission["seriesuid"].isin(uids)].reset_index(drop=True),
+                      max_marks).reset_index(drop=True)
+    excluded = _with_diameter(excluded)
+    labels = evaluate.hit_labels(marks, nodules, excluded)
+    fps = np.sort(marks["probability"].to_numpy(np.float64)[labels == 0])[::-1]
+    allowed = math.floor(fp_rate * len(uids))
+    threshold = float(fps[allowed]) if len(fps) > allowed else -math.inf
+    best = np.full(len(nodules), np.nan)
+    mark_xyz = marks[WORLD_COLUMNS].to_numpy(np.float64)
+    mark_p = marks["probability"].to_numpy(np.float64)
+    groups = marks.groupby("seriesuid", sort=False).indices
+    for i, row in enumerate(nodules.itertuples(index=False)):
+        rows = groups.get(row.seriesuid)
+        if rows is None:
+            continue
+        diameter = row.diameter_mm if row.diameter_mm >= 0 else evaluate.DEFAULT_DIAMETER_MM
+        d = mark_xyz[rows] - np.array([row.coordX, row.coordY, row.coordZ])
+        inside = (d * d).sum(axis=1) < (diameter / 2.0) ** 2
+        if inside.any():
+            best[i] = mark_p[rows][inside].max()
+    nodules["best_probability"] = best
+    nodules["threshold"] = threshold
+    nodules["found"] = np.isfinite(best) & (best > threshold)
+    return nodules
+
+
+def _with_diameter(frame: pd.DataFrame | None) -> pd.DataFrame | None:
+    if frame is not None and "diameter_mm" not in frame:
+        frame = frame.assign(diameter_mm=pd.Series(dtype=np.float64))
+    return frame
+
+
+def verdict(label) -> str:
+    """HIT / MISS / EXCLUDED for a ``label_detections`` label."""
+    return {1: "HIT", -1: "EXCLUDED"}.get(int(label), "MISS")
+
+
+def label_detections(marks: pd.DataFrame, annotations: pd.DataFrame,
+                     excluded: pd.DataFrame | None) -> np.ndarray:
+    """``evaluate.hit_labels`` of the marks: 1 hit, -1 on an excluded finding, 0 miss."""
+    import evaluate
+
+    return evaluate.hit_labels(marks, annotations, _with_diameter(excluded))
+
+
+def detections_figure(cache_dir, marks: pd.DataFrame, annotations: pd.DataFrame,
+                      excluded: pd.DataFrame | None = None, window_vox: int = 64):
+    """One row of three orthogonal slices per mark (table order), the mark as a red crosshair,
+    annotated nodules green and excluded findings yellow; title: rank, probability and
+    HIT / MISS / EXCLUDED. Returns the Figure."""
+    import generators
+
+    labels = label_detections(marks, annotations, excluded)
+    figure = new_figure(9.0, 3.2 * max(len(marks), 1))
+    for i, (row, label) in enumerate(zip(marks.itertuples(index=False), labels)):
+        scan = cache.open_scan(cache_dir, row.seriesuid)
+        point = (row.coordX, row.coordY, row.coordZ)
+        axes = [figure.add_subplot(len(marks), 3, 3 * i + j + 1) for j in range(3)]
+        title = (f"#{i + 1} p={row.probability:.4f} {verdict(label)}  "
+                 f"scan ...{row.seriesuid[-8:]} ({row.coordX:.1f}, {row.coordY:.1f}, "
+                 f"{row.coordZ:.1f}) mm")
+        three_plane_view(scan.volume, scan.geometry, point, axes=axes, title=title,
+                         nodules=annotations[annotations["seriesuid"] == row.seriesuid],
+                         excluded=None if excluded is None
+                         else excluded[excluded["seriesuid"] == row.seriesuid],
+                         window_vox=window_vox,
+                         pad_value=generators.cache_pad_value(cache_dir, scan.meta))
+    figure.tight_layout()
+    return figure
+
+
+def missed_figure(cache_dir, missed: pd.DataFrame, fp_rate: float = 8.0, window_vox: int = 64):
+    """Three orthogonal slices of each missed nodule (``nodule_status`` rows), circled in
+    green with its diameter; title: size and best mark probability vs the threshold."""
+    import generators
+
+    figure = new_figure(9.0, 3.2 * max(len(missed), 1))
+    for i, row in enumerate(missed.itertuples(index=False)):
+        scan = cache.open_scan(cache_dir, row.seriesuid)
+        axes = [figure.add_subplot(len(missed), 3, 3 * i + j + 1) for j in range(3)]
+        best = ("no mark hits it" if not np.isfinite(row.best_probability)
+                else f"best mark p={row.best_probability:.4f} <= {row.threshold:.4f}")
+        title = (f"missed at {fp_rate:g} FP/scan: {row.diameter_mm:.1f} mm nodule, {best}; "
+                 f"scan ...{row.seriesuid[-8:]}")
+        three_plane_view(scan.volume, scan.geometry, (row.coordX, row.coordY, row.coordZ),
+                         diameter_mm=None, axes=axes, title=title, window_vox=window_vox,
+                         nodules=pd.DataFrame([row._asdict()]),
+                         pad_value=generators.cache_pad_value(cache_dir, scan.meta))
+    figure.tight_layout()
+    return figure
+
+
+# --------------------------------------------------------------------------- report
+
+
+class Unavailable(Exception):
+    """An optional input of a report figure is missing: the figure says so instead."""
+
+
+@dataclass
+class ReportResult:
+    """What ``build_report`` wrote and what went wrong."""
+
+    out_dir: Path
+    files: dict = field(default_factory=dict)  # figure name -> path
+    notes: list = field(default_factory=list)  # (piece, message): missing optional inputs
+    failures: list = field(default_factory=list)  # (piece, message): real errors (warned)
+    summary: dict = field(default_factory=dict)  # numbers the report states
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+@dataclass
+class _Inputs:
+    work: Path
+    fold: int
+    cache_dir: Path
+    seriesuids: list
+    annotations: pd.DataFrame
+    excluded: pd.DataFrame
+    submission: pd.DataFrame | None  # held-out rows, best first; None: no submission.csv
+
+
+def _load_inputs(work: Path, fold: int) -> _Inputs:
+    from tables import read_predictions, read_seriesuids
+
+    cache_dir = work / "cache"
+    metas = cache.load_scan_metas(cache_dir)
+    listed = work / f"test_seriesuids_fold{fold}.csv"
+    uids = read_seriesuids(listed) if listed.exists() else cache.split_by_subset(metas, fold)["test"]
+    uids = [u for u in uids if u in metas]
+    if not uids:
+        raise ValueError(f"none of the held-out scans of fold {fold} is in the cache {cache_dir}")
+    annotations = _with_diameter(cache.load_table(cache_dir, "annotations"))
+    excluded = _with_diameter(cache.load_table(cache_dir, "annotations_excluded"))
+    annotations = annotations[annotations["seriesuid"].isin(uids)].reset_index(drop=True)
+    excluded = excluded[excluded["seriesuid"].isin(uids)].reset_index(drop=True)
+    submission = None
+    path = work / "submission.csv"
+    if path.exists():
+        frame = read_predictions(path, kind="submission")
+        frame = frame[frame["seriesuid"].isin(uids)]
+        submission = frame.sort_values("probability", ascending=False, kind="stable")
+        submission = submission.reset_index(drop=True)
+    return _Inputs(work, fold, cache_dir, uids, annotations, excluded, submission)
+
+
+def _need(inputs: _Inputs | None) -> _Inputs:
+    if inputs is None:
+        raise Unavailable("the held-out data could not be loaded (see the warning above)")
+    return inputs
+
+
+def _top_marks(inputs: _Inputs, top: int) -> pd.DataFrame:
+    if inputs.submission is None:
+        raise Unavailable(f"no submission: {inputs.work / 'submission.csv'} does not exist")
+    if len(inputs.submission) == 0:
+        raise Unavailable("the submission has no row for the held-out scans")
+    return inputs.submission.head(top)
+
+
+def _first_model(work: Path, fold: int) -> tuple[str, Path]:
+    """The first model of the run's ensemble (``WORK/config.json``) and its best.keras."""
+    names = []
+    config_path = work / "config.json"
+    if config_path.exists():
+        names = list(json.loads(config_path.read_text())["config"]["ensemble"]["models"])
+    if not names:
+        names = sorted(p.parent.parent.name for p in (work / "classification").glob(f"*/fold{fold}/best.keras"))
+    if not names:
+        raise Unavailable(f"no trained classifier under {work / 'classification'}")
+    path = work / "classification" / names[0] / f"fold{fold}" / "best.keras"
+    if not path.exists():
+        raise Unavailable(f"the first ensemble model {names[0]} has no {path}")
+    return names[0], path
+
+
+def history_files(work: Path) -> dict:
+    """Label -> ``history.csv`` of every model folder of a run, all folds."""
+    found = {}
+    for path in sorted((work / "segmentation").glob("fold*/history.csv")):
+        found[f"segmentation {path.parent.name}"] = path
+    for path in sorted((work / "classification").glob("*/fold*/history.csv")):
+        found[f"{path.parent.parent.name} {path.parent.name}"] = path
+    return found
+
+
+def build_report(work_dir, fold: int = 0, out_dir=None, *, top: int = 8, fp_rate: float = 8.0,
+                 gradcam_top: int = 6, max_missed: int = 12) -> ReportResult:
+    """Write the run report of ``work_dir`` into ``out_dir`` (default ``WORK/report``).
+
+    Files: ``top_detections.png`` (the ``top`` highest-scoring submission rows of the
+    held-out scans, three orthogonal slices each, title with probability and HIT / MISS),
+    ``missed_nodules.png`` (held-out annotated nodules NOT found at ``fp_rate`` false
+    positives per scan, see ``nodule_status``: no mark hits them, or every mark that hits
+    them ranks below the ``fp_rate * n_scans``-th false positive; at most ``max_missed``
+    shown), ``training_curves.png`` (every ``history.csv`` of segmentation/fold* and
+    classification/*/fold*), ``surface.png`` (lungs and nodules of the held-out scan with
+    the most nodules), ``gradcam.png`` (Grad-CAM of the first ensemble model on the
+    ``gradcam_top`` top detections) and ``report.md`` (links to all of them, the FROC
+    figures of ``WORK/evaluation/froc_metrics.json`` and ``froc.png``).
+
+    Never raises for one figure: a missing optional input gives a figure saying what is
+    missing (a note); an error gives a figure naming it and a warning on stderr (a
+    failure). Every file is written either way.
+    """
+    work = Path(work_dir)
+    out = Path(out_dir) if out_dir is not None else work / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    result = ReportResult(out)
+
+    def attempt(piece: str, make):
+        try:
+            return make()
+        except Unavailable as err:
+            result.notes.append((piece, str(err)))
+            print(f"[report] {piece}: {err}", flush=True)
+        except Exception as err:  # noqa: BLE001 - one figure must not stop the others; warned
+            message = f"{type(err).__name__}: {err}"
+            result.failures.append((piece, message))
+            frames = "".join(traceback.format_exception(err, limit=-3))
+            print(f"warning: report: {piece} failed: {message}\n{frames}", file=sys.stderr,
+                  flush=True)
+        return None
+
+    inputs = attempt("held-out data", lambda: _load_inputs(work, fold))
+
+    def top_detections():
+        data = _need(inputs)
+        marks = _top_marks(data, top)
+        labels = label_detections(marks, data.annotations, data.excluded)
+        result.summary["top_hits"] = int((labels == 1).sum())
+        result.summary["top_shown"] = len(marks)
+        return detections_figure(data.cache_dir, marks, data.annotations, data.excluded)
+
+    def missed():
+        data = _need(inputs)
+        if len(data.annotations) == 0:
+            raise Unavailable("no annotated nodule on the held-out scans")
+        submission = data.submission if data.submission is not None else pd.DataFrame(
+            columns=["seriesuid", *WORLD_COLUMNS, "probability"])
+        status = nodule_status(submission, data.annotations, data.excluded, data.seriesuids,
+                               fp_rate)
+        lost = status[~status["found"]].reset_index(drop=True)
+        result.summary.update(nodules=len(status), missed=len(lost),
+                              missed_never_hit=int((~np.isfinite(lost["best_probability"])).sum()))
+        if len(lost) == 0:
+            return message_figure(f"No held-out nodule missed at {fp_rate:g} FP/scan: all "
+                                  f"{len(status)} are found.", "missed nodules")
+        return missed_figure(data.cache_dir, lost.head(max_missed), fp_rate)
+
+    def curves():
+        found = history_files(work)
+        if not found:
+            raise Unavailable(f"no history.csv under {work / 'segmentation'} or "
+                              f"{work / 'classification'}")
+        result.summary["histories"] = list(found)
+        return training_curves_figure(found)
+
+    def surface():
+        data = _need(inputs)
+        counts = data.annotations["seriesuid"].value_counts()
+        uid = counts.index[0] if len(counts) else data.seriesuids[0]
+        scan = cache.open_scan(data.cache_dir, uid)
+        nodules = data.annotations[data.annotations["seriesuid"] == uid]
+        result.summary["surface_scan"] = uid
+        return surface_figure(scan.mask, scan.geometry, nodules,
+                              title=f"scan ...{uid[-12:]}: lung mask and {len(nodules)} nodule(s)")
+
+    def gradcam():
+        data = _need(inputs)
+        marks = _top_marks(data, gradcam_top)
+        name, path = _first_model(work, fold)
+        import predict
+
+        model = predict.load_classifier(path)
+        size = int(model.input_shape[1])
+        cubes = candidate_cubes(data.cache_dir, marks, size)
+        cams, probabilities = grad_cams(model, cubes.astype(np.float32) / np.float32(255.0))
+        labels = label_detections(marks, data.annotations, data.excluded)
+        titles = [f"#{i + 1} {name} p={p:.3f} (submission {s:.3f}) {verdict(lab)}"
+                  for i, (p, s, lab) in enumerate(zip(probabilities, marks["probability"], labels))]
+        result.summary["gradcam_model"] = name
+        geometries = [cache.open_scan(data.cache_dir, u).geometry for u in marks["seriesuid"]]
+        return gradcam_figure(cubes, cams, titles, geometries)
+
+    makers = {"top_detections.png": top_detections, "missed_nodules.png": missed,
+              "training_curves.png": curves, "surface.png": surface, "gradcam.png": gradcam}
+    for filename, make in makers.items():
+        piece = filename[:-4]
+        figure = attempt(piece, make)
+        if figure is None:
+            problem = dict(result.failures + result.notes).get(piece, "not available")
+            figure = message_figure(f"{piece}: {problem}", piece)
+        saved = attempt(f"{piece} (saving)",
+                        lambda figure=figure, path=out / filename: save_figure(figure, path))
+        if saved is not None:
+            result.files[piece] = saved
+    report = attempt("report.md", lambda: _write_markdown(result, work, fold, inputs, fp_rate))
+    if report is not None:
+        result.files["report.md"] = report
+    return result
+
+
+def _write_markdown(result: ReportResult, work: Path, fold: int, inputs, fp_rate: float) -> Path:
+    out = result.out_dir
+    lines = [f"# Run report: `{work}`, fold {fold}", ""]
+    if inputs is not None:
+        lines += [f"Held-out scans ({len(inputs.seriesuids)}): "
+                  + ", ".join(f"`{u}`" for u in inputs.seriesuids),
+                  f"Annotated nodules on them: {len(inputs.annotations)}.", ""]
+    lines += ["## FROC (LUNA16 rules)", ""]
+    metrics_path = work / "evaluation" / "froc_metrics.json"
+    froc_png = work / "evaluation" / "froc.png"
+    if metrics_path.exists():
+        metrics = json.loads(metrics_path.read_text())
+        result.summary["cpm"] = metrics.get("cpm")
+        lines += [f"**CPM: {metrics['cpm']:.6f}** (from `{metrics_path}`)", "",
+                  "| FP/scan | " + " | ".join(str(k) for k in metrics["sensitivities"]) + " |",
+                  "|---|" + "---|" * len(metrics["sensitivities"]),
+                  "| sensitivity | " + " | ".join(f"{v:.4f}" for v in metrics["sensitivities"].values())
+                  + " |", ""]
+        counts = metrics.get("counts", {})
+        if counts:
+            lines += ["| count | value |", "|---|---|"]
+            lines += [f"| {k} | {v} |" for k, v in counts.items()]
+            lines.append("")
+    else:
+        lines += [f"No `{metrics_path}`: run evaluate.py (run_pipeline.py does) first.", ""]
+    if froc_png.exists():
+        lines += [f"![FROC]({_relative(froc_png, out)})", f"FROC plot: `{froc_png}`", ""]
+    else:
+        lines += [f"No FROC plot at `{froc_png}`.", ""]
+    sections = [
+        ("top_detections", "Top detections",
+         "Highest-scoring submission rows of the held-out scans: red crosshair = the mark, green = "
+         "annotated nodule, yellow dotted = excluded finding."
+         + (f" {result.summary['top_hits']} of {result.summary['top_shown']} hit a nodule."
+            if "top_hits" in result.summary else "")),
+        ("missed_nodules", "Missed nodules",
+         f"Held-out nodules not found at {fp_rate:g} FP/scan (no mark hits them, or the marks "
+         f"that do rank below the {fp_rate:g} FP/scan threshold)."
+         + (f" {result.summary['missed']} of {result.summary['nodules']} missed, "
+            f"{result.summary['missed_never_hit']} not hit by any mark."
+            if "missed" in result.summary else "")),
+        ("training_curves", "Training curves", "Loss and metrics per epoch of every model."),
+        ("surface", "Lungs and nodules", "Lung mask surface (marching cubes) and nodules"
+         + (f" of scan `{result.summary['surface_scan']}`." if "surface_scan" in result.summary
+            else ".")),
+        ("gradcam", "Grad-CAM", "Grad-CAM of the first ensemble model"
+         + (f" ({result.summary['gradcam_model']})" if "gradcam_model" in result.summary else "")
+         + " on the top detections: where the model looks."),
+    ]
+    for piece, heading, text in sections:
+        lines += [f"## {heading}", "", text, "", f"![{heading}]({piece}.png)", ""]
+    if result.notes or result.failures:
+        lines += ["## Problems", ""]
+        lines += [f"- missing: {piece}: {message}" for piece, message in result.notes]
+        lines += [f"- **failed**: {piece}: {message}" for piece, message in result.failures]
+        lines.append("")
+    path = out / "report.md"
+    atomic_write_text(path, "\n".join(lines))
+    return path
+
+
+def _relative(path: Path, start: Path) -> str:
+    return Path(os.path.relpath(path.resolve(), start.resolve())).as_posix()
+
+
+def pipeline_report(work_dir, fold: int = 0) -> ReportResult | None:
+    """``build_report`` for run_pipeline.py: never raises (its exit code stays that of
+    the evaluation); anything that fails is warned about on stderr."""
+    print("[report] building the run report", flush=True)
+    try:
+        result = build_report(work_dir, fold)
+    except Exception as err:  # noqa: BLE001 - the report is an extra; the run's result stands
+        print(f"warning: report: could not be built: {type(err).__name__}: {err}",
+              file=sys.stderr, flush=True)
+        return None
+    state = "written" if result.ok else f"written with {len(result.failures)} failure(s) (see warnings)"
+    print(f"[report] {result.out_dir / 'report.md'} {state}", flush=True)
+    return result
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _read_marks(path, top: int, seriesuids=None) -> pd.DataFrame:
+    from tables import read_table
+
+    frame = read_table(path, ["seriesuid", *WORLD_COLUMNS], kind="candidates")
+    if seriesuids:
+        frame = frame[frame["seriesuid"].isin(seriesuids)]
+    if "probability" in frame:
+        frame = frame.sort_values("probability", ascending=False, kind="stable")
+    frame = frame.head(top).reset_index(drop=True)
+    if len(frame) == 0:
+        raise ValueError(f"{path}: no candidate row to show")
+    return frame
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n")[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    rep = commands.add_parser("report", help="(re)build WORK/report from a pipeline work folder")
+    rep.add_argument("--work-dir", required=True, help="run_pipeline.py --work-dir")
+    rep.add_argument("--fold", type=int, default=0, help="held-out subset of the run")
+    rep.add_argument("--out", help="report folder (default WORK/report)")
+    rep.add_argument("--top", type=int, default=8, help="top detections shown")
+    rep.add_argument("--fp-rate", type=float, default=8.0,
+                     help="FP/scan at which a nodule counts as found")
+    cam = commands.add_parser("gradcam", help="Grad-CAM of a classifier on candidate cubes")
+    cam.add_argument("--model-path", required=True, help="a .keras classifier")
+    cam.add_argument("--cache-dir", required=True, help="preprocess.py output")
+    cam.add_argument("--candidates", required=True,
+                     help="CSV seriesuid,coordX,coordY,coordZ[,probability]; highest first")
+    cam.add_argument("--out", required=True, help="PNG to write")
+    cam.add_argument("--top", type=int, default=6, help="rows shown")
+    cam.add_argument("--seriesuids", nargs="+", help="only these scans")
+    cam.add_argument("--layer", help="feature-map layer (default: last 3D one)")
+    cam.add_argument("--save-maps", help="also write cubes and maps to this .npz")
+    mon = commands.add_parser("montage", help="axial slice montage of a cached scan")
+    mon.add_argument("--cache-dir", required=True)
+    mon.add_argument("--seriesuid", required=True)
+    mon.add_argument("--out", required=True, help="PNG to write")
+    mon.add_argument("--candidates", help="CSV of marks to circle (e.g. a submission)")
+    mon.add_argument("--min-probability", type=float, default=0.0,
+                     help="circle only candidates at or above this probability")
+    mon.add_argument("--slices", type=int, default=12, help="number of slices")
+    args = parser.parse_args(argv)
+
+    if args.command == "report":
+        if not Path(args.work_dir).is_dir():
+            print(f"error: {args.work_dir}: work folder does not exist", file=sys.stderr)
+            return 2
+        result = build_report(args.work_dir, args.fold, args.out, top=args.top,
+                              fp_rate=args.fp_rate)
+        for path in result.files.values():
+            print(f"wrote {path}")
+        if not result.ok:
+            print(f"error: {len(result.failures)} part(s) of the report failed: "
+                  + ", ".join(piece for piece, _ in result.failures), file=sys.stderr)
+            return 1
+        return 0
+
+    from tables import TableError
+
+    try:
+        if args.command == "gradcam":
+            import predict
+
+            marks = _read_marks(args.candidates, args.top, args.seriesuids)
+            model = predict.load_classifier(args.model_path)
+            cubes = candidate_cubes(args.cache_dir, marks, int(model.input_shape[1]))
+            cams, probabilities = grad_cams(model, cubes.astype(np.float32) / np.float32(255.0),
+                                            args.layer)
+            titles = [f"...{r.seriesuid[-8:]} ({r.coordX:.1f}, {r.coordY:.1f}, {r.coordZ:.1f}) "
+                      f"p={p:.3f}" for r, p in zip(marks.itertuples(index=False), probabilities)]
+            geometries = [cache.open_scan(args.cache_dir, u).geometry for u in marks["seriesuid"]]
+            save_figure(gradcam_figure(cubes, cams, titles, geometries), args.out)
+            if args.save_maps:
+                with atomic_open(args.save_maps, "wb") as handle:
+                    np.savez_compressed(handle, cubes=cubes, cams=cams, probabilities=probabilities)
+        else:
+            from tables import read_table
+
+            scan = cache.open_scan(args.cache_dir, args.seriesuid)
+            annotations = _with_diameter(cache.load_table(args.cache_dir, "annotations"))
+            nodules = annotations[annotations["seriesuid"] == args.seriesuid]
+            marks = None
+            if args.candidates:
+                marks = read_table(args.candidates, ["seriesuid", *WORLD_COLUMNS], kind="candidates")
+                marks = marks[marks["seriesuid"] == args.seriesuid]
+                if "probability" in marks:
+                    marks = marks[marks["probability"] >= args.min_probability]
+            figure = slice_montage(scan.volume, scan.geometry, nodules, marks, mask=scan.mask,
+                                   n_slices=args.slices, title=f"scan {args.seriesuid}")
+            save_figure(figure, args.out)
+    except (FileNotFoundError, ValueError, TableError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
