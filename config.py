@@ -183,6 +183,12 @@ class EnsembleConfig:
     models: tuple[str, ...] = ("vgg_simple", "inception", "resnet", "densenet", "densenet_bc")
     method: Literal["mean", "weighted", "rank", "geometric"] = "mean"
     weights: tuple[float, ...] = ()  # one per input file for method=weighted
+    # The fold's UNet scores every candidate too (its highest probability near it) and
+    # joins the ensemble: a model of another kind, trained on voxels rather than cubes.
+    segmenter: bool = True
+    # run_pipeline.py weighs each member by its CPM on the validation subset (method
+    # weighted); never by the test subset. Off: ``method`` and ``weights`` as given.
+    weigh_by_validation: bool = True
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,9 @@ command after a crash continues where it stopped:
 4. ``detect``        candidates on every scan (``detect.py``)
 5. ``classify``      each model of ``ensemble.models`` on given + detected candidates
                      (``train_classification.py``)
-6. ``predict``       each model scores the test subset's candidates (``predict.py``)
+6. ``predict``       each model, and the UNet (``ensemble.segmenter``), scores the test
+                     subset's candidates (``predict.py``): given + detected, and the given
+                     list alone (LUNA16's false-positive-reduction setting)
 7. ``ensemble``      ``WORK/submission.csv`` (``ensemble.py``)
 8. ``evaluate``      LUNA16 FROC on the held-out subset (``evaluate.py``): the seven
                      sensitivities and ``CPM: 0.xxxxxx``, plot and metrics in ``WORK/evaluation``
@@ -43,6 +45,7 @@ SAMPLE_SCANS = 20
 SAMPLE_SEED = 0
 SAMPLE_NODULE_RANGE = (2, 5)
 SAMPLE_EMPTY_EVERY = 7
+SEGMENTER_MEMBER = "unet"  # the UNet's own score of each candidate (predict.py --segmenter)
 
 
 def _fresh(outputs: list[Path], inputs: list[Path]) -> bool:
@@ -109,7 +112,7 @@ def main(argv=None) -> int:
         "--seriesuids", str(work / f"test_seriesuids_fold{args.fold}.csv"),
         "--submission", str(work / "submission.csv"), "--out", str(work / "evaluation")])
     if code == 0:
-        rows = model_table(work, args.fold, cfg.ensemble.models)
+        rows = model_table(work, args.fold, ensemble_members(cfg))
         print("\n" + format_model_table(rows), flush=True)
         atomic_write_text(work / "evaluation" / "models.json", json.dumps(rows, indent=1) + "\n")
     import visual_utils
@@ -161,30 +164,88 @@ def run(cfg, args, work: Path, settings: list[str]) -> None:
            lambda: detect.main([*common, *fold, "--scans", "all", "--out", str(detections)]))
 
     sources = [*(["candidates"] if (cache_dir / "candidates.csv").exists() else []), str(detections)]
-    predictions = []
+    given_only = "candidates" in sources  # also score the given list alone (LUNA16 FP reduction)
+    predictions, given = [], []
+
+    def score(name: str, model_file: Path, how: list[str]) -> None:
+        out = work / "predictions" / f"fold{args.fold}" / f"{name}.csv"
+        _stage(f"predict {name}", [out], [model_file, detections],
+               lambda: predict.main([*common, *fold, *how, "--candidates", *sources,
+                                     "--scans", "test", "--out", str(out)]))
+        predictions.append(out)
+        if cfg.ensemble.weigh_by_validation:
+            val = validation_prediction_path(work, args.fold, name)
+            _stage(f"predict {name} (validation scans)", [val], [model_file, detections],
+                   lambda: predict.main([*common, *fold, *how, "--candidates", *sources,
+                                         "--scans", "val", "--out", str(val)]))
+        if given_only:
+            path = given_prediction_path(work, args.fold, name)
+            _stage(f"predict {name} (given candidates)", [path], [model_file],
+                   lambda: predict.main([*common, *fold, *how, "--candidates", "candidates",
+                                         "--scans", "test", "--out", str(path)]))
+            given.append(path)
+
     for name in cfg.ensemble.models:
         model_dir = work / "classification" / name / f"fold{args.fold}"
         _stage(f"classify {name}", [model_dir / "summary.json"], [detections],
                lambda: train_classification.main([*common, *fold, "--model", name,
                                                   "--candidates", *sources, *_resume(model_dir)]))
-        out = work / "predictions" / f"fold{args.fold}" / f"{name}.csv"
-        _stage(f"predict {name}", [out], [model_dir / "best.keras", detections],
-               lambda: predict.main([*common, *fold, "--model", name, "--candidates", *sources,
-                                     "--scans", "test", "--out", str(out)]))
-        predictions.append(out)
-        if "candidates" in sources:  # the LUNA16 false-positive-reduction setting alone
-            given = given_prediction_path(work, args.fold, name)
-            _stage(f"predict {name} (given candidates)", [given], [model_dir / "best.keras"],
-                   lambda: predict.main([*common, *fold, "--model", name, "--candidates",
-                                         "candidates", "--scans", "test", "--out", str(given)]))
+        score(name, model_dir / "best.keras", ["--model", name])
+    if cfg.ensemble.segmenter:
+        score(SEGMENTER_MEMBER, seg_dir / "best.keras", ["--segmenter"])
+    weighting = []
+    if cfg.ensemble.weigh_by_validation:
+        weights = validation_weights(work, args.fold, ensemble_members(cfg))
+        print("ensemble weights from the validation subset's CPM: " + ", ".join(
+            f"{n} {w:.3f}" for n, w in zip(ensemble_members(cfg), weights)), flush=True)
+        weighting = ["--method", "weighted", "--weights", ",".join(f"{w:.6f}" for w in weights)]
     submission = work / "submission.csv"
     _stage("ensemble", [submission], predictions,
-           lambda: ensemble.main([*map(str, predictions), "--out", str(submission), *settings]))
-    if "candidates" in sources:
-        given = [given_prediction_path(work, args.fold, n) for n in cfg.ensemble.models]
+           lambda: ensemble.main([*map(str, predictions), "--out", str(submission), *settings,
+                                  *weighting]))
+    if given_only:
         given_ensemble = given_prediction_path(work, args.fold, "ensemble")
         _stage("ensemble (given candidates)", [given_ensemble], given,
-               lambda: ensemble.main([*map(str, given), "--out", str(given_ensemble), *settings]))
+               lambda: ensemble.main([*map(str, given), "--out", str(given_ensemble),
+                                      *settings, *weighting]))
+
+
+def validation_prediction_path(work: Path, fold: int, name: str) -> Path:
+    """Scores of the fold's validation scans (given + detected candidates)."""
+    return work / "predictions" / f"fold{fold}" / "validation" / f"{name}.csv"
+
+
+def validation_weights(work: Path, fold: int, members: list[str]) -> list[float]:
+    """Ensemble weights proportional to each member's CPM on the validation subset (never
+    the test subset): a member that ranks nodules badly there counts little. Equal weights
+    when the validation scans hold no nodule or every member scores CPM 0."""
+    cache_dir = work / "cache"
+    split = cache.split_by_subset(cache.load_scan_metas(cache_dir), fold)
+    import evaluate
+    from tables import read_predictions
+
+    annotations, excluded = _reference_tables(cache_dir)
+    if not annotations["seriesuid"].isin(split["val"]).any():
+        return [1.0] * len(members)
+    cpms = [evaluate.compute_froc(read_predictions(validation_prediction_path(work, fold, m)),
+                                  annotations, excluded, split["val"]).cpm for m in members]
+    total = float(sum(cpms))
+    return [c / total for c in cpms] if total > 0 else [1.0] * len(members)
+
+
+def _reference_tables(cache_dir: Path):
+    from tables import read_annotations
+
+    annotations = read_annotations(cache_dir / "annotations.csv")
+    excluded_path = cache_dir / "annotations_excluded.csv"
+    excluded = (read_annotations(excluded_path, kind="excluded findings")
+                if excluded_path.exists() else None)
+    return annotations, excluded
+
+
+def ensemble_members(cfg) -> list[str]:
+    """Names of the prediction files the ensemble merges, in order."""
+    return [*cfg.ensemble.models, *([SEGMENTER_MEMBER] if cfg.ensemble.segmenter else [])]
 
 
 def given_prediction_path(work: Path, fold: int, name: str) -> Path:
@@ -193,28 +254,28 @@ def given_prediction_path(work: Path, fold: int, name: str) -> Path:
 
 
 def model_table(work: Path, fold: int, models) -> list[dict]:
-    """CPM on the held-out subset of each classifier and of the ensemble: on the submitted
-    candidates (given + detected) and on the given candidates alone (LUNA16's
-    false-positive-reduction track). Rows whose file is missing are left out."""
+    """CPM of each ensemble member and of the ensemble on the held-out subset: on the
+    submitted candidates (given + detected) and on the given candidates alone (LUNA16's
+    false-positive-reduction track); and on the validation subset (what weighs the members).
+    Figures whose file is missing are left out."""
     import evaluate
-    from tables import read_annotations, read_predictions, read_seriesuids
+    from tables import read_predictions, read_seriesuids
 
-    cache_dir = work / "cache"
-    annotations = read_annotations(cache_dir / "annotations.csv")
-    excluded_path = cache_dir / "annotations_excluded.csv"
-    excluded = (read_annotations(excluded_path, kind="excluded findings")
-                if excluded_path.exists() else None)
-    seriesuids = read_seriesuids(work / f"test_seriesuids_fold{fold}.csv")
+    annotations, excluded = _reference_tables(work / "cache")
+    test = read_seriesuids(work / f"test_seriesuids_fold{fold}.csv")
+    val = cache.split_by_subset(cache.load_scan_metas(work / "cache"), fold)["val"]
+    val_has_nodules = annotations["seriesuid"].isin(val).any()
     rows = []
     for name in [*models, "ensemble"]:
         files = {"submitted": (work / "submission.csv" if name == "ensemble" else
-                               work / "predictions" / f"fold{fold}" / f"{name}.csv"),
-                 "given": given_prediction_path(work, fold, name)}
+                               work / "predictions" / f"fold{fold}" / f"{name}.csv", test),
+                 "given": (given_prediction_path(work, fold, name), test),
+                 "validation": (validation_prediction_path(work, fold, name), val)}
         row = {"model": name}
-        for key, path in files.items():
-            if path.exists():
+        for key, (path, scans) in files.items():
+            if path.exists() and (key != "validation" or val_has_nodules):
                 result = evaluate.compute_froc(read_predictions(path), annotations, excluded,
-                                               seriesuids)
+                                               scans)
                 row[f"cpm_{key}"] = round(float(result.cpm), 6)
         if len(row) > 1:
             rows.append(row)
@@ -222,9 +283,9 @@ def model_table(work: Path, fold: int, models) -> list[dict]:
 
 
 def format_model_table(rows: list[dict]) -> str:
-    lines = ["CPM on the held-out subset   submitted candidates   given candidates only",
-             *(f"    {r['model']:<24} {_cpm(r, 'cpm_submitted'):>20} {_cpm(r, 'cpm_given'):>22}"
-               for r in rows)]
+    lines = ["CPM       held-out: submitted candidates   given candidates only   validation",
+             *(f"    {r['model']:<20} {_cpm(r, 'cpm_submitted'):>20} {_cpm(r, 'cpm_given'):>23}"
+               f" {_cpm(r, 'cpm_validation'):>12}" for r in rows)]
     return "\n".join(lines)
 
 

@@ -548,3 +548,33 @@ def test_damaged_per_scan_result_is_detected_again(noisy_cache, random_unet_file
     assert detect.main(argv) == 0
     assert out.read_bytes() == reference
     assert [path.read_text() for path in results] == texts
+
+
+def test_segmenter_scores_each_candidate_by_its_map_near_the_centre(tiny_cache,
+                                                                    threshold_model_file):
+    """predict.score_with_segmenter against the same score computed by hand: the pointwise
+    model's map is sigmoid(40 x - 20) of the cube, the score its maximum within 2 voxels."""
+    import generators
+    import models
+    import predict
+
+    model = models.load_model_file(threshold_model_file, "segmenter")
+    nodules = cache.load_table(tiny_cache, "annotations")
+    table = pd.concat([nodules, nodules.assign(x_vox=nodules["x_vox"] + 9.0)],
+                      ignore_index=True)  # on each nodule, and beside it
+    assert len(table) >= 4
+    scores = predict.score_with_segmenter(model, tiny_cache, table, batch_size=2)
+    grid = np.indices((16, 16, 16)) - 8
+    ball = np.sum(grid * grid, axis=0) <= 4
+    expected = []
+    for row in table.itertuples():
+        scan = cache.open_scan(tiny_cache, row.seriesuid)
+        pad = generators.cache_pad_value(tiny_cache, scan.meta)
+        cube = generators.to_unit(generators.crop_patch(
+            scan.volume, (row.z_vox, row.y_vox, row.x_vox), 16, pad))
+        expected.append((1.0 / (1.0 + np.exp(-(40.0 * cube - 20.0))))[ball].max())
+    np.testing.assert_allclose(scores, expected, atol=1e-5)
+    assert 0.0 <= scores.min() < 0.5 < scores.max() <= 1.0  # bright and dark candidates both
+    # A pointwise model commutes with flips: test-time augmentation changes nothing.
+    np.testing.assert_allclose(predict.score_with_segmenter(model, tiny_cache, table, tta=True),
+                               scores, atol=1e-5)

@@ -1,5 +1,7 @@
 """run_pipeline.py end to end on a tiny data set, and the skip of up-to-date stages."""
 
+import json
+
 import pytest
 
 import run_pipeline
@@ -23,10 +25,22 @@ def test_pipeline_runs_every_stage_then_skips_them(tmp_path, capsys):
     assert run_pipeline.main(argv) == 0
     out = capsys.readouterr().out
     assert "CPM: " in out and "Sensitivity at 8 FP/scan" in out
-    for stage in ("preprocess", "segmentation", "detect", "classify vgg_simple", "predict resnet", "ensemble"):
+    for stage in ("preprocess", "segmentation", "detect", "classify vgg_simple", "predict resnet",
+                  "predict unet", "predict unet (given candidates)",
+                  "predict resnet (validation scans)", "ensemble", "ensemble (given candidates)"):
         assert f"[{stage}] done" in out
-    for name in ("submission.csv", "evaluation/froc.png", "evaluation/froc_metrics.json"):
+    for name in ("submission.csv", "evaluation/froc.png", "evaluation/froc_metrics.json",
+                 "report/report.md", "report/top_detections.png"):
         assert (work / name).exists(), name
+    # The members are weighed by their validation CPM; the table names every member.
+    assert "ensemble weights from the validation subset's CPM: vgg_simple" in out
+    settings = json.loads((work / "submission.csv.config.json").read_text())
+    weights = settings["weights"]
+    assert settings["method"] == "weighted"
+    assert len(weights) == 3 and abs(sum(weights) - 1.0) < 1e-5
+    rows = json.loads((work / "evaluation" / "models.json").read_text())
+    assert [r["model"] for r in rows] == ["vgg_simple", "resnet", "unet", "ensemble"]
+    assert all(0.0 <= r["cpm_submitted"] <= 1.0 and "cpm_given" in r for r in rows)
     assert run_pipeline.main(argv) == 0
     again = capsys.readouterr().out
     assert "[segmentation] up to date, skipped" in again and "[ensemble] up to date, skipped" in again
