@@ -1039,6 +1039,19 @@ def _write_markdown(result: ReportResult, work: Path, fold: int, inputs, fp_rate
         lines += [f"![FROC]({_relative(froc_png, out)})", f"FROC plot: `{froc_png}`", ""]
     else:
         lines += [f"No FROC plot at `{froc_png}`.", ""]
+    models_path = work / "evaluation" / "models.json"  # run_pipeline.model_table
+    if models_path.exists():
+        try:
+            rows = json.loads(models_path.read_text())
+            lines += ["## CPM of each model", "",
+                      "| model | held-out, submitted candidates | held-out, given candidates "
+                      "| validation |", "|---|---:|---:|---:|"]
+            lines += [f"| {r['model']} | " + " | ".join(
+                f"{r[k]:.4f}" if k in r else "-"
+                for k in ("cpm_submitted", "cpm_given", "cpm_validation")) + " |" for r in rows]
+            lines.append("")
+        except (ValueError, KeyError, TypeError) as err:
+            result.failures.append(("models", f"{models_path}: {err}"))
     sections = [
         ("top_detections", "Top detections",
          "Highest-scoring submission rows of the held-out scans: red crosshair = the mark, green = "

@@ -34,3 +34,41 @@ def tiny_cache(tmp_path_factory) -> Path:
     assert preprocess.main(["--data-dir", str(data), "--cache-dir", str(cache_dir), "--workers", "1",
                             "--no-progress", "--preprocess.min_lung_volume_ml=20"]) == 0
     return cache_dir
+
+
+def kill_training_after_an_epoch(command: list[str], folder: Path, max_epochs: int) -> dict:
+    """Start a training ``command`` (train_segmentation.py / train_classification.py) for
+    ``max_epochs``, SIGKILL it as soon as its ``folder/state.json`` records a finished
+    epoch, and return that state (asserting the kill landed mid-run)."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import time
+
+    section = "classification" if "train_classification.py" in " ".join(command) else "segmentation"
+    process = subprocess.Popen([*command, f"--{section}.epochs={max_epochs}"], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = folder / "state.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if state.exists() and json.loads(state.read_text())["epoch"] >= 0:
+            break
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    killed = json.loads(state.read_text())
+    assert 0 <= killed["epoch"] < max_epochs - 1, "the kill must land mid-run"
+    return killed
+
+
+def resume_training(command: list[str], epochs: int) -> None:
+    """Rerun a killed training ``command`` with ``--resume`` up to ``epochs`` in a fresh
+    process (which must be able to load the checkpoint on its own)."""
+    import subprocess
+
+    section = "classification" if "train_classification.py" in " ".join(command) else "segmentation"
+    run = subprocess.run([*command, f"--{section}.epochs={epochs}", "--resume"], cwd=ROOT,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         timeout=300, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]

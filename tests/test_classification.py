@@ -2,11 +2,7 @@
 SIGKILL, ending exactly as an uninterrupted run), scoring."""
 
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 
 import numpy as np
 import pandas as pd
@@ -14,7 +10,7 @@ import pytest
 
 import predict
 import train_classification
-from tests.conftest import ROOT
+from tests.conftest import ROOT, kill_training_after_an_epoch, resume_training
 
 TINY = ["--profile", "quick", "--classification.cube_size=16", "--classification.batch_size=4",
         "--classification.steps_per_epoch=2", "--training.workers=1"]
@@ -70,26 +66,12 @@ def test_run_killed_mid_way_resumes_and_ends_as_an_uninterrupted_run(tiny_cache,
     folder = work / "classification" / "vgg_simple" / "fold0"
     command = [sys.executable, str(ROOT / "train_classification.py"), "--model", "vgg_simple",
                "--cache-dir", str(tiny_cache), "--work-dir", str(work), "--fold", "0", *KILL]
-    process = subprocess.Popen([*command, "--classification.epochs=40"], cwd=ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None:
-        state = folder / "state.json"
-        if state.exists() and json.loads(state.read_text())["epoch"] >= 0:
-            break
-        time.sleep(0.05)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    killed = json.loads((folder / "state.json").read_text())
-    assert 0 <= killed["epoch"] < 39, "the kill must land mid-run"
+    killed = kill_training_after_an_epoch(command, folder, 40)
     done = killed["epoch"] + 1
     # What a kill while saving the next epoch leaves: a half-written checkpoint and table.
     (folder / f".last.epoch{done}.tmp.keras").write_bytes(b"PK\x03\x04 half a zip")
     (folder / ".state.json.k1ll3d.tmp").write_text('{"epoch": ')
-    resumed_run = subprocess.run([*command, f"--classification.epochs={done + 1}", "--resume"],
-                                 cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                 text=True, timeout=300, check=False)
-    assert resumed_run.returncode == 0, resumed_run.stderr[-3000:]
+    resume_training(command, done + 1)
     resumed = json.loads((folder / "state.json").read_text())
     assert resumed["epoch"] == done and resumed["run"] == killed["run"]
     assert sorted(p.name for p in folder.iterdir() if ".tmp" in p.name) == []

@@ -2,11 +2,7 @@
 an epoch's end) resumes and ends exactly as an uninterrupted run."""
 
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +10,7 @@ import pandas as pd
 import pytest
 
 import train_segmentation
-from tests.conftest import ROOT
+from tests.conftest import ROOT, kill_training_after_an_epoch, resume_training
 
 TINY = ["--profile", "quick", "--segmentation.patch_size=16", "--segmentation.depth=2",
         "--segmentation.base_filters=4", "--segmentation.batch_size=2",
@@ -81,27 +77,12 @@ def test_run_killed_after_an_epoch_resumes_from_it(tiny_cache, tmp_path):
     folder = work / "segmentation" / "fold0"
     command = [sys.executable, str(ROOT / "train_segmentation.py"), "--cache-dir", str(tiny_cache),
                "--work-dir", str(work), "--fold", "0", *KILL]
-    process = subprocess.Popen([*command, "--segmentation.epochs=30"], cwd=ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None:
-        state = folder / "state.json"
-        if state.exists() and json.loads(state.read_text())["epoch"] >= 0:
-            break
-        time.sleep(0.05)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    killed = json.loads((folder / "state.json").read_text())
-    assert 0 <= killed["epoch"] < 29, "the kill must land mid-run"
+    killed = kill_training_after_an_epoch(command, folder, 30)
     done = killed["epoch"] + 1
     # What a kill while saving the next epoch leaves: a half-written checkpoint and table.
     (folder / f".last.epoch{done}.tmp.keras").write_bytes(b"PK\x03\x04 half a zip")
     (folder / ".history.csv.k1ll3d.tmp").write_text("epoch,loss\n0,0.")
-    # Resume with the real command (a fresh process must be able to load the checkpoint).
-    resumed_run = subprocess.run([*command, f"--segmentation.epochs={done + 1}", "--resume"],
-                                 cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                 text=True, timeout=300, check=False)
-    assert resumed_run.returncode == 0, resumed_run.stderr[-3000:]
+    resume_training(command, done + 1)
     resumed = json.loads((folder / "state.json").read_text())
     assert resumed["epoch"] == done and resumed["run"] == killed["run"]
     history = pd.read_csv(folder / "history.csv")
