@@ -27,7 +27,8 @@ it runs only with ``--with-lidc``.
 
 ``--quick`` runs every benchmark at tiny sizes (1 repeat, small scans, few candidates and
 batches): it checks that everything runs, its timings mean little. ``--repeats`` and
-``--baseline-repeats`` are passed to every speed benchmark.
+``--baseline-repeats`` are passed to every speed benchmark (``bench_generators.py`` times
+both methods in each repeat, so it takes ``--repeats`` only).
 
 Output in ``--out-dir`` (default ``benchmarks/results``): each benchmark's own ``.md`` /
 ``.json``, its console output in ``logs/<name>.log``, and ``summary.md`` / ``summary.json``:
@@ -70,6 +71,8 @@ PLAN = {
     "lidc": ("bench_lidc.py", "lidc/results.json", [], ["--quick"]),
 }
 REPEAT_OPTIONS = {"preprocess", "generators", "detect", "classify"}
+# bench_generators times both methods in each repeat: it has no separate baseline count.
+BASELINE_REPEAT_OPTIONS = REPEAT_OPTIONS - {"generators"}
 TRAINING_METHOD = "ours, workers=2"  # bench_generators' name for training.workers = 2
 
 
@@ -176,7 +179,7 @@ def command_for(name: str, args, out_dir: Path) -> list[str]:
     if name in REPEAT_OPTIONS:
         if args.repeats is not None:
             command += ["--repeats", str(args.repeats)]
-        if args.baseline_repeats is not None:
+        if args.baseline_repeats is not None and name in BASELINE_REPEAT_OPTIONS:
             command += ["--baseline-repeats", str(args.baseline_repeats)]
     command += ["--out", str(out_dir / "lidc" if name == "lidc" else out_dir)]
     return command

@@ -78,3 +78,20 @@ def test_run_all_quick_writes_every_row(tmp_path):
     for name in ("preprocess", "generators", "detect", "classify", "memory"):
         assert (out / f"{name}.json").exists() and (out / f"{name}.md").exists()
         assert (out / "logs" / f"{name}.log").exists()
+
+
+def test_run_all_passes_each_benchmark_only_the_options_it_takes(tmp_path):
+    """Every command run_all builds must parse: --baseline-repeats goes only to the
+    benchmarks that have a separate naive repeat count."""
+    import argparse
+
+    args = argparse.Namespace(quick=False, repeats=2, baseline_repeats=1)
+    for name in run_all.PLAN:
+        if name == "lidc":
+            continue
+        command = run_all.command_for(name, args, tmp_path)
+        assert ("--baseline-repeats" in command) == (name in run_all.BASELINE_REPEAT_OPTIONS)
+        script_help = subprocess.run([sys.executable, command[1], "--help"], capture_output=True,
+                                     text=True, check=True).stdout
+        for option in (a for a in command[2:] if a.startswith("--")):
+            assert option in script_help, f"{name}: {option} is not an option of {command[1]}"
