@@ -189,6 +189,10 @@ class EnsembleConfig:
     # run_pipeline.py weighs each member by its CPM on the validation subset (method
     # weighted); never by the test subset. Off: ``method`` and ``weights`` as given.
     weigh_by_validation: bool = True
+    # What run_pipeline.py submits: "all" (given + detected candidates), "given" (the data
+    # set's candidates.csv only: LUNA16's false-positive-reduction track) or "validation"
+    # (whichever of the two the ensemble ranks better on the validation subset).
+    candidate_list: Literal["validation", "all", "given"] = "validation"
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from pathlib import Path
 import cache
 import config as config_lib
 import sample_data
-from tables import InputError, atomic_write_text, require_folder
+from tables import InputError, atomic_open, atomic_write_text, require_folder
 
 # The built-in set is denser in nodules than LUNA16 (2-5 a scan, one scan in seven
 # without any): the quick profile's classifiers need tens of training nodules, and the
@@ -165,6 +165,7 @@ def run(cfg, args, work: Path, settings: list[str]) -> None:
 
     sources = [*(["candidates"] if (cache_dir / "candidates.csv").exists() else []), str(detections)]
     given_only = "candidates" in sources  # also score the given list alone (LUNA16 FP reduction)
+    use_validation = cfg.ensemble.weigh_by_validation or cfg.ensemble.candidate_list == "validation"
     predictions, given = [], []
 
     def score(name: str, model_file: Path, how: list[str]) -> None:
@@ -173,7 +174,7 @@ def run(cfg, args, work: Path, settings: list[str]) -> None:
                lambda: predict.main([*common, *fold, *how, "--candidates", *sources,
                                      "--scans", "test", "--out", str(out)]))
         predictions.append(out)
-        if cfg.ensemble.weigh_by_validation:
+        if use_validation:
             val = validation_prediction_path(work, args.fold, name)
             _stage(f"predict {name} (validation scans)", [val], [model_file, detections],
                    lambda: predict.main([*common, *fold, *how, "--candidates", *sources,
@@ -184,6 +185,12 @@ def run(cfg, args, work: Path, settings: list[str]) -> None:
                    lambda: predict.main([*common, *fold, *how, "--candidates", "candidates",
                                          "--scans", "test", "--out", str(path)]))
             given.append(path)
+            if use_validation:
+                val = validation_prediction_path(work, args.fold, name, given=True)
+                _stage(f"predict {name} (validation scans, given candidates)", [val],
+                       [model_file],
+                       lambda: predict.main([*common, *fold, *how, "--candidates", "candidates",
+                                             "--scans", "val", "--out", str(val)]))
 
     for name in cfg.ensemble.models:
         model_dir = work / "classification" / name / f"fold{args.fold}"
@@ -199,20 +206,66 @@ def run(cfg, args, work: Path, settings: list[str]) -> None:
         print("ensemble weights from the validation subset's CPM: " + ", ".join(
             f"{n} {w:.3f}" for n, w in zip(ensemble_members(cfg), weights)), flush=True)
         weighting = ["--method", "weighted", "--weights", ",".join(f"{w:.6f}" for w in weights)]
-    submission = work / "submission.csv"
-    _stage("ensemble", [submission], predictions,
-           lambda: ensemble.main([*map(str, predictions), "--out", str(submission), *settings,
-                                  *weighting]))
+    merged = {"all": work / "predictions" / f"fold{args.fold}" / "ensemble.csv"}
+    _stage("ensemble", [merged["all"]], predictions,
+           lambda: ensemble.main([*map(str, predictions), "--out", str(merged["all"]),
+                                  *settings, *weighting]))
     if given_only:
-        given_ensemble = given_prediction_path(work, args.fold, "ensemble")
-        _stage("ensemble (given candidates)", [given_ensemble], given,
-               lambda: ensemble.main([*map(str, given), "--out", str(given_ensemble),
+        merged["given"] = given_prediction_path(work, args.fold, "ensemble")
+        _stage("ensemble (given candidates)", [merged["given"]], given,
+               lambda: ensemble.main([*map(str, given), "--out", str(merged["given"]),
                                       *settings, *weighting]))
+    choice, why = cfg.ensemble.candidate_list, "ensemble.candidate_list"
+    if choice == "validation" or choice not in merged:
+        choice, why = choose_candidate_list(work, args.fold, ensemble_members(cfg), weights
+                                            if cfg.ensemble.weigh_by_validation else None,
+                                            "given" in merged)
+    print(f"submitting the {CANDIDATE_LISTS[choice]} ({why})", flush=True)
+    submission = work / "submission.csv"
+    with atomic_open(submission, "wb") as handle:  # the chosen list, always rewritten
+        handle.write(merged[choice].read_bytes())
+    config_lib.save_config(cfg, submission.with_name(submission.name + ".config.json"),
+                           {"candidate_list": choice, "why": why, "from": str(merged[choice]),
+                            "members": ensemble_members(cfg), "weighting": weighting})
 
 
-def validation_prediction_path(work: Path, fold: int, name: str) -> Path:
-    """Scores of the fold's validation scans (given + detected candidates)."""
-    return work / "predictions" / f"fold{fold}" / "validation" / f"{name}.csv"
+def validation_prediction_path(work: Path, fold: int, name: str, given: bool = False) -> Path:
+    """Scores of the fold's validation scans: given + detected candidates, or ``given``
+    candidates only."""
+    folder = work / "predictions" / f"fold{fold}" / "validation"
+    return (folder / "given_candidates" if given else folder) / f"{name}.csv"
+
+
+CANDIDATE_LISTS = {"all": "given + detected candidates", "given": "given candidates only"}
+
+
+def choose_candidate_list(work: Path, fold: int, members: list[str], weights,
+                          have_given: bool) -> tuple[str, str]:
+    """``"given"`` when the ensemble ranks the data set's own candidate list alone better
+    than given + detected candidates on the validation subset (CPM), else ``"all"``; and
+    why. Detected candidates add nodules the list misses, but also false positives that the
+    UNet member, which found them, scores high: which wins depends on the data, so the
+    validation subset decides (never the test subset)."""
+    if not have_given:
+        return "all", "the data set has no candidate list"
+    import ensemble
+    import evaluate
+    from tables import read_predictions
+
+    annotations, excluded = _reference_tables(work / "cache")
+    val = cache.split_by_subset(cache.load_scan_metas(work / "cache"), fold)["val"]
+    if not annotations["seriesuid"].isin(val).any():
+        return "all", "no nodule on the validation scans to decide with"
+    cpm = {}
+    for name, given in (("all", False), ("given", True)):
+        paths = [validation_prediction_path(work, fold, m, given) for m in members]
+        keys, probabilities = ensemble.align([read_predictions(p) for p in paths], paths)
+        scores = ensemble.combine(probabilities, "weighted" if weights else "mean", weights)
+        cpm[name] = evaluate.compute_froc(keys.assign(probability=scores), annotations,
+                                          excluded, val).cpm
+    choice = "given" if cpm["given"] > cpm["all"] else "all"
+    return choice, (f"validation CPM {cpm['given']:.3f} for given candidates only, "
+                    f"{cpm['all']:.3f} for given + detected")
 
 
 def validation_weights(work: Path, fold: int, members: list[str]) -> list[float]:
@@ -267,8 +320,7 @@ def model_table(work: Path, fold: int, models) -> list[dict]:
     val_has_nodules = annotations["seriesuid"].isin(val).any()
     rows = []
     for name in [*models, "ensemble"]:
-        files = {"submitted": (work / "submission.csv" if name == "ensemble" else
-                               work / "predictions" / f"fold{fold}" / f"{name}.csv", test),
+        files = {"submitted": (work / "predictions" / f"fold{fold}" / f"{name}.csv", test),
                  "given": (given_prediction_path(work, fold, name), test),
                  "validation": (validation_prediction_path(work, fold, name), val)}
         row = {"model": name}

@@ -126,13 +126,6 @@ class RunFolder:
                     writer.writerows(kept)
 
 
-def save_model_atomic(model, path: Path) -> None:
-    """``model.save`` through a temporary name: a kill mid-save keeps the previous file."""
-    tmp = path.with_name(f".{path.stem}.tmp.keras")
-    model.save(tmp)
-    tmp.replace(path)
-
-
 class RunningAverageEarlyStopping:
     """Early stopping on exponential running averages of validation loss and accuracy.
 

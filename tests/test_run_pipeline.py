@@ -1,6 +1,7 @@
 """run_pipeline.py end to end on a tiny data set, and the skip of up-to-date stages."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -27,17 +28,24 @@ def test_pipeline_runs_every_stage_then_skips_them(tmp_path, capsys):
     assert "CPM: " in out and "Sensitivity at 8 FP/scan" in out
     for stage in ("preprocess", "segmentation", "detect", "classify vgg_simple", "predict resnet",
                   "predict unet", "predict unet (given candidates)",
-                  "predict resnet (validation scans)", "ensemble", "ensemble (given candidates)"):
+                  "predict resnet (validation scans)",
+                  "predict unet (validation scans, given candidates)", "ensemble",
+                  "ensemble (given candidates)"):
         assert f"[{stage}] done" in out
     for name in ("submission.csv", "evaluation/froc.png", "evaluation/froc_metrics.json",
                  "report/report.md", "report/top_detections.png"):
         assert (work / name).exists(), name
     # The members are weighed by their validation CPM; the table names every member.
     assert "ensemble weights from the validation subset's CPM: vgg_simple" in out
-    settings = json.loads((work / "submission.csv.config.json").read_text())
+    settings = json.loads((work / "predictions" / "fold0" / "ensemble.csv.config.json").read_text())
     weights = settings["weights"]
     assert settings["method"] == "weighted"
     assert len(weights) == 3 and abs(sum(weights) - 1.0) < 1e-5
+    # The submission is the ensemble of the list that did better on the validation scans.
+    chosen = json.loads((work / "submission.csv.config.json").read_text())
+    assert chosen["candidate_list"] in ("all", "given") and "validation CPM" in chosen["why"]
+    assert (work / "submission.csv").read_bytes() == Path(chosen["from"]).read_bytes()
+    assert f"submitting the {run_pipeline.CANDIDATE_LISTS[chosen['candidate_list']]}" in out
     rows = json.loads((work / "evaluation" / "models.json").read_text())
     assert [r["model"] for r in rows] == ["vgg_simple", "resnet", "unet", "ensemble"]
     assert all(0.0 <= r["cpm_submitted"] <= 1.0 and "cpm_given" in r for r in rows)
