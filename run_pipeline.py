@@ -307,8 +307,8 @@ def given_prediction_path(work: Path, fold: int, name: str) -> Path:
 
 
 def model_table(work: Path, fold: int, models) -> list[dict]:
-    """CPM of each ensemble member and of the ensemble on the held-out subset: on the
-    submitted candidates (given + detected) and on the given candidates alone (LUNA16's
+    """CPM of each ensemble member and of the ensemble on the held-out subset: on given +
+    detected candidates (key ``cpm_all``) and on the given candidates alone (LUNA16's
     false-positive-reduction track); and on the validation subset (what weighs the members).
     Figures whose file is missing are left out."""
     import evaluate
@@ -320,7 +320,7 @@ def model_table(work: Path, fold: int, models) -> list[dict]:
     val_has_nodules = annotations["seriesuid"].isin(val).any()
     rows = []
     for name in [*models, "ensemble"]:
-        files = {"submitted": (work / "predictions" / f"fold{fold}" / f"{name}.csv", test),
+        files = {"all": (work / "predictions" / f"fold{fold}" / f"{name}.csv", test),
                  "given": (given_prediction_path(work, fold, name), test),
                  "validation": (validation_prediction_path(work, fold, name), val)}
         row = {"model": name}
@@ -335,8 +335,8 @@ def model_table(work: Path, fold: int, models) -> list[dict]:
 
 
 def format_model_table(rows: list[dict]) -> str:
-    lines = ["CPM       held-out: submitted candidates   given candidates only   validation",
-             *(f"    {r['model']:<20} {_cpm(r, 'cpm_submitted'):>20} {_cpm(r, 'cpm_given'):>23}"
+    lines = ["CPM       held-out: given + detected       given candidates only   validation",
+             *(f"    {r['model']:<20} {_cpm(r, 'cpm_all'):>20} {_cpm(r, 'cpm_given'):>23}"
                f" {_cpm(r, 'cpm_validation'):>12}" for r in rows)]
     return "\n".join(lines)
 

@@ -1044,11 +1044,11 @@ def _write_markdown(result: ReportResult, work: Path, fold: int, inputs, fp_rate
         try:
             rows = json.loads(models_path.read_text())
             lines += ["## CPM of each model", "",
-                      "| model | held-out, submitted candidates | held-out, given candidates "
+                      "| model | held-out, given + detected candidates | held-out, given candidates "
                       "| validation |", "|---|---:|---:|---:|"]
             lines += [f"| {r['model']} | " + " | ".join(
                 f"{r[k]:.4f}" if k in r else "-"
-                for k in ("cpm_submitted", "cpm_given", "cpm_validation")) + " |" for r in rows]
+                for k in ("cpm_all", "cpm_given", "cpm_validation")) + " |" for r in rows]
             lines.append("")
         except (ValueError, KeyError, TypeError) as err:
             result.failures.append(("models", f"{models_path}: {err}"))

@@ -48,7 +48,7 @@ def test_pipeline_runs_every_stage_then_skips_them(tmp_path, capsys):
     assert f"submitting the {run_pipeline.CANDIDATE_LISTS[chosen['candidate_list']]}" in out
     rows = json.loads((work / "evaluation" / "models.json").read_text())
     assert [r["model"] for r in rows] == ["vgg_simple", "resnet", "unet", "ensemble"]
-    assert all(0.0 <= r["cpm_submitted"] <= 1.0 and "cpm_given" in r for r in rows)
+    assert all(0.0 <= r["cpm_all"] <= 1.0 and "cpm_given" in r for r in rows)
     assert run_pipeline.main(argv) == 0
     again = capsys.readouterr().out
     assert "[segmentation] up to date, skipped" in again and "[ensemble] up to date, skipped" in again
