@@ -116,6 +116,17 @@ def gaussian_weight(patch_size, sigma_scale: float = GAUSSIAN_SIGMA_SCALE) -> np
     return (wz[:, None, None] * wy[None, :, None] * wx[None, None, :]).astype(np.float32)
 
 
+def flip_averaged(predict, batch: np.ndarray, flip_tta: bool) -> np.ndarray:
+    """``predict(batch)`` for a batch ``(n, z, y, x, c)``; with ``flip_tta`` averaged with
+    the predictions of the batch flipped along z, y and x, each flip undone."""
+    pred = np.array(predict(batch), dtype=np.float32)  # a writable copy: summed into below
+    if flip_tta:
+        for axis in (1, 2, 3):
+            pred += np.flip(predict(np.ascontiguousarray(np.flip(batch, axis))), axis)
+        pred /= 4.0
+    return pred
+
+
 def _window_slices(corner, patch, shape):
     """Slices of a window clipped to an array, and the padding that restores the window."""
     slices, pad = [], []
@@ -213,11 +224,7 @@ def sliding_window_probability(volume: np.ndarray, mask: np.ndarray, bbox, predi
     def flush():
         x = batch[:len(pending)]
         x /= 255.0
-        pred = predict(x)
-        if flip_tta:
-            for axis in (1, 2, 3):
-                pred += np.flip(predict(np.ascontiguousarray(np.flip(x, axis))), axis)
-            pred /= 4.0
+        pred = flip_averaged(predict, x, flip_tta)
         for i, corner in enumerate(pending):
             box_part, win_part = [], []
             for a in range(3):
@@ -561,7 +568,9 @@ def _metrics(detections: pd.DataFrame, uids: list[str], cache_dir: Path, run_inf
              fold: int | None = None) -> dict:
     """Counts, recall and false positives over ``uids``; with ``fold``, the same per split
     (``by_split``: train / val / test), since recall on training scans flatters a model."""
-    metrics = _split_metrics(detections, uids, cache_dir)
+    annotations = cache.load_table(cache_dir, "annotations")
+    excluded = cache.load_table(cache_dir, "annotations_excluded")
+    metrics = _split_metrics(detections, uids, annotations, excluded)
     metrics.update(run_info)
     if fold is not None:
         try:
@@ -574,26 +583,26 @@ def _metrics(detections: pd.DataFrame, uids: list[str], cache_dir: Path, run_inf
             members = [u for u in members if u in chosen]
             if members and len(members) < len(uids):
                 by_split[name] = _split_metrics(
-                    detections[detections["seriesuid"].isin(set(members))], members, cache_dir)
+                    detections[detections["seriesuid"].isin(set(members))], members,
+                    annotations, excluded)
         if by_split:
             metrics["by_split"] = by_split
     return metrics
 
 
-def _split_metrics(detections: pd.DataFrame, uids: list[str], cache_dir: Path) -> dict:
+def _split_metrics(detections: pd.DataFrame, uids: list[str], annotations: pd.DataFrame,
+                   excluded: pd.DataFrame) -> dict:
     metrics = {
         "scans": len(uids),
         "candidates": int(len(detections)),
         "candidates_per_scan": round(len(detections) / len(uids), 3) if uids else None,
     }
-    annotations = cache.load_table(cache_dir, "annotations")
     if len(annotations) and "diameter_mm" in annotations.columns:
         selected = annotations[annotations["seriesuid"].isin(set(uids))]
         metrics["recall"] = nodule_recall(detections, selected)
         try:
             import evaluate
 
-            excluded = cache.load_table(cache_dir, "annotations_excluded")
             excluded = excluded if "diameter_mm" in excluded.columns and len(excluded) else None
             labels = evaluate.hit_labels(detections, selected, excluded)
             metrics["candidates_on_nodules"] = int(np.sum(labels == 1))

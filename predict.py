@@ -84,12 +84,8 @@ def score_with_segmenter(model, cache_dir, table: pd.DataFrame, patch_size: int 
     table = table.reset_index(drop=True)
     bar = tqdm(total=len(table), desc="scoring", unit="cube", disable=not progress, file=sys.stderr)
     for cubes, positions in generators.cube_batches(cache_dir, table, size, batch_size):
-        maps = []
-        for axes in ([(), (1,), (2,), (3,)] if tta else [()]):
-            flipped = np.flip(cubes, axes) if axes else cubes
-            out = predict_fn(np.ascontiguousarray(flipped))
-            maps.append(np.flip(out, axes) if axes else out)
-        scores[positions] = np.mean(maps, axis=0)[:, ball, 0].max(axis=1)
+        maps = detect.flip_averaged(predict_fn, cubes, tta)
+        scores[positions] = maps[:, ball, 0].max(axis=1)
         bar.update(len(positions))
     bar.close()
     return scores
