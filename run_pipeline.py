@@ -5,9 +5,11 @@
     python run_pipeline.py --data-dir /data/luna16 --work-dir runs/luna --profile full --fold 3
 
 With no ``--data-dir`` it first writes the built-in synthetic data set to
-``WORK/sample_data``. Stages, each skipped when its outputs exist and are newer than its
-inputs; an interrupted training stage resumes from its last epoch, so rerunning the same
-command after a crash continues where it stopped:
+``WORK/sample_data``. Stages, each skipped when its outputs exist, are newer than its
+inputs and were made with the same settings (the config sections it reads, recorded in
+``WORK/stages/<stage>.json``): a changed setting reruns its stage and every later one. An
+interrupted training stage resumes from its last epoch if its settings are unchanged, so
+rerunning the same command after a crash continues where it stopped:
 
 1. ``sample_data``   synthetic LUNA16-layout data set (only without ``--data-dir``)
 2. ``preprocess``    lung-masked cache (``preprocess.py``)
@@ -28,10 +30,14 @@ command after a crash continues where it stopped:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import re
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 import cache
 import config as config_lib
@@ -60,17 +66,64 @@ class StageFailed(RuntimeError):
     pass
 
 
-def _stage(name: str, outputs: list[Path], inputs: list[Path], action) -> None:
-    if _fresh(outputs, inputs):
-        print(f"[{name}] up to date, skipped", flush=True)
-        return
-    print(f"[{name}] running", flush=True)
-    started = time.perf_counter()
-    code = action()
-    if code not in (None, 0):
-        raise StageFailed(f"stage {name} failed (exit code {code}); fix the cause and rerun "
-                          "the same command to continue from here")
-    print(f"[{name}] done in {time.perf_counter() - started:.1f} s", flush=True)
+def sections(cfg, *names: str) -> dict:
+    """The config sections ``names`` as plain JSON values: what a stage's stamp compares."""
+    return json.loads(json.dumps({n: dataclasses.asdict(getattr(cfg, n)) for n in names}))
+
+
+class Stages:
+    """Runs the stages of one work folder.
+
+    A stage is skipped when its outputs exist, none is older than its inputs, and its stamp
+    ``WORK/stages/<stage>.json`` says it finished with the same ``settings``: file times
+    alone would keep a model trained with other settings. The stamp reads "running" while
+    the stage runs, so a killed stage may resume only if its settings are unchanged.
+    """
+
+    # Stages before the split into folds; the stamps of the others are kept per fold.
+    SHARED = ("sample_data", "preprocess")
+
+    def __init__(self, work: Path, fold: int):
+        self.folder = work / "stages"
+        self.fold = fold
+
+    def _stamp(self, name: str) -> Path:
+        folder = self.folder if name in self.SHARED else self.folder / f"fold{self.fold}"
+        return folder / (re.sub(r"[^\w.-]+", "_", name).strip("_") + ".json")
+
+    def _read(self, name: str) -> dict | None:
+        try:
+            stamp = json.loads(self._stamp(name).read_text())
+        except (OSError, ValueError):
+            return None  # never run, or a stamp from a crash: the stage runs again
+        return stamp if isinstance(stamp, dict) else None
+
+    def _write(self, name: str, status: str, settings: dict) -> None:
+        self._stamp(name).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self._stamp(name), json.dumps(
+            {"stage": name, "status": status, "settings": settings}, indent=1) + "\n")
+
+    def run(self, name: str, outputs: list[Path], inputs: list[Path], action,
+            settings: dict | None = None) -> None:
+        """Run ``action(resume)`` unless the stage is up to date; ``resume`` is True when
+        the same stage, with the same settings, was killed before it finished."""
+        settings = json.loads(json.dumps(settings or {}))
+        stamp = self._read(name)
+        same = stamp is not None and stamp.get("settings") == settings
+        if same and stamp.get("status") == "done" and _fresh(outputs, inputs):
+            print(f"[{name}] up to date, skipped", flush=True)
+            return
+        if stamp is not None and not same:
+            print(f"[{name}] settings changed since its last run: running it again", flush=True)
+        print(f"[{name}] running", flush=True)
+        self._write(name, "running", settings)
+        started = time.perf_counter()
+        code = action(same and stamp.get("status") == "running")
+        if code not in (None, 0):
+            raise StageFailed(f"stage {name} failed (exit code {code}); fix the cause and "
+                              "rerun the same command to continue from here")
+        self._write(name, "done", settings)
+        print(f"[{name}] done in {time.perf_counter() - started:.1f} s", flush=True)
 
 
 def main(argv=None) -> int:
@@ -125,6 +178,7 @@ def run(cfg, args, work: Path, settings: list[str]) -> None:
     """Stages 1-7 (see the module docstring); ``settings`` = profile and config overrides."""
     import preprocess
 
+    stages = Stages(work, args.fold)
     if args.data_dir:
         data_dir = Path(args.data_dir)
     else:
@@ -135,12 +189,16 @@ def run(cfg, args, work: Path, settings: list[str]) -> None:
                                          nodule_range=SAMPLE_NODULE_RANGE,
                                          empty_every=SAMPLE_EMPTY_EVERY)
 
-        _stage("sample_data", [data_dir / "seriesuids.csv"], [], make_sample)
+        stages.run("sample_data", [data_dir / "seriesuids.csv"], [], lambda _: make_sample(),
+                   {"scans": SAMPLE_SCANS, "seed": SAMPLE_SEED, "nodules": SAMPLE_NODULE_RANGE,
+                    "empty_every": SAMPLE_EMPTY_EVERY})
     cache_dir = work / "cache"
     meta = cache_dir / cache.META_TABLE
     preprocess_args = ["--data-dir", str(data_dir), "--cache-dir", str(cache_dir), *settings,
                        *(["--workers", str(args.workers)] if args.workers else [])]
-    _stage("preprocess", [meta], list(data_dir.glob("*.csv")), lambda: preprocess.main(preprocess_args))
+    stages.run("preprocess", [meta], list(data_dir.glob("*.csv")),
+               lambda _: preprocess.main(preprocess_args),
+               {"data_dir": str(data_dir), **sections(cfg, "preprocess", "debug")})
 
     metas = cache.load_scan_metas(cache_dir)
     test_uids = cache.split_by_subset(metas, args.fold)["test"]
@@ -157,11 +215,13 @@ def run(cfg, args, work: Path, settings: list[str]) -> None:
     common = [*settings, "--cache-dir", str(cache_dir), "--work-dir", str(work)]
     fold = ["--fold", str(args.fold)]
     seg_dir = work / "segmentation" / f"fold{args.fold}"
-    _stage("segmentation", [seg_dir / "summary.json"], [meta],
-           lambda: train_segmentation.main([*common, *fold, *_resume(seg_dir)]))
+    stages.run("segmentation", [seg_dir / "summary.json"], [meta],
+               lambda resume: train_segmentation.main([*common, *fold, *_resume(seg_dir, resume)]),
+               sections(cfg, "segmentation", "training"))
     detections = work / "detections" / f"fold{args.fold}_all.csv"
-    _stage("detect", [detections], [seg_dir / "best.keras"],
-           lambda: detect.main([*common, *fold, "--scans", "all", "--out", str(detections)]))
+    stages.run("detect", [detections], [seg_dir / "best.keras"],
+               lambda _: detect.main([*common, *fold, "--scans", "all", "--out", str(detections)]),
+               sections(cfg, "segmentation", "inference"))
 
     sources = [*(["candidates"] if (cache_dir / "candidates.csv").exists() else []), str(detections)]
     given_only = "candidates" in sources  # also score the given list alone (LUNA16 FP reduction)
@@ -169,56 +229,70 @@ def run(cfg, args, work: Path, settings: list[str]) -> None:
     predictions, given = [], []
 
     def score(name: str, model_file: Path, how: list[str]) -> None:
+        # Scoring reads the inference options and the cube size, never the training ones
+        # (a retrained model is newer than its scores).
+        reads = {**sections(cfg, "inference"), "cube_size": cfg.classification.cube_size,
+                 "how": how}
+
+        def predict_stage(title: str, out: Path, inputs: list[Path], candidates: list[str],
+                          scans: str) -> None:
+            stages.run(title, [out], inputs,
+                       lambda _: predict.main([*common, *fold, *how, "--candidates",
+                                               *candidates, "--scans", scans, "--out", str(out)]),
+                       {**reads, "candidates": candidates})
+
         out = work / "predictions" / f"fold{args.fold}" / f"{name}.csv"
-        _stage(f"predict {name}", [out], [model_file, detections],
-               lambda: predict.main([*common, *fold, *how, "--candidates", *sources,
-                                     "--scans", "test", "--out", str(out)]))
+        predict_stage(f"predict {name}", out, [model_file, detections], sources, "test")
         predictions.append(out)
         if use_validation:
-            val = validation_prediction_path(work, args.fold, name)
-            _stage(f"predict {name} (validation scans)", [val], [model_file, detections],
-                   lambda: predict.main([*common, *fold, *how, "--candidates", *sources,
-                                         "--scans", "val", "--out", str(val)]))
+            predict_stage(f"predict {name} (validation scans)",
+                          validation_prediction_path(work, args.fold, name),
+                          [model_file, detections], sources, "val")
         if given_only:
             path = given_prediction_path(work, args.fold, name)
-            _stage(f"predict {name} (given candidates)", [path], [model_file],
-                   lambda: predict.main([*common, *fold, *how, "--candidates", "candidates",
-                                         "--scans", "test", "--out", str(path)]))
+            predict_stage(f"predict {name} (given candidates)", path, [model_file],
+                          ["candidates"], "test")
             given.append(path)
             if use_validation:
-                val = validation_prediction_path(work, args.fold, name, given=True)
-                _stage(f"predict {name} (validation scans, given candidates)", [val],
-                       [model_file],
-                       lambda: predict.main([*common, *fold, *how, "--candidates", "candidates",
-                                             "--scans", "val", "--out", str(val)]))
+                predict_stage(f"predict {name} (validation scans, given candidates)",
+                              validation_prediction_path(work, args.fold, name, given=True),
+                              [model_file], ["candidates"], "val")
 
     for name in cfg.ensemble.models:
         model_dir = work / "classification" / name / f"fold{args.fold}"
-        _stage(f"classify {name}", [model_dir / "summary.json"], [detections],
-               lambda: train_classification.main([*common, *fold, "--model", name,
-                                                  "--candidates", *sources, *_resume(model_dir)]))
+        stages.run(f"classify {name}", [model_dir / "summary.json"], [detections],
+                   lambda resume: train_classification.main(
+                       [*common, *fold, "--model", name, "--candidates", *sources,
+                        *_resume(model_dir, resume)]),
+                   {**sections(cfg, "classification", "training"), "candidates": sources})
         score(name, model_dir / "best.keras", ["--model", name])
     if cfg.ensemble.segmenter:
         score(SEGMENTER_MEMBER, seg_dir / "best.keras", ["--segmenter"])
+    members, weights = ensemble_members(cfg), None
+    if cfg.ensemble.weigh_by_validation or cfg.ensemble.select_by_validation:
+        members, weights, why = validation_ensemble(work, args.fold, members, cfg.ensemble,
+                                                    given_only)
+        print(why, flush=True)
     weighting = []
-    if cfg.ensemble.weigh_by_validation:
-        weights = validation_weights(work, args.fold, ensemble_members(cfg))
-        print("ensemble weights from the validation subset's CPM: " + ", ".join(
-            f"{n} {w:.3f}" for n, w in zip(ensemble_members(cfg), weights)), flush=True)
+    if weights is not None:
         weighting = ["--method", "weighted", "--weights", ",".join(f"{w:.6f}" for w in weights)]
+    chosen = [ensemble_members(cfg).index(m) for m in members]
+    predictions, given = [predictions[i] for i in chosen], [given[i] for i in chosen]
     merged = {"all": work / "predictions" / f"fold{args.fold}" / "ensemble.csv"}
-    _stage("ensemble", [merged["all"]], predictions,
-           lambda: ensemble.main([*map(str, predictions), "--out", str(merged["all"]),
-                                  *settings, *weighting]))
+    merging = {**sections(cfg, "ensemble"), "weighting": weighting}
+    stages.run("ensemble", [merged["all"]], predictions,
+               lambda _: ensemble.main([*map(str, predictions), "--out", str(merged["all"]),
+                                        *settings, *weighting]),
+               {**merging, "members": list(map(str, predictions))})
     if given_only:
         merged["given"] = given_prediction_path(work, args.fold, "ensemble")
-        _stage("ensemble (given candidates)", [merged["given"]], given,
-               lambda: ensemble.main([*map(str, given), "--out", str(merged["given"]),
-                                      *settings, *weighting]))
+        stages.run("ensemble (given candidates)", [merged["given"]], given,
+                   lambda _: ensemble.main([*map(str, given), "--out", str(merged["given"]),
+                                            *settings, *weighting]),
+                   {**merging, "members": list(map(str, given))})
     choice, why = cfg.ensemble.candidate_list, "ensemble.candidate_list"
     if choice == "validation" or choice not in merged:
-        choice, why = choose_candidate_list(work, args.fold, ensemble_members(cfg), weights
-                                            if cfg.ensemble.weigh_by_validation else None,
+        choice, why = choose_candidate_list(work, args.fold, members, weights,
                                             "given" in merged)
     print(f"submitting the {CANDIDATE_LISTS[choice]} ({why})", flush=True)
     submission = work / "submission.csv"
@@ -226,7 +300,7 @@ def run(cfg, args, work: Path, settings: list[str]) -> None:
         handle.write(merged[choice].read_bytes())
     config_lib.save_config(cfg, submission.with_name(submission.name + ".config.json"),
                            {"candidate_list": choice, "why": why, "from": str(merged[choice]),
-                            "members": ensemble_members(cfg), "weighting": weighting})
+                            "members": members, "weighting": weighting})
 
 
 def validation_prediction_path(work: Path, fold: int, name: str, given: bool = False) -> Path:
@@ -268,22 +342,72 @@ def choose_candidate_list(work: Path, fold: int, members: list[str], weights,
                     f"{cpm['all']:.3f} for given + detected")
 
 
-def validation_weights(work: Path, fold: int, members: list[str]) -> list[float]:
-    """Ensemble weights proportional to each member's CPM on the validation subset (never
-    the test subset): a member that ranks nodules badly there counts little. Equal weights
-    when the validation scans hold no nodule or every member scores CPM 0."""
-    cache_dir = work / "cache"
-    split = cache.split_by_subset(cache.load_scan_metas(cache_dir), fold)
+def validation_ensemble(work: Path, fold: int, members: list[str], ensemble_cfg,
+                        have_given: bool) -> tuple[list[str], list[float] | None, str]:
+    """The members to merge and their weights, chosen on the validation subset (never the
+    test subset; ``pick_members``), and a line saying so. Weights are None (``ensemble.
+    method`` merges the chosen members) without ``weigh_by_validation``. All members with
+    equal weights when the validation scans hold no nodule."""
+    import ensemble
     import evaluate
     from tables import read_predictions
 
-    annotations, excluded = _reference_tables(cache_dir)
-    if not annotations["seriesuid"].isin(split["val"]).any():
-        return [1.0] * len(members)
-    cpms = [evaluate.compute_froc(read_predictions(validation_prediction_path(work, fold, m)),
-                                  annotations, excluded, split["val"]).cpm for m in members]
-    total = float(sum(cpms))
-    return [c / total for c in cpms] if total > 0 else [1.0] * len(members)
+    annotations, excluded = _reference_tables(work / "cache")
+    val = cache.split_by_subset(cache.load_scan_metas(work / "cache"), fold)["val"]
+    if not annotations["seriesuid"].isin(val).any():
+        return members, None, "no nodule on the validation scans: every member, equal weights"
+
+    def cpm(keys, scores) -> float:
+        return float(evaluate.compute_froc(keys.assign(probability=scores), annotations,
+                                           excluded, val).cpm)
+
+    lists = []
+    for given in (False, True) if have_given else (False,):
+        paths = [validation_prediction_path(work, fold, m, given) for m in members]
+        lists.append(ensemble.align([read_predictions(p) for p in paths], paths))
+    chosen, weights, best, everyone = pick_members(lists, cpm, ensemble_cfg.weigh_by_validation,
+                                                   ensemble_cfg.select_by_validation)
+    names = [members[i] for i in chosen]
+    line = ("ensemble from the validation subset: "
+            + ", ".join(f"{m} {w:.3f}" for m, w in zip(names, weights))
+            + f" (validation CPM {best:.3f}")
+    if len(chosen) < len(members):
+        line += (f"; all members {everyone:.3f}; left out: "
+                 + ", ".join(m for m in members if m not in names))
+    return names, [float(w) for w in weights] if ensemble_cfg.weigh_by_validation else None, \
+        line + ")"
+
+
+def pick_members(lists, cpm, weigh: bool, select: bool):
+    """Ensemble selection on validation data.
+
+    ``lists``: ``(keys, probabilities (n_candidates, n_members))`` per candidate list (the
+    first is given + detected candidates); ``cpm(keys, scores)``: the validation CPM.
+    Weights (``weigh``): each member's own CPM on the first list, normalised; else equal.
+    Selection (``select``): of every non-empty subset of members (weights renormalised
+    within it), the one whose weighted mean has the highest CPM averaged over the lists;
+    ties keep the larger subset, then the earlier one in member order. Without ``select``
+    every member. Returns ``(member indices, their weights, its CPM, every member's CPM)``.
+    """
+    import itertools
+
+    keys, probabilities = lists[0]
+    n = probabilities.shape[1]
+    own = np.array([cpm(keys, probabilities[:, i]) for i in range(n)])
+    base = own if weigh and own.sum() > 0 else np.ones(n)
+
+    def score(subset) -> tuple[float, np.ndarray]:
+        weights = base[list(subset)]
+        weights = weights / weights.sum() if weights.sum() > 0 else np.full(len(subset), 1 / len(subset))
+        return float(np.mean([cpm(k, p[:, list(subset)] @ weights) for k, p in lists])), weights
+
+    everyone = tuple(range(n))
+    subsets = ([c for size in range(n, 0, -1) for c in itertools.combinations(everyone, size)]
+               if select else [everyone])
+    scored = [(*score(c), c) for c in subsets]  # subsets[0] is every member
+    best = max(range(len(scored)), key=lambda i: scored[i][0])  # the first of ties
+    value, weights, chosen = scored[best]
+    return list(chosen), weights, value, scored[0][0]
 
 
 def _reference_tables(cache_dir: Path):
@@ -345,11 +469,11 @@ def _cpm(row: dict, key: str) -> str:
     return f"{row[key]:.6f}" if key in row else "-"
 
 
-def _resume(folder: Path) -> list[str]:
-    """``--resume`` when a killed run left its state behind (a finished but outdated run
-    starts afresh)."""
+def _resume(folder: Path, same_settings: bool) -> list[str]:
+    """``--resume`` when a run killed with the same settings left its state behind (a
+    finished, outdated or differently configured run starts afresh)."""
     killed = (folder / "state.json").exists() and not (folder / "summary.json").exists()
-    return ["--resume"] if killed else []
+    return ["--resume"] if killed and same_settings else []
 
 
 if __name__ == "__main__":

@@ -859,12 +859,35 @@ def _need(inputs: _Inputs | None) -> _Inputs:
     return inputs
 
 
+# Marks closer than this show the same finding (detect.py merges candidates within 5 mm).
+DISTINCT_MARK_MM = 5.0
+
+
+def distinct_marks(marks: pd.DataFrame, top: int, min_distance_mm: float = DISTINCT_MARK_MM
+                   ) -> pd.DataFrame:
+    """The first ``top`` rows of ``marks`` (in table order) that lie at least
+    ``min_distance_mm`` from every row kept before them in the same scan. LUNA16's
+    candidate list marks one nodule several times: a montage of the same nodule three times
+    over shows nothing new."""
+    kept, points = [], {}
+    xyz = marks[WORLD_COLUMNS].to_numpy(dtype=np.float64)
+    for i, uid in enumerate(marks["seriesuid"]):
+        seen = points.setdefault(uid, [])
+        if any(np.sum((xyz[i] - p) ** 2) < min_distance_mm ** 2 for p in seen):
+            continue
+        seen.append(xyz[i])
+        kept.append(i)
+        if len(kept) == top:
+            break
+    return marks.iloc[kept]
+
+
 def _top_marks(inputs: _Inputs, top: int) -> pd.DataFrame:
     if inputs.submission is None:
         raise Unavailable(f"no submission: {inputs.work / 'submission.csv'} does not exist")
     if len(inputs.submission) == 0:
         raise Unavailable("the submission has no row for the held-out scans")
-    return inputs.submission.head(top)
+    return distinct_marks(inputs.submission, top)
 
 
 def _first_model(work: Path, fold: int) -> tuple[str, Path]:
@@ -898,7 +921,8 @@ def build_report(work_dir, fold: int = 0, out_dir=None, *, top: int = 8, fp_rate
     """Write the run report of ``work_dir`` into ``out_dir`` (default ``WORK/report``).
 
     Files: ``top_detections.png`` (the ``top`` highest-scoring submission rows of the
-    held-out scans, three orthogonal slices each, title with probability and HIT / MISS),
+    held-out scans, one per finding (``distinct_marks``), three orthogonal slices each,
+    title with probability and HIT / MISS),
     ``missed_nodules.png`` (held-out annotated nodules NOT found at ``fp_rate`` false
     positives per scan, see ``nodule_status``: no mark hits them, or every mark that hits
     them ranks below the ``fp_rate * n_scans``-th false positive; at most ``max_missed``
@@ -1054,7 +1078,8 @@ def _write_markdown(result: ReportResult, work: Path, fold: int, inputs, fp_rate
             result.failures.append(("models", f"{models_path}: {err}"))
     sections = [
         ("top_detections", "Top detections",
-         "Highest-scoring submission rows of the held-out scans: red crosshair = the mark, green = "
+         "Highest-scoring submission rows of the held-out scans, one per finding (a mark within "
+         f"{DISTINCT_MARK_MM:g} mm of a higher one is not shown again): red crosshair = the mark, green = "
          "annotated nodule, yellow dotted = excluded finding."
          + (f" {result.summary['top_hits']} of {result.summary['top_shown']} hit a nodule."
             if "top_hits" in result.summary else "")),

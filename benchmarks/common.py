@@ -99,12 +99,13 @@ def print_result(result: dict) -> None:
     print(RESULT_TAG + json.dumps(result), flush=True)
 
 
-def run_tagged(command: list[str], timeout_s: float) -> dict:
-    """Run a benchmark child; return the JSON it printed with ``print_result``, or
-    ``{"error": ...}`` (time-out, crash: the last lines of its output)."""
+def run_tagged(command: list[str], timeout_s: float, env: dict | None = None) -> dict:
+    """Run a benchmark child (``env``: variables set for it); return the JSON it printed
+    with ``print_result``, or ``{"error": ...}`` (time-out, crash: the last lines of its
+    output)."""
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s,
-                              cwd=str(REPO_ROOT), env=repo_env())
+                              cwd=str(REPO_ROOT), env=repo_env(**(env or {})))
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout_s:.0f} s"}
     for line in reversed(done.stdout.splitlines()):

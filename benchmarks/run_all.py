@@ -19,6 +19,8 @@ that its peak memory is its own) with its report in ``--out-dir``:
 * ``classify`` (``bench_classify.py``): seconds to score a scan's candidates,
   ``predict.py``'s batched cubes from the memory-mapped cache vs per-candidate ``np.load``
   and ``model.predict``;
+* ``training`` (``bench_training.py``): seconds per training step of the quick UNet and
+  classifiers with TensorFlow's oneDNN kernels (what the scripts use) vs its own kernels;
 * ``memory`` (``bench_memory.py``): peak RSS of preprocessing and detection of a
   512 x 512 x 400 scan against a limit (3 GiB), PASS/FAIL; no naive baseline.
 
@@ -54,7 +56,7 @@ if str(REPO_ROOT) not in sys.path:
 from benchmarks.common import DEFAULT_OUT, machine_info, machine_line, run_with_peak  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
-SPEED = ("preprocess", "generators", "detect", "classify")
+SPEED = ("preprocess", "generators", "detect", "classify", "training")
 ALL = SPEED + ("memory",)
 
 # name -> (script, its report, arguments for the full run, arguments for --quick)
@@ -67,12 +69,13 @@ PLAN = {
     "detect": ("bench_detect.py", "detect.json", [],
                ["--shape", "40,48,48", "--repeats", "1", "--extra-batch-sizes", ""]),
     "classify": ("bench_classify.py", "classify.json", [], ["--quick"]),
+    "training": ("bench_training.py", "training.json", [], ["--quick"]),
     "memory": ("bench_memory.py", "memory.json", [], ["--quick"]),
     "lidc": ("bench_lidc.py", "lidc/results.json", [], ["--quick"]),
 }
-REPEAT_OPTIONS = {"preprocess", "generators", "detect", "classify"}
-# bench_generators times both methods in each repeat: it has no separate baseline count.
-BASELINE_REPEAT_OPTIONS = REPEAT_OPTIONS - {"generators"}
+REPEAT_OPTIONS = {"preprocess", "generators", "detect", "classify", "training"}
+# bench_generators and bench_training time both methods alike: no separate baseline count.
+BASELINE_REPEAT_OPTIONS = REPEAT_OPTIONS - {"generators", "training"}
 TRAINING_METHOD = "ours, workers=2"  # bench_generators' name for training.workers = 2
 
 
@@ -144,6 +147,20 @@ def rows_classify(report: dict) -> list[dict]:
     return rows
 
 
+def rows_training(report: dict) -> list[dict]:
+    rows = []
+    for entry in report["rows"]:
+        fast, slow = entry.get("onednn") or {}, entry.get("tf-kernels") or {}
+        name = fast.get("model", entry["model"])
+        shape = "x".join(map(str, fast.get("input", [])))
+        rows.append(_row(f"training step, {name}, batch {fast.get('batch')} x {shape}",
+                         "s / step", fast.get("median_seconds_per_step"),
+                         slow.get("median_seconds_per_step"), fast.get("peak_rss_gib"),
+                         slow.get("peak_rss_gib"), fast_path="TF_ENABLE_ONEDNN_OPTS=1 (config.py)",
+                         naive_path="TF_ENABLE_ONEDNN_OPTS=0 (TensorFlow's own kernels)"))
+    return rows
+
+
 def rows_memory(report: dict) -> list[dict]:
     rows = []
     for stage in report["stages"]:
@@ -167,7 +184,8 @@ def rows_lidc(report: dict) -> list[dict]:
 
 
 ROWS = {"preprocess": rows_preprocess, "generators": rows_generators, "detect": rows_detect,
-        "classify": rows_classify, "memory": rows_memory, "lidc": rows_lidc}
+        "classify": rows_classify, "training": rows_training, "memory": rows_memory,
+        "lidc": rows_lidc}
 
 
 # --------------------------------------------------------------------------- running

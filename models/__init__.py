@@ -9,11 +9,7 @@ reads ``.keras`` files in safe mode.
 
 from __future__ import annotations
 
-import os
-
-# TensorFlow's C++ start-up notices (CPU instruction sets) would bury the progress output;
-# its warnings and errors still show. Set before TensorFlow is first imported.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+import config  # noqa: F401  (sets TensorFlow's environment before keras loads it)
 
 import inspect  # noqa: E402
 from functools import partial

@@ -9,6 +9,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import config  # noqa: E402, F401  (TensorFlow's environment, before any test imports it)
+
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 

@@ -75,7 +75,7 @@ def test_run_all_quick_writes_every_row(tmp_path):
     assert {r["stage"] for r in rows if r["benchmark"] == "memory"} == {"preprocess", "detect"}
     text = (out / "summary.md").read_text()
     assert "| benchmark | case |" in text and "PASS" in text
-    for name in ("preprocess", "generators", "detect", "classify", "memory"):
+    for name in ("preprocess", "generators", "detect", "classify", "training", "memory"):
         assert (out / f"{name}.json").exists() and (out / f"{name}.md").exists()
         assert (out / "logs" / f"{name}.log").exists()
 

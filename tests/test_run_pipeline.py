@@ -36,11 +36,12 @@ def test_pipeline_runs_every_stage_then_skips_them(tmp_path, capsys):
                  "report/report.md", "report/top_detections.png"):
         assert (work / name).exists(), name
     # The members are weighed by their validation CPM; the table names every member.
-    assert "ensemble weights from the validation subset's CPM: vgg_simple" in out
+    assert "ensemble from the validation subset: " in out
     settings = json.loads((work / "predictions" / "fold0" / "ensemble.csv.config.json").read_text())
     weights = settings["weights"]
     assert settings["method"] == "weighted"
-    assert len(weights) == 3 and abs(sum(weights) - 1.0) < 1e-5
+    chosen = json.loads((work / "submission.csv.config.json").read_text())
+    assert 1 <= len(chosen["members"]) == len(weights) <= 3 and abs(sum(weights) - 1.0) < 1e-5
     # The submission is the ensemble of the list that did better on the validation scans.
     chosen = json.loads((work / "submission.csv.config.json").read_text())
     assert chosen["candidate_list"] in ("all", "given") and "validation CPM" in chosen["why"]
@@ -53,3 +54,96 @@ def test_pipeline_runs_every_stage_then_skips_them(tmp_path, capsys):
     again = capsys.readouterr().out
     assert "[segmentation] up to date, skipped" in again and "[ensemble] up to date, skipped" in again
     assert "] running" not in again
+    # A changed setting reruns the stages that read it, and only those.
+    assert run_pipeline.main([*argv, "--ensemble.weigh_by_validation=false"]) == 0
+    changed = capsys.readouterr().out
+    assert "[ensemble] settings changed since its last run: running it again" in changed
+    assert "[ensemble (given candidates)] done" in changed
+    assert "[classify resnet] up to date, skipped" in changed and "[predict unet] up to date" in changed
+    assert "ensemble from the validation subset: " in changed  # still selected, unweighted
+    settings = json.loads((work / "predictions" / "fold0" / "ensemble.csv.config.json").read_text())
+    assert settings["method"] == "mean"
+
+
+def test_stage_skips_only_when_finished_with_the_same_settings(tmp_path, capsys):
+    stages = run_pipeline.Stages(tmp_path, fold=0)
+    out = tmp_path / "out.txt"
+    calls = []
+
+    def action(resume):
+        calls.append(resume)
+        out.write_text("x")
+
+    stages.run("train", [out], [], action, {"epochs": 2, "shape": (32, 32)})
+    stages.run("train", [out], [], action, {"epochs": 2, "shape": [32, 32]})  # same as JSON
+    assert calls == [False] and "[train] up to date, skipped" in capsys.readouterr().out
+    stages.run("train", [out], [], action, {"epochs": 3, "shape": [32, 32]})
+    assert calls == [False, False]
+    assert "settings changed since its last run" in capsys.readouterr().out
+
+    def killed(resume):
+        calls.append(resume)
+        raise KeyboardInterrupt  # stands in for a crash: the stamp is left "running"
+
+    with pytest.raises(KeyboardInterrupt):
+        stages.run("train", [out], [], killed, {"epochs": 4})
+    stages.run("train", [out], [], action, {"epochs": 4})  # same settings: resumes
+    with pytest.raises(KeyboardInterrupt):
+        stages.run("train", [out], [], killed, {"epochs": 5})
+    stages.run("train", [out], [], action, {"epochs": 6})  # other settings: starts afresh
+    assert calls[2:] == [False, True, False, False]
+    # Stamps are kept per fold: another fold's run does not make this one stale.
+    assert (tmp_path / "stages" / "fold0" / "train.json").exists()
+    other = run_pipeline.Stages(tmp_path, fold=1)
+    other.run("train", [tmp_path / "fold1.txt"], [],
+              lambda _: (tmp_path / "fold1.txt").write_text("y") and None, {"epochs": 2})
+    stages.run("train", [out], [], action, {"epochs": 6})
+    assert calls[-1] is False and len(calls) == 6  # skipped
+
+
+def _froc_case():
+    """Two scans, three nodules, six candidates: three hits, three false positives."""
+    import pandas as pd
+
+    import evaluate
+
+    annotations = pd.DataFrame({"seriesuid": ["a", "a", "b"], "coordX": [0.0, 50.0, 0.0],
+                                "coordY": 0.0, "coordZ": 0.0, "diameter_mm": 10.0})
+    keys = pd.DataFrame({"seriesuid": ["a", "a", "b", "a", "b", "b"],
+                         "coordX": [0.0, 50.0, 0.0, 100.0, 100.0, 150.0],
+                         "coordY": 0.0, "coordZ": 0.0})
+
+    def cpm(k, scores):
+        return float(evaluate.compute_froc(k.assign(probability=scores), annotations, None,
+                                           ["a", "b"]).cpm)
+
+    return keys, cpm
+
+
+def test_pick_members_leaves_out_a_member_that_makes_the_ensemble_worse():
+    import numpy as np
+
+    keys, cpm = _froc_case()
+    strong = [0.99, 0.98, 0.97, 0.60, 0.50, 0.40]  # every nodule above every false positive
+    weak = [0.10, 0.20, 0.30, 0.90, 0.80, 0.70]  # the reverse
+    probabilities = np.array([strong, weak]).T
+    chosen, weights, best, everyone = run_pipeline.pick_members([(keys, probabilities)], cpm,
+                                                                weigh=False, select=True)
+    assert chosen == [0] and list(weights) == [1.0]
+    assert best == 1.0 and everyone < best
+    # Without selection every member stays; with weights, each counts by its own CPM.
+    chosen, weights, best, everyone = run_pipeline.pick_members([(keys, probabilities)], cpm,
+                                                                weigh=True, select=False)
+    assert chosen == [0, 1] and best == everyone
+    assert weights[0] > weights[1] and abs(sum(weights) - 1.0) < 1e-12
+
+
+def test_pick_members_keeps_every_member_on_a_tie():
+    import numpy as np
+
+    keys, cpm = _froc_case()
+    one = [0.99, 0.98, 0.97, 0.60, 0.50, 0.40]
+    other = [0.95, 0.96, 0.94, 0.30, 0.20, 0.10]  # the same verdicts, another calibration
+    chosen, _, best, everyone = run_pipeline.pick_members(
+        [(keys, np.array([one, other]).T)] * 2, cpm, weigh=True, select=True)
+    assert chosen == [0, 1] and best == everyone == 1.0

@@ -217,6 +217,17 @@ def test_cut_marks_keeps_the_official_100():
     assert sorted(kept["probability"]) == [0.2, 0.5, 0.5, 0.9]
 
 
+def test_distinct_marks_show_each_finding_once():
+    # Three marks on one nodule (within 5 mm), one 6 mm away, the same point on another scan.
+    marks = pd.DataFrame({"seriesuid": ["a", "a", "a", "a", "b", "a"],
+                          "coordX": [0.0, 1.0, 0.0, 6.0, 0.0, 30.0],
+                          "coordY": [0.0, 0.0, 4.9, 0.0, 0.0, 0.0], "coordZ": 0.0,
+                          "probability": [0.9, 0.8, 0.7, 0.6, 0.5, 0.4]})
+    kept = vu.distinct_marks(marks, top=3)
+    assert list(kept["probability"]) == [0.9, 0.6, 0.5]
+    assert list(vu.distinct_marks(marks, top=10)["probability"]) == [0.9, 0.6, 0.5, 0.4]
+
+
 # ------------------------------------------------------------------------- Grad-CAM
 
 
