@@ -45,11 +45,11 @@ from config import PreprocessConfig
 from ct_io import Geometry, ScanError, ScanSource, find_scans, read_image, voxel_to_world, world_to_voxel
 from tables import (
     InputError,
-    atomic_write_text,
     read_annotations,
     read_candidates,
     require_folder,
     write_csv_atomic,
+    write_text_if_changed,
 )
 
 # Bump when the cached arrays would change for the same settings (a code change).
@@ -466,10 +466,14 @@ def write_tables(cache_dir: Path, tables: dict[str, pd.DataFrame]) -> dict[str, 
             metas[meta.seriesuid] = meta
     rows = [metas[uid].to_row() for uid in sorted(metas)]
     columns = [f.name for f in cache.ScanMeta.__dataclass_fields__.values()]
-    write_csv_atomic(pd.DataFrame(rows, columns=columns), cache_dir / cache.META_TABLE)
-    atomic_write_text(cache_dir / "seriesuids.csv", "".join(f"{uid}\n" for uid in sorted(metas)))
+    # Tables whose content is unchanged keep their file times: a rerun that finds every scan
+    # cached leaves the later stages of run_pipeline.py up to date.
+    write_csv_atomic(pd.DataFrame(rows, columns=columns), cache_dir / cache.META_TABLE,
+                     if_changed=True)
+    write_text_if_changed(cache_dir / "seriesuids.csv", "".join(f"{uid}\n" for uid in sorted(metas)))
     for name, frame in tables.items():
-        write_csv_atomic(convert_table(frame, metas, cache_dir), cache_dir / f"{name}.csv")
+        write_csv_atomic(convert_table(frame, metas, cache_dir), cache_dir / f"{name}.csv",
+                         if_changed=True)
     return metas
 
 
@@ -548,7 +552,7 @@ def run(cfg: config_lib.Config, data_dir: Path, cache_dir: Path, *, workers: int
     bar.close()
     elapsed = time.perf_counter() - started
     failures_frame = pd.DataFrame(failures, columns=["seriesuid", "path", "reason"])
-    write_csv_atomic(failures_frame, cache_dir / cache.FAILURES)
+    write_csv_atomic(failures_frame, cache_dir / cache.FAILURES, if_changed=True)
     metas = write_tables(cache_dir, tables)
     summary = {"scans_found": len(sources), "processed": len(todo) - sum(bool(f["seriesuid"]) for f in failures),
                "skipped_cached": len(sources) - len(todo), "failed": len(failures),

@@ -198,7 +198,7 @@ def run(cfg, args, work: Path, settings: list[str]) -> None:
                        *(["--workers", str(args.workers)] if args.workers else [])]
     stages.run("preprocess", [meta], list(data_dir.glob("*.csv")),
                lambda _: preprocess.main(preprocess_args),
-               {"data_dir": str(data_dir), **sections(cfg, "preprocess", "debug")})
+               {"data_dir": _portable(data_dir, work), **sections(cfg, "preprocess", "debug")})
 
     metas = cache.load_scan_metas(cache_dir)
     test_uids = cache.split_by_subset(metas, args.fold)["test"]
@@ -224,6 +224,10 @@ def run(cfg, args, work: Path, settings: list[str]) -> None:
                sections(cfg, "segmentation", "inference"))
 
     sources = [*(["candidates"] if (cache_dir / "candidates.csv").exists() else []), str(detections)]
+
+    def stamped(files) -> list[str]:
+        """Candidate sources and prediction files as the stamps record them."""
+        return [f if f == "candidates" else _portable(Path(f), work) for f in map(str, files)]
     given_only = "candidates" in sources  # also score the given list alone (LUNA16 FP reduction)
     use_validation = cfg.ensemble.weigh_by_validation or cfg.ensemble.candidate_list == "validation"
     predictions, given = [], []
@@ -239,7 +243,7 @@ def run(cfg, args, work: Path, settings: list[str]) -> None:
             stages.run(title, [out], inputs,
                        lambda _: predict.main([*common, *fold, *how, "--candidates",
                                                *candidates, "--scans", scans, "--out", str(out)]),
-                       {**reads, "candidates": candidates})
+                       {**reads, "candidates": stamped(candidates)})
 
         out = work / "predictions" / f"fold{args.fold}" / f"{name}.csv"
         predict_stage(f"predict {name}", out, [model_file, detections], sources, "test")
@@ -264,7 +268,8 @@ def run(cfg, args, work: Path, settings: list[str]) -> None:
                    lambda resume: train_classification.main(
                        [*common, *fold, "--model", name, "--candidates", *sources,
                         *_resume(model_dir, resume)]),
-                   {**sections(cfg, "classification", "training"), "candidates": sources})
+                   {**sections(cfg, "classification", "training"),
+                    "candidates": stamped(sources)})
         score(name, model_dir / "best.keras", ["--model", name])
     if cfg.ensemble.segmenter:
         score(SEGMENTER_MEMBER, seg_dir / "best.keras", ["--segmenter"])
@@ -283,13 +288,13 @@ def run(cfg, args, work: Path, settings: list[str]) -> None:
     stages.run("ensemble", [merged["all"]], predictions,
                lambda _: ensemble.main([*map(str, predictions), "--out", str(merged["all"]),
                                         *settings, *weighting]),
-               {**merging, "members": list(map(str, predictions))})
+               {**merging, "members": stamped(predictions)})
     if given_only:
         merged["given"] = given_prediction_path(work, args.fold, "ensemble")
         stages.run("ensemble (given candidates)", [merged["given"]], given,
                    lambda _: ensemble.main([*map(str, given), "--out", str(merged["given"]),
                                             *settings, *weighting]),
-                   {**merging, "members": list(map(str, given))})
+                   {**merging, "members": stamped(given)})
     choice, why = cfg.ensemble.candidate_list, "ensemble.candidate_list"
     if choice == "validation" or choice not in merged:
         choice, why = choose_candidate_list(work, args.fold, members, weights,
@@ -467,6 +472,13 @@ def format_model_table(rows: list[dict]) -> str:
 
 def _cpm(row: dict, key: str) -> str:
     return f"{row[key]:.6f}" if key in row else "-"
+
+
+def _portable(path: Path, work: Path) -> str:
+    """``path`` relative to the work folder when it lies inside it (the sample data), so a
+    copied or moved work folder keeps its stages up to date; else absolute."""
+    path, work = Path(path).resolve(), Path(work).resolve()
+    return str(path.relative_to(work)) if path.is_relative_to(work) else str(path)
 
 
 def _resume(folder: Path, same_settings: bool) -> list[str]:

@@ -173,6 +173,25 @@ def atomic_write_text(path, text: str) -> None:
         handle.write(text)
 
 
-def write_csv_atomic(frame: pd.DataFrame, path, float_format: str = "%.9g") -> None:
-    """Atomically write a DataFrame as CSV (no index)."""
-    atomic_write_text(path, frame.to_csv(index=False, float_format=float_format))
+def write_text_if_changed(path, text: str) -> bool:
+    """``atomic_write_text`` unless the file already holds exactly ``text``; returns whether
+    it wrote. An unchanged file keeps its modification time, so the stages that read it stay
+    up to date (run_pipeline.py compares file times)."""
+    try:
+        if Path(path).read_text() == text:
+            return False
+    except (OSError, UnicodeDecodeError):
+        pass
+    atomic_write_text(path, text)
+    return True
+
+
+def write_csv_atomic(frame: pd.DataFrame, path, float_format: str = "%.9g",
+                     if_changed: bool = False) -> None:
+    """Atomically write a DataFrame as CSV (no index); with ``if_changed``, only when the
+    file's content would change (``write_text_if_changed``)."""
+    text = frame.to_csv(index=False, float_format=float_format)
+    if if_changed:
+        write_text_if_changed(path, text)
+    else:
+        atomic_write_text(path, text)

@@ -135,10 +135,14 @@ def test_rerun_skips_finished_scans_and_force_redoes_them(sample, tmp_path, caps
     assert _run(sample, cache_dir) == 0
     first = _cache_files(cache_dir)
     capsys.readouterr()
+    tables = sorted(cache_dir.glob("*.csv"))
+    times = {p: p.stat().st_mtime_ns for p in tables}
     assert _run(sample, cache_dir) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["skipped_cached"] == N_SCANS and summary["processed"] == 0
     assert _cache_files(cache_dir) == first
+    # Unchanged tables are not rewritten: later pipeline stages stay up to date.
+    assert {p: p.stat().st_mtime_ns for p in tables} == times
     assert _run(sample, cache_dir, "--force") == 0
     assert json.loads(capsys.readouterr().out)["processed"] == N_SCANS
     assert _cache_files(cache_dir) == first  # deterministic

@@ -1,6 +1,7 @@
 """run_pipeline.py end to end on a tiny data set, and the skip of up-to-date stages."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,12 @@ def test_pipeline_runs_every_stage_then_skips_them(tmp_path, capsys):
     again = capsys.readouterr().out
     assert "[segmentation] up to date, skipped" in again and "[ensemble] up to date, skipped" in again
     assert "] running" not in again
+    # A copied work folder (file times kept) is up to date where it lands.
+    copy = tmp_path / "copy"
+    shutil.copytree(work, copy)
+    copied = [a.replace(str(work), str(copy)) for a in argv]
+    assert run_pipeline.main(copied) == 0
+    assert "] running" not in capsys.readouterr().out
     # A changed setting reruns the stages that read it, and only those.
     assert run_pipeline.main([*argv, "--ensemble.weigh_by_validation=false"]) == 0
     changed = capsys.readouterr().out
@@ -147,3 +154,10 @@ def test_pick_members_keeps_every_member_on_a_tie():
     chosen, _, best, everyone = run_pipeline.pick_members(
         [(keys, np.array([one, other]).T)] * 2, cpm, weigh=True, select=True)
     assert chosen == [0, 1] and best == everyone == 1.0
+
+
+def test_sample_data_inside_the_work_folder_is_stamped_relative_to_it(tmp_path):
+    work = tmp_path / "work"
+    assert run_pipeline._portable(work / "sample_data", work) == "sample_data"
+    outside = tmp_path / "data"
+    assert run_pipeline._portable(outside, work) == str(outside.resolve())
