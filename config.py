@@ -33,9 +33,9 @@ from typing import Any, Literal
 # TensorFlow reads these once, when it is first imported; every script imports this module
 # before TensorFlow, so they are set here (a value already in the environment wins).
 TENSORFLOW_ENVIRONMENT = {
-    # oneDNN kernels: Conv3D training steps ~4.5x and 3D max-pool backprop ~20x faster on
-    # x86 CPUs than TensorFlow's own kernels (the CPU wheel leaves them off here; measured
-    # by benchmarks/bench_onednn.py). GPU kernels are unaffected.
+    # oneDNN kernels: the quick profile's training steps run 3-4.4x faster on x86 CPUs than
+    # with TensorFlow's own Conv3D and 3D pooling kernels, which the CPU wheel uses here
+    # otherwise (benchmarks/bench_training.py). GPU kernels are unaffected.
     "TF_ENABLE_ONEDNN_OPTS": "1",
     # Start-up notices (CPU instruction sets) would bury the progress output; TensorFlow's
     # warnings and errors still show.
@@ -247,7 +247,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "segmentation.lr": 1e-3,  # few steps: the source's 3e-5 would barely move
         "segmentation.loss": "dice_bce",  # converges in few steps; dice alone marks vessels too
         "segmentation.batch_size": 8,
-        # 1500 steps (~7 min on 2 cores): the UNet is the strongest member here, and its
+        # 1500 steps (~6 min on 2 cores): the UNet is the strongest member here, and its
         # validation dice still rose at 1000 steps (0.63 vs 0.47 at 320).
         "segmentation.epochs": 30,
         "segmentation.steps_per_epoch": 50,

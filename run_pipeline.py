@@ -229,7 +229,8 @@ def run(cfg, args, work: Path, settings: list[str]) -> None:
         """Candidate sources and prediction files as the stamps record them."""
         return [f if f == "candidates" else _portable(Path(f), work) for f in map(str, files)]
     given_only = "candidates" in sources  # also score the given list alone (LUNA16 FP reduction)
-    use_validation = cfg.ensemble.weigh_by_validation or cfg.ensemble.candidate_list == "validation"
+    use_validation = (cfg.ensemble.weigh_by_validation or cfg.ensemble.select_by_validation
+                      or cfg.ensemble.candidate_list == "validation")
     predictions, given = [], []
 
     def score(name: str, model_file: Path, how: list[str]) -> None:
@@ -282,7 +283,8 @@ def run(cfg, args, work: Path, settings: list[str]) -> None:
     if weights is not None:
         weighting = ["--method", "weighted", "--weights", ",".join(f"{w:.6f}" for w in weights)]
     chosen = [ensemble_members(cfg).index(m) for m in members]
-    predictions, given = [predictions[i] for i in chosen], [given[i] for i in chosen]
+    predictions = [predictions[i] for i in chosen]
+    given = [given[i] for i in chosen] if given_only else []
     merged = {"all": work / "predictions" / f"fold{args.fold}" / "ensemble.csv"}
     merging = {**sections(cfg, "ensemble"), "weighting": weighting}
     stages.run("ensemble", [merged["all"]], predictions,

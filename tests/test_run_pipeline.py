@@ -72,6 +72,22 @@ def test_pipeline_runs_every_stage_then_skips_them(tmp_path, capsys):
     assert settings["method"] == "mean"
 
 
+@pytest.mark.slow
+def test_member_selection_alone_scores_the_validation_scans(tmp_path, capsys):
+    """Unweighted, with the list fixed: the validation scans are scored for the selection."""
+    data = tmp_path / "data"
+    sample_data.generate_dataset(data, 3, seed=2, scale=0.5, progress=False)
+    work = tmp_path / "work"
+    argv = ["--data-dir", str(data), "--work-dir", str(work), "--fold", "0", "--workers", "1",
+            *TINY, "--ensemble.weigh_by_validation=false", "--ensemble.candidate_list=all"]
+    assert run_pipeline.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "[predict resnet (validation scans)] done" in out
+    assert "ensemble from the validation subset: " in out
+    chosen = json.loads((work / "submission.csv.config.json").read_text())
+    assert chosen["candidate_list"] == "all" and chosen["weighting"] == []
+
+
 def test_stage_skips_only_when_finished_with_the_same_settings(tmp_path, capsys):
     stages = run_pipeline.Stages(tmp_path, fold=0)
     out = tmp_path / "out.txt"
