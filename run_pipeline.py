@@ -99,8 +99,9 @@ class Stages:
         return stamp if isinstance(stamp, dict) else None
 
     def _write(self, name: str, status: str, settings: dict) -> None:
-        self._stamp(name).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self._stamp(name), json.dumps(
+        path = self._stamp(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(
             {"stage": name, "status": status, "settings": settings}, indent=1) + "\n")
 
     def run(self, name: str, outputs: list[Path], inputs: list[Path], action,
