@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-# TensorFlow reads these once, when it is first imported; every script imports this module
-# before TensorFlow, so they are set here (a value already in the environment wins).
+# TensorFlow reads these once, when it is first imported: ``setup_tensorflow_environment``
+# sets them (a value already in the environment wins). Every entry point calls it first.
 TENSORFLOW_ENVIRONMENT = {
     # oneDNN kernels: the quick profile's training steps run 3-4.4x faster on x86 CPUs than
     # with TensorFlow's own Conv3D and 3D pooling kernels, which the CPU wheel uses here
@@ -41,8 +41,16 @@ TENSORFLOW_ENVIRONMENT = {
     # warnings and errors still show.
     "TF_CPP_MIN_LOG_LEVEL": "1",
 }
-for _name, _value in TENSORFLOW_ENVIRONMENT.items():
-    os.environ.setdefault(_name, _value)
+
+
+def setup_tensorflow_environment(environ=None) -> None:
+    """Put ``TENSORFLOW_ENVIRONMENT`` into the environment where it is not set already.
+
+    Call it at the start of an entry point, before anything imports TensorFlow: it has no
+    effect on a TensorFlow that is already loaded."""
+    environ = os.environ if environ is None else environ
+    for name, value in TENSORFLOW_ENVIRONMENT.items():
+        environ.setdefault(name, value)
 
 
 @dataclass(frozen=True)
@@ -177,6 +185,11 @@ class TrainingConfig:
     ema_weight: float = 0.2  # running average = 0.2 * this epoch + 0.8 * before (seed 002)
     lr_decay: float = 0.1
     mixed_precision: bool = False
+    # Same seed, same numbers: Keras/NumPy/Python seeds plus TensorFlow's op determinism
+    # (tf.config.experimental.enable_op_determinism), so two runs of a command write
+    # byte-identical models and predictions on the same machine and software. Off trades
+    # that for speed where deterministic kernels are slower (some GPU kernels).
+    deterministic: bool = True
     distribute: Literal["none", "mirrored"] = "none"
     workers: int = 2  # input pipeline parallelism
 

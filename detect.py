@@ -646,6 +646,7 @@ def _parse_args(argv):
 
 
 def main(argv=None) -> int:
+    config_lib.setup_tensorflow_environment()  # before TensorFlow is imported
     args, cfg = _parse_args(argv)
     fold = cfg.training.fold if args.fold is None else args.fold
     cache_dir = Path(cfg.paths.cache_dir)

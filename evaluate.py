@@ -178,18 +178,48 @@ def _require_columns(frame: pd.DataFrame, columns, what: str) -> None:
         raise ValueError(f"{what} lacks column(s) {', '.join(missing)}")
 
 
-def _squared_radius(diameters: np.ndarray) -> np.ndarray:
+def nodule_radius2(diameters_mm) -> np.ndarray:
+    """Squared radius of each nodule; a negative diameter (unknown size) counts as 10 mm,
+    as in the official LUNA16 script."""
+    diameters = np.asarray(diameters_mm, dtype=np.float64)
     diameters = np.where(diameters < 0.0, DEFAULT_DIAMETER_MM, diameters)
     return (diameters / 2.0) ** 2
 
 
-def _within(marks_xyz: np.ndarray, nodules_xyz: np.ndarray, radius2: np.ndarray) -> np.ndarray:
-    """``hits[i, j]``: mark i lies strictly inside nodule j (marks x nodules)."""
+def inside_nodules(marks_xyz: np.ndarray, nodules_xyz: np.ndarray, radius2: np.ndarray) -> np.ndarray:
+    """The LUNA16 hit rule: ``hits[i, j]`` is True when mark i lies strictly inside nodule
+    j's sphere (squared distance below ``radius2[j]``, from ``nodule_radius2``). Every
+    stage that asks "does this mark hit that nodule" calls this."""
+    marks_xyz = np.asarray(marks_xyz, dtype=np.float64).reshape(-1, 3)
+    nodules_xyz = np.asarray(nodules_xyz, dtype=np.float64).reshape(-1, 3)
     # Summed axis by axis in the official order so that marks right at the edge fall on
     # the same side as in the official script.
     d = marks_xyz[:, None, :] - nodules_xyz[None, :, :]
     dist2 = d[..., 0] * d[..., 0] + d[..., 1] * d[..., 1] + d[..., 2] * d[..., 2]
-    return dist2 < radius2[None, :]
+    return dist2 < np.asarray(radius2, dtype=np.float64)[None, :]
+
+
+def top_marks_mask(probabilities: np.ndarray, max_marks: int) -> np.ndarray:
+    """The marks of one scan that the LUNA16 evaluation reads: with more than ``max_marks``,
+    only those strictly above the (max_marks + 1)-th highest probability (ties at the cut
+    are all dropped, as in the official script)."""
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    n = len(probabilities)
+    if max_marks <= 0 or n <= max_marks:
+        return np.ones(n, dtype=bool)
+    cut = np.partition(probabilities, n - 1 - max_marks)[n - 1 - max_marks]
+    return probabilities > cut
+
+
+def cut_marks(marks: pd.DataFrame, max_marks: int = 100) -> pd.DataFrame:
+    """The rows of ``marks`` that the LUNA16 evaluation reads (``top_marks_mask`` per scan)."""
+    if max_marks <= 0 or len(marks) == 0:
+        return marks
+    keep = np.ones(len(marks), dtype=bool)
+    probabilities = marks["probability"].to_numpy(np.float64)
+    for rows in marks.groupby("seriesuid", sort=False).indices.values():
+        keep[rows] = top_marks_mask(probabilities[rows], max_marks)
+    return marks[keep]
 
 
 def _nodule_table(frame: pd.DataFrame | None):
@@ -197,7 +227,7 @@ def _nodule_table(frame: pd.DataFrame | None):
     if frame is None or len(frame) == 0:
         return np.zeros((0, 3)), np.zeros(0), {}
     xyz = frame[WORLD_COLUMNS].to_numpy(dtype=np.float64)
-    radius2 = _squared_radius(frame["diameter_mm"].to_numpy(dtype=np.float64))
+    radius2 = nodule_radius2(frame["diameter_mm"].to_numpy(dtype=np.float64))
     return xyz, radius2, frame.groupby("seriesuid", sort=False).indices
 
 
@@ -242,18 +272,15 @@ def _collect_entries(predictions: pd.DataFrame, annotations: pd.DataFrame,
         rows = mark_groups.get(uid, no_rows)
         prob = mark_prob[rows]
         xyz = mark_xyz[rows]
-        if max_marks > 0 and len(prob) > max_marks:
-            # The (max_marks + 1)-th highest probability; only marks above it survive.
-            cut = np.partition(prob, len(prob) - 1 - max_marks)[len(prob) - 1 - max_marks]
-            keep = prob > cut
-            prob, xyz = prob[keep], xyz[keep]
+        keep = top_marks_mask(prob, max_marks)
+        prob, xyz = prob[keep], xyz[keep]
         n_cands += len(prob)
         pool = np.ones(len(prob), dtype=bool)
 
         inc = inc_groups.get(uid, no_rows)
         n_nodules += len(inc)
         if len(inc):
-            hits = _within(xyz, inc_xyz[inc], inc_r2[inc])
+            hits = inside_nodules(xyz, inc_xyz[inc], inc_r2[inc])
             n_hits = hits.sum(axis=0)
             found = n_hits > 0
             best = (np.where(hits, prob[:, None], -np.inf).max(axis=0) if len(prob)
@@ -269,7 +296,7 @@ def _collect_entries(predictions: pd.DataFrame, annotations: pd.DataFrame,
 
         exc = exc_groups.get(uid, no_rows)
         if len(exc) and len(prob):
-            on_excluded = _within(xyz, exc_xyz[exc], exc_r2[exc]).any(axis=1)
+            on_excluded = inside_nodules(xyz, exc_xyz[exc], exc_r2[exc]).any(axis=1)
             irrelevant += int((pool & on_excluded).sum())
             pool &= ~on_excluded
 
@@ -462,10 +489,10 @@ def hit_labels(predictions_df: pd.DataFrame, annotations_df: pd.DataFrame,
         inc = inc_groups.get(uid)
         exc = exc_groups.get(uid)
         if exc is not None:
-            on_excluded = _within(xyz[rows], exc_xyz[exc], exc_r2[exc]).any(axis=1)
+            on_excluded = inside_nodules(xyz[rows], exc_xyz[exc], exc_r2[exc]).any(axis=1)
             labels[rows[on_excluded]] = IGNORED_LABEL
         if inc is not None:
-            on_nodule = _within(xyz[rows], inc_xyz[inc], inc_r2[inc]).any(axis=1)
+            on_nodule = inside_nodules(xyz[rows], inc_xyz[inc], inc_r2[inc]).any(axis=1)
             labels[rows[on_nodule]] = 1
     return labels
 

@@ -92,6 +92,7 @@ def score_with_segmenter(model, cache_dir, table: pd.DataFrame, patch_size: int 
 
 
 def main(argv=None) -> int:
+    config_lib.setup_tensorflow_environment()  # before TensorFlow is imported
     import models
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],

@@ -128,6 +128,7 @@ class Stages:
 
 
 def main(argv=None) -> int:
+    config_lib.setup_tensorflow_environment()  # before TensorFlow is imported
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", help="LUNA16-layout data (default: generate sample data)")

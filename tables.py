@@ -47,6 +47,29 @@ def require_folder(path, kind: str, *, hint: str = "", nonempty: bool = False) -
     return path
 
 
+def check_output_path(out, inputs=(), *, kind: str = "output") -> Path:
+    """``out`` as a Path when a command may write it; else ``InputError`` naming the problem.
+
+    Refused: an existing folder, a path under an existing file, and any of ``inputs`` (the
+    same file by another spelling or link included): a command never overwrites what it
+    reads. Every command that writes a file calls this before it reads anything.
+    """
+    out = Path(out)
+    if out.is_dir():
+        raise InputError(f"{out}: {kind} path is a folder; give a file name")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise InputError(f"{out}: {kind} path lies under {parent}, which is a file")
+            break
+    target = out.resolve()
+    for source in inputs:
+        if source is not None and Path(source).resolve() == target:
+            raise InputError(f"{out}: {kind} path is one of the inputs ({source}); "
+                             "choose another file")
+    return out
+
+
 def read_table(path, columns, *, kind: str = "table", allow_empty: bool = True,
                finite: tuple[str, ...] | None = None) -> pd.DataFrame:
     """Read a CSV and check it has ``columns``, numeric finite values and safe seriesuids.

@@ -97,6 +97,7 @@ def build_and_compile(name: str, cfg: config_lib.Config):
 
 
 def main(argv=None) -> int:
+    config_lib.setup_tensorflow_environment()  # before TensorFlow is imported
     import models
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],

@@ -108,6 +108,7 @@ def build_and_compile(cfg: config_lib.Config):
 
 
 def main(argv=None) -> int:
+    config_lib.setup_tensorflow_environment()  # before TensorFlow is imported
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     training.add_training_arguments(parser)

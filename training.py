@@ -54,10 +54,22 @@ def setup_strategy(training_cfg):
 
     keras.mixed_precision.set_global_policy("mixed_float16" if training_cfg.mixed_precision
                                             else "float32")
-    keras.utils.set_random_seed(training_cfg.seed)
+    seed_everything(training_cfg)
     if training_cfg.distribute == "mirrored":
         return tf.distribute.MirroredStrategy()
     return tf.distribute.get_strategy()
+
+
+def seed_everything(training_cfg) -> None:
+    """Seed Python, NumPy and TensorFlow (``keras.utils.set_random_seed``) and, with
+    ``training.deterministic``, turn on TensorFlow's op determinism: every op then runs a
+    deterministic kernel (or raises), and tf.data keeps its element order."""
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(training_cfg.seed)
+    if training_cfg.deterministic:
+        tf.config.experimental.enable_op_determinism()
 
 
 def run_name(model_name: str, now: dt.datetime | None = None) -> str:

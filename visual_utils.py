@@ -40,6 +40,7 @@ import numpy as np
 import pandas as pd
 
 import cache
+import config as config_lib
 from ct_io import Geometry, voxel_to_world, world_to_voxel
 from tables import atomic_open, atomic_write_text
 
@@ -1146,6 +1147,7 @@ def _read_marks(path, top: int, seriesuids=None) -> pd.DataFrame:
 
 
 def main(argv=None) -> int:
+    config_lib.setup_tensorflow_environment()  # before TensorFlow is imported
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n")[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -297,6 +297,9 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
+    import config as config_lib
+
+    config_lib.setup_tensorflow_environment()  # before TensorFlow is imported
     args = parse_args(argv)
     if args.one:
         method, model_name, cache_dir = args.one

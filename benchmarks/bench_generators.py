@@ -238,6 +238,9 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
+    import config as config_lib
+
+    config_lib.setup_tensorflow_environment()  # before TensorFlow is imported
     args = parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     info = machine_info("scipy", "tensorflow")

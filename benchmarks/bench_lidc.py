@@ -724,6 +724,9 @@ def _load_or_exit(folder: Path, settings: Settings, cache_dir, what: str):
 
 
 def main(argv=None) -> int:
+    import config as config_lib
+
+    config_lib.setup_tensorflow_environment()  # before TensorFlow is imported
     args = parse_args(argv)
     settings: Settings = args.settings
     started = time.perf_counter()

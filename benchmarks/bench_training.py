@@ -4,7 +4,8 @@
     python benchmarks/bench_training.py --profile full --steps 10 --repeats 3
     python benchmarks/bench_training.py --quick     # the quick UNet only, 3 steps
 
-``config.py`` sets ``TF_ENABLE_ONEDNN_OPTS=1`` before TensorFlow is imported; the CPU wheel
+``config.setup_tensorflow_environment`` (called first by every entry point) sets
+``TF_ENABLE_ONEDNN_OPTS=1`` before TensorFlow is imported; the CPU wheel
 of TensorFlow 2.21 otherwise runs its own Conv3D and 3D pooling kernels, whose backward
 passes are several times slower. This script measures what that choice is worth on the
 models the pipeline trains.
@@ -152,6 +153,9 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
+    import config as config_lib
+
+    config_lib.setup_tensorflow_environment()  # before TensorFlow is imported
     args = parse_args(argv)
     if args.one:
         print_result(measure(args.one, args.profile, args.steps, args.repeats))

@@ -9,9 +9,7 @@ reads ``.keras`` files in safe mode.
 
 from __future__ import annotations
 
-import config  # noqa: F401  (sets TensorFlow's environment before keras loads it)
-
-import inspect  # noqa: E402
+import inspect
 from functools import partial
 
 from models import losses

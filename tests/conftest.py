@@ -9,7 +9,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import config  # noqa: E402, F401  (TensorFlow's environment, before any test imports it)
+import config  # noqa: E402
+
+config.setup_tensorflow_environment()  # as every entry point does, before TensorFlow loads
 
 SHARED_DATA = ROOT.parent / "shared" / "data"
 

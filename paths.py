@@ -1,0 +1,109 @@
+"""The layout of the work folder: every script asks here where its inputs and outputs lie.
+
+One owner for the layout (the nnU-Net habit of a single paths module): a stage that
+writes a file and the stage that reads it cannot disagree on its name, and a change of
+layout is one edit. The cache folder has its own layout in ``cache.py``.
+
+    WORK/
+      config.json                          resolved config of the last run_pipeline.py call
+      sample_data/                         built-in data set (run_pipeline.py without --data-dir)
+      cache/                               preprocess.py output, when run_pipeline.py makes it
+      stages/[fold<k>/]<stage>.json        run_pipeline.py stage stamps
+      test_seriesuids_fold<k>.csv          the held-out scans of fold k
+      segmentation/fold<k>/                UNet run folder (best.keras, last.keras, history.csv, ...)
+      classification/<model>/fold<k>/      classifier run folders
+      detections/fold<k>_<scans>.csv       detect.py output; fold<k>/ holds its per-scan results
+      predictions/fold<k>/<member>.csv     held-out scores of given + detected candidates
+      predictions/fold<k>/given_candidates/<member>.csv              the given list alone
+      predictions/fold<k>/validation/[given_candidates/]<member>.csv validation scans
+      predictions/fold<k>/ensemble.csv (and given_candidates/ensemble.csv)
+      submission.csv                       what run_pipeline.py submits
+      evaluation/                          evaluate.py output of the submission, models.json
+      report/                              report.py output
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+BEST_MODEL = "best.keras"  # training.RunFolder's best-by-validation checkpoint
+
+
+@dataclass(frozen=True)
+class WorkPaths:
+    """Paths inside one work folder ``root``."""
+
+    root: Path
+
+    def __post_init__(self):
+        object.__setattr__(self, "root", Path(self.root))
+
+    # -- shared by every fold
+    @property
+    def config(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def sample_data(self) -> Path:
+        return self.root / "sample_data"
+
+    @property
+    def cache(self) -> Path:
+        return self.root / "cache"
+
+    @property
+    def stages(self) -> Path:
+        return self.root / "stages"
+
+    @property
+    def submission(self) -> Path:
+        return self.root / "submission.csv"
+
+    @property
+    def evaluation(self) -> Path:
+        return self.root / "evaluation"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report"
+
+    def test_seriesuids(self, fold: int) -> Path:
+        return self.root / f"test_seriesuids_fold{fold}.csv"
+
+    # -- training runs
+    def segmentation_run(self, fold: int) -> Path:
+        return self.root / "segmentation" / f"fold{fold}"
+
+    def classification_run(self, model: str, fold: int) -> Path:
+        return self.root / "classification" / model / f"fold{fold}"
+
+    def segmentation_runs(self) -> list[Path]:
+        """Every fold's UNet run folder that exists."""
+        return sorted((self.root / "segmentation").glob("fold*"))
+
+    def classification_runs(self, fold: int | None = None) -> list[Path]:
+        """Every classifier run folder that exists (of ``fold``, or of every fold)."""
+        pattern = f"*/fold{fold}" if fold is not None else "*/fold*"
+        return sorted((self.root / "classification").glob(pattern))
+
+    # -- detection
+    def detections(self, fold: int, scans: str = "all") -> Path:
+        return self.root / "detections" / f"fold{fold}_{scans}.csv"
+
+    def detection_scans(self, fold: int) -> Path:
+        """Per-scan detection results (resumable detection)."""
+        return self.root / "detections" / f"fold{fold}"
+
+    # -- member scores and their merge
+    def predictions(self, fold: int, member: str, *, given: bool = False,
+                    validation: bool = False) -> Path:
+        """Scores of ``member`` (a classifier, the UNet, or ``ensemble``) on the fold's
+        held-out scans, or its ``validation`` scans; of given + detected candidates, or the
+        ``given`` candidate list alone (LUNA16's false-positive-reduction track)."""
+        folder = self.root / "predictions" / f"fold{fold}"
+        if validation:
+            folder = folder / "validation"
+        if given:
+            folder = folder / "given_candidates"
+        return folder / f"{member}.csv"
