@@ -269,6 +269,28 @@ def _empty_candidates() -> pd.DataFrame:
                          for c in CANDIDATE_COLUMNS})
 
 
+def distinct_points(xyz: np.ndarray, min_distance_mm: float, limit: int = 0) -> list[int]:
+    """Greedy non-maximum suppression of points given in priority order: the indices of
+    the points that lie at least ``min_distance_mm`` from every point kept before them,
+    at most ``limit`` of them (0 = no limit). The one rule for "these marks are one
+    finding" (detection's candidate merge, the report's distinct marks)."""
+    xyz = np.asarray(xyz, dtype=np.float64).reshape(-1, 3)
+    limit = limit if limit > 0 else len(xyz)
+    kept_xyz = np.empty((min(limit, len(xyz)), 3))
+    kept: list[int] = []
+    radius2 = float(min_distance_mm) ** 2
+    for i in range(len(xyz)):
+        if len(kept) >= limit:
+            break
+        if kept and radius2 > 0:
+            d = kept_xyz[:len(kept)] - xyz[i]
+            if np.any(np.einsum("ij,ij->i", d, d) < radius2):
+                continue
+        kept_xyz[len(kept)] = xyz[i]
+        kept.append(i)
+    return kept
+
+
 def merge_candidates(frame: pd.DataFrame, merge_distance_mm: float,
                      max_candidates: int = 0) -> pd.DataFrame:
     """Greedy, most probable first: a candidate closer than ``merge_distance_mm`` (world mm)
@@ -280,19 +302,7 @@ def merge_candidates(frame: pd.DataFrame, merge_distance_mm: float,
     # Most probable first; ties: the larger component, then the original order.
     order = np.lexsort((np.arange(len(frame)), -voxels, -frame["probability"].to_numpy()))
     xyz = frame[WORLD_COLUMNS].to_numpy(dtype=np.float64)[order]
-    limit = max_candidates if max_candidates > 0 else len(frame)
-    kept_xyz = np.empty((min(limit, len(frame)), 3))
-    kept: list[int] = []
-    radius2 = float(merge_distance_mm) ** 2
-    for i in range(len(order)):
-        if kept and radius2 > 0:
-            d = kept_xyz[:len(kept)] - xyz[i]
-            if np.any(np.einsum("ij,ij->i", d, d) < radius2):
-                continue
-        kept_xyz[len(kept)] = xyz[i]
-        kept.append(i)
-        if len(kept) >= limit:
-            break
+    kept = distinct_points(xyz, merge_distance_mm, max_candidates)
     return frame.iloc[order[kept]].reset_index(drop=True)
 
 
