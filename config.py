@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import types
@@ -53,71 +54,88 @@ def setup_tensorflow_environment(environ=None) -> None:
         environ.setdefault(name, value)
 
 
+def limited(default: Any, *, ge: float | None = None, gt: float | None = None,
+            le: float | None = None, lt: float | None = None, nonempty: bool = False):
+    """A field with its allowed range beside its default (``ge`` >=, ``gt`` >, ``le`` <=,
+    ``lt`` <; each element of a tuple). Every number must be finite; ``nonempty`` text or
+    tuple must not be empty. ``override`` refuses a value outside the range, so a setting
+    that cannot work is named before any scan or model sees it."""
+    return field(default=default, metadata={"ge": ge, "gt": gt, "le": le, "lt": lt,
+                                            "nonempty": nonempty})
+
+
 @dataclass(frozen=True)
 class PathsConfig:
     # Relative paths resolve against the working directory, so a clone runs anywhere.
-    data_dir: str = "data/sample"  # raw scans + CSVs in LUNA16 layout (sample data by default)
-    cache_dir: str = "cache"  # preprocess.py output, read by every later stage
-    work_dir: str = "work"  # models, logs, predictions, submission
+    # Raw scans + CSVs in LUNA16 layout (the sample data by default).
+    data_dir: str = limited("data/sample", nonempty=True)
+    cache_dir: str = limited("cache", nonempty=True)  # preprocess.py output, read by all later
+    work_dir: str = limited("work", nonempty=True)  # models, logs, predictions, submission
 
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    spacing_mm: float = 1.0  # isotropic voxels: nodule size in voxels is the same on all scans
+    # Isotropic voxels: a nodule has the same size in voxels on every scan. Below 0.25 mm a
+    # LUNA16 scan would not fit in memory; above 5 mm small nodules vanish.
+    spacing_mm: float = limited(1.0, ge=0.25, le=5.0)
     # DSB2017 winner's window: keeps lung (-900), ground glass (-600) and soft tissue (0..+200);
     # stored as uint8 so one LUNA16 scan is ~15 MB and pages quickly into memory.
-    window_hu: tuple[float, float] = (-1200.0, 600.0)
+    window_hu: tuple[float, float] = limited((-1200.0, 600.0), ge=-3000.0, le=4000.0)
     # Outside the lung mask the volume is set to soft tissue, not to 0 (= -1200 HU), so the
     # mask border does not look like a wall of air next to juxta-pleural nodules.
-    pad_hu: float = 0.0
+    pad_hu: float = limited(0.0, ge=-3000.0, le=4000.0)
     # Air and lung parenchyma are below this; soft tissue, vessels and nodules above it.
-    lung_threshold_hu: float = -320.0
+    lung_threshold_hu: float = limited(-320.0, ge=-1100.0, le=0.0)
     # The mask is computed on a coarser grid: lung outlines need no 1 mm detail, and an 8x
     # smaller grid makes labelling and morphology 8x faster.
-    mask_spacing_mm: float = 2.0
+    mask_spacing_mm: float = limited(2.0, ge=0.25, le=8.0)
     # Components smaller than this are not lung (bowel gas, stomach, noise).
-    min_lung_component_ml: float = 30.0
+    min_lung_component_ml: float = limited(30.0, ge=0.0)
     # A scan whose lungs total less than this failed segmentation (or is not a chest CT).
-    min_lung_volume_ml: float = 200.0
+    min_lung_volume_ml: float = limited(200.0, ge=0.0)
     # Closing radius: fills pleural concavities up to ~2x this wide, so nodules stuck to the
     # chest wall stay inside the mask.
-    closing_radius_mm: float = 10.0
+    closing_radius_mm: float = limited(10.0, ge=0.0, le=50.0)
     # Per slice and lung, the convex hull is added where it grows the lung by at most this
     # factor (DSB2017 winner's 1.5): keeps masses against the mediastinum and large pleural
     # nodules inside, without swallowing the heart. 0 turns it off.
-    convex_hull_max_ratio: float = 1.5
+    convex_hull_max_ratio: float = limited(1.5, ge=0.0)
     # Extra margin around the lungs kept in the mask (nodule periphery, partial volume).
-    dilation_mm: float = 5.0
+    dilation_mm: float = limited(5.0, ge=0.0, le=50.0)
     # Trachea and main bronchi are cut out of the mask; their lumen is pure air (below this),
     # lung parenchyma is about -850 HU, so the two separate where they touch.
-    airway_max_hu: float = -900.0
-    crop_margin_mm: float = 8.0  # the cached volume is the lung box plus this margin
-    workers: int = 2  # processes; each needs < 3 GiB for a LUNA16-sized scan
+    airway_max_hu: float = limited(-900.0, ge=-1100.0, le=0.0)
+    crop_margin_mm: float = limited(8.0, ge=0.0, le=100.0)  # cached volume = lung box + this
+    workers: int = limited(2, ge=1, le=256)  # processes; each needs < 3 GiB for a LUNA16 scan
 
 
 @dataclass(frozen=True)
 class SegmentationConfig:
     model: str = "unet"  # a key of models.SEGMENTERS
-    patch_size: int = 64  # voxels at 1 mm: holds a 30 mm nodule with context
-    depth: int = 4
-    base_filters: int = 16
+    patch_size: int = limited(64, ge=8, le=512)  # voxels at 1 mm: a 30 mm nodule with context
+    depth: int = limited(4, ge=1, le=6)
+    base_filters: int = limited(16, ge=1)
     normalization: Literal["batch", "instance", "group", "none"] = "batch"
-    dropout: float = 0.1
+    dropout: float = limited(0.1, ge=0.0, lt=1.0)
     deep_supervision: bool = False
-    loss: Literal["dice", "dice_bce"] = "dice"  # the source document's dice coefficient loss
-    lr: float = 3e-5  # source document: 3e-5 works well for the UNet
-    batch_size: int = 16  # source document: 16 fits GPU memory at 64^3
-    negative_fraction: float = 0.3  # source document: 30% patches without a nodule
+    # Soft dice loss (Milletari et al. 2016, V-Net): robust to the tiny nodule fraction.
+    loss: Literal["dice", "dice_bce"] = "dice"
+    # Learning rate, batch size and share of nodule-free patches of the Keras Tianchi
+    # lung-nodule solution (Alibaba Tianchi Medical AI Competition 2017): 3e-5, 16 patches
+    # of 64^3 (fits one GPU), 30% patches without a nodule.
+    lr: float = limited(3e-5, gt=0.0, le=1.0)
+    batch_size: int = limited(16, ge=1)
+    negative_fraction: float = limited(0.3, ge=0.0, le=1.0)
     # Share of those negatives centred on the given non-nodule candidates (candidates.csv:
     # vessels, pleura) instead of random lung; 0 without a candidate list.
-    hard_negative_fraction: float = 0.5
+    hard_negative_fraction: float = limited(0.5, ge=0.0, le=1.0)
     # Sampling weight by nodule diameter: 4x under 10 mm, 3x for 10-30 mm, 1x above
-    # (source document: small nodules are the hard ones).
-    size_bins_mm: tuple[float, ...] = (10.0, 30.0)
-    size_weights: tuple[float, ...] = (4.0, 3.0, 1.0)
-    epochs: int = 100
-    steps_per_epoch: int = 200
-    validation_scans_every: int = 5  # whole-scan dice/precision/recall every N epochs
+    # (the Tianchi solution's size-weighted sampling: small nodules are the hard ones).
+    size_bins_mm: tuple[float, ...] = limited((10.0, 30.0), gt=0.0)
+    size_weights: tuple[float, ...] = limited((4.0, 3.0, 1.0), ge=0.0, nonempty=True)
+    epochs: int = limited(100, ge=1)
+    steps_per_epoch: int = limited(200, ge=1)
+    validation_scans_every: int = limited(5, ge=1)  # whole-scan dice etc. every N epochs
 
 
 # Per-family options of the classifiers; field names are the builders' argument names
@@ -125,44 +143,46 @@ class SegmentationConfig:
 # Variants (simplified vs full VGG, DenseNet vs DenseNet-BC) are the registry names.
 @dataclass(frozen=True)
 class VggConfig:
-    dropout: float = 0.5
+    dropout: float = limited(0.5, ge=0.0, lt=1.0)
 
 
 @dataclass(frozen=True)
 class InceptionConfig:
-    blocks_per_stage: tuple[int, ...] = (1, 1, 1)
-    branch_filters: int = 16
+    blocks_per_stage: tuple[int, ...] = limited((1, 1, 1), ge=1, nonempty=True)
+    branch_filters: int = limited(16, ge=1)
     spatial_separable: bool = True  # the optional (5,1,1)/(1,5,1)/(1,1,5) branch
 
 
 @dataclass(frozen=True)
 class ResnetConfig:
-    blocks_per_stage: tuple[int, ...] = (2, 2, 2)  # source document: RESNET_BLOCKS to tune
-    base_filters: int = 8
+    blocks_per_stage: tuple[int, ...] = limited((2, 2, 2), ge=1, nonempty=True)
+    base_filters: int = limited(8, ge=1)
     bottleneck: bool = True
     compression: bool = True  # strided (3,3,3) conv-bn-relu at each later stage's start
 
 
 @dataclass(frozen=True)
 class DensenetConfig:
-    blocks: tuple[int, ...] = (5, 5, 5)  # 3 dense blocks of 5 layers (source document)
-    growth_rate: int = 12
+    # 3 dense blocks of 5 layers, as DenseNet (Huang et al. 2017) for small inputs.
+    blocks: tuple[int, ...] = limited((5, 5, 5), ge=1, nonempty=True)
+    growth_rate: int = limited(12, ge=1)
 
 
 @dataclass(frozen=True)
 class ClassificationConfig:
-    cube_size: int = 32  # voxels at 1 mm; 32 mm holds all but the largest nodules
-    lr: float = 1e-4  # source document: 1e-4 works well for the classifiers
-    batch_size: int = 16  # source document
+    cube_size: int = limited(32, ge=8, le=256)  # voxels at 1 mm: all but the largest nodules
+    lr: float = limited(1e-4, gt=0.0, le=1.0)  # the Tianchi solution's classifier rate
+    batch_size: int = limited(16, ge=1)
     loss: Literal["focal", "weighted_bce"] = "focal"
-    positive_fraction: float = 0.25  # class balancing: candidates are ~1:500 positive
+    # Class balancing: LUNA16's candidates are ~1:500 positive.
+    positive_fraction: float = limited(0.25, gt=0.0, lt=1.0)
     # Validation scores all positives and at most this many negatives per epoch (a LUNA16
     # subset has ~55,000 candidates); the subset is fixed by the seed.
-    max_validation_negatives: int = 20000
-    size_bins_mm: tuple[float, ...] = (10.0, 30.0)
-    size_weights: tuple[float, ...] = (4.0, 3.0, 1.0)
-    epochs: int = 60
-    steps_per_epoch: int = 300
+    max_validation_negatives: int = limited(20000, ge=0)
+    size_bins_mm: tuple[float, ...] = limited((10.0, 30.0), gt=0.0)
+    size_weights: tuple[float, ...] = limited((4.0, 3.0, 1.0), ge=0.0, nonempty=True)
+    epochs: int = limited(60, ge=1)
+    steps_per_epoch: int = limited(300, ge=1)
     vgg: VggConfig = field(default_factory=VggConfig)
     inception: InceptionConfig = field(default_factory=InceptionConfig)
     resnet: ResnetConfig = field(default_factory=ResnetConfig)
@@ -177,13 +197,15 @@ class ClassificationConfig:
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    seed: int = 42
-    fold: int = 0  # LUNA16 subset held out for testing
-    # Early stopping on running averages (seed 002): if only the loss stalls, decay the
-    # learning rate; if loss and accuracy both stall, stop.
-    patience: int = 5
-    ema_weight: float = 0.2  # running average = 0.2 * this epoch + 0.8 * before (seed 002)
-    lr_decay: float = 0.1
+    seed: int = limited(42, ge=0, lt=2**32)
+    fold: int = limited(0, ge=0)  # LUNA16 subset held out for testing
+    # Early stopping on running averages of the validation loss and accuracy (the recipe of
+    # Paperspace's "Building a CT Scan COVID-19 Classifier" tutorial on UCSD COVID-CT): if
+    # only the loss stalls, decay the learning rate; if both stall, stop.
+    patience: int = limited(5, ge=1)
+    # Running average = 0.2 * this epoch + 0.8 * before.
+    ema_weight: float = limited(0.2, gt=0.0, le=1.0)
+    lr_decay: float = limited(0.1, gt=0.0, le=1.0)
     mixed_precision: bool = False
     # Same seed, same numbers: Keras/NumPy/Python seeds plus TensorFlow's op determinism
     # (tf.config.experimental.enable_op_determinism), so two runs of a command write
@@ -191,16 +213,17 @@ class TrainingConfig:
     # that for speed where deterministic kernels are slower (some GPU kernels).
     deterministic: bool = True
     distribute: Literal["none", "mirrored"] = "none"
-    workers: int = 2  # input pipeline parallelism
+    workers: int = limited(2, ge=1, le=256)  # input pipeline parallelism
 
 
 @dataclass(frozen=True)
 class InferenceConfig:
-    window_overlap: float = 0.25  # sliding-window overlap, blended with a Gaussian weight
-    batch_size: int = 8
-    threshold: float = 0.5
-    merge_distance_mm: float = 5.0  # candidates closer than this are one nodule
-    max_candidates_per_scan: int = 100  # the LUNA16 evaluation reads at most 100 marks
+    # Sliding-window overlap, blended with a Gaussian weight (nnU-Net, Isensee et al. 2021).
+    window_overlap: float = limited(0.25, ge=0.0, le=0.9)
+    batch_size: int = limited(8, ge=1)
+    threshold: float = limited(0.5, ge=0.0, le=1.0)
+    merge_distance_mm: float = limited(5.0, ge=0.0)  # marks closer than this are one finding
+    max_candidates_per_scan: int = limited(100, ge=0)  # LUNA16 reads at most 100 marks a scan
     flip_tta: bool = False
 
 
@@ -209,7 +232,7 @@ class EnsembleConfig:
     # The classifiers run_pipeline.py trains and merges (models.CLASSIFIERS names).
     models: tuple[str, ...] = ("vgg_simple", "inception", "resnet", "densenet", "densenet_bc")
     method: Literal["mean", "weighted", "rank", "geometric"] = "mean"
-    weights: tuple[float, ...] = ()  # one per input file for method=weighted
+    weights: tuple[float, ...] = limited((), ge=0.0)  # one per input file for method=weighted
     # The fold's UNet scores every candidate too (its highest probability near it) and
     # joins the ensemble: a model of another kind, trained on voxels rather than cubes.
     segmenter: bool = True
@@ -230,8 +253,9 @@ class EnsembleConfig:
 
 @dataclass(frozen=True)
 class DebugConfig:
-    max_scans: int = 0  # 0 = all; >0 preprocesses only the first N scans (smoke runs)
-    save_images: bool = False  # preprocessing writes CACHE/debug/<uid>.png: mask outline on 3 planes
+    max_scans: int = limited(0, ge=0)  # 0 = all; N > 0: only the first N scans (smoke runs)
+    # Preprocessing writes CACHE/debug/<uid>.png: the mask outline on three planes.
+    save_images: bool = False
 
 
 @dataclass(frozen=True)
@@ -257,11 +281,11 @@ PROFILES: dict[str, dict[str, Any]] = {
         "segmentation.patch_size": 32,
         "segmentation.depth": 3,
         "segmentation.base_filters": 8,
-        "segmentation.lr": 1e-3,  # few steps: the source's 3e-5 would barely move
+        "segmentation.lr": 1e-3,  # few steps: 3e-5 would barely move
         "segmentation.loss": "dice_bce",  # converges in few steps; dice alone marks vessels too
         "segmentation.batch_size": 8,
-        # 1500 steps (~6 min on 2 cores): the UNet is the strongest member here, and its
-        # validation dice still rose at 1000 steps (0.63 vs 0.47 at 320).
+        # 1500 steps (~6 min on 2 cores): the UNet is the strongest member on this data, and
+        # its validation dice still rises at 1000 steps (README, measured figures).
         "segmentation.epochs": 30,
         "segmentation.steps_per_epoch": 50,
         "segmentation.validation_scans_every": 10,
@@ -339,9 +363,12 @@ def _parse_value(text: Any, kind: Any, key: str) -> Any:
         return int(as_float)
     if kind is float:
         try:
-            return float(str(text).strip())
+            value = float(str(text).strip())
         except ValueError:
             raise ConfigError(f"{key}={text!r}: expected a number") from None
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}={text!r}: must be a finite number")
+        return value
     if kind is str:
         return str(text)
     raise ConfigError(f"{key}: unsupported field type {kind}")
@@ -355,10 +382,54 @@ def _replace(obj: Any, path: list[str], text: Any, full_key: str) -> Any:
         raise ConfigError(f"unknown config key {full_key!r}: {name!r} is not one of {known}")
     kind = types_[name]
     if len(path) == 1:
-        return dataclasses.replace(obj, **{name: _parse_value(text, kind, full_key)})
+        value = _parse_value(text, kind, full_key)
+        _check_limits(value, _field_metadata(type(obj), name), full_key)
+        return dataclasses.replace(obj, **{name: value})
     if not dataclasses.is_dataclass(kind):
         raise ConfigError(f"unknown config key {full_key!r}: {name} has no sub-keys")
     return dataclasses.replace(obj, **{name: _replace(getattr(obj, name), path[1:], text, full_key)})
+
+
+def _field_metadata(cls, name: str):
+    return next(f.metadata for f in dataclasses.fields(cls) if f.name == name)
+
+
+def _check_limits(value: Any, limits, key: str) -> None:
+    """Refuse ``value`` outside the range that ``limited`` put beside the field's default."""
+    if limits.get("nonempty") and len(value) == 0:
+        raise ConfigError(f"{key}: must not be empty")
+    checks = (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
+              ("le", lambda v, b: v <= b, "<="), ("lt", lambda v, b: v < b, "<"))
+    for item in value if isinstance(value, tuple) else (value,):
+        for name, ok, sign in checks:
+            bound = limits.get(name)
+            if bound is not None and not ok(item, bound):
+                raise ConfigError(f"{key}={_show(value)}: must be {sign} {bound:g}")
+
+
+def _show(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def check_config(config: Config) -> Config:
+    """Rules between fields, checked once all overrides are in (one at a time may pass
+    through a state that breaks them): ``ConfigError`` naming the keys, else ``config``."""
+    low, high = config.preprocess.window_hu
+    if not low < high:
+        raise ConfigError(f"preprocess.window_hu={low:g},{high:g}: the first value (the HU "
+                          "mapped to 0) must be below the second (mapped to 255)")
+    for section in ("segmentation", "classification"):
+        part = getattr(config, section)
+        bins, weights = part.size_bins_mm, part.size_weights
+        if list(bins) != sorted(set(bins)):
+            raise ConfigError(f"{section}.size_bins_mm={_show(bins)}: must be increasing")
+        if len(weights) != len(bins) + 1:
+            raise ConfigError(f"{section}.size_weights={_show(weights)}: needs one weight per "
+                              f"size bin ({len(bins) + 1} for size_bins_mm={_show(bins)})")
+    weights = config.ensemble.weights
+    if weights and sum(weights) <= 0:
+        raise ConfigError(f"ensemble.weights={_show(weights)}: must not all be zero")
+    return config
 
 
 def override(config: Config, key: str, value: Any) -> Config:
@@ -382,7 +453,7 @@ def load_profile(name: str = "full", overrides: dict[str, Any] | None = None,
             config = override(config, f"paths.{field_name}", environ[env_name])
     for key, value in (overrides or {}).items():
         config = override(config, key, value)
-    return config
+    return check_config(config)
 
 
 def to_dict(config: Config) -> dict[str, Any]:
@@ -405,7 +476,7 @@ def from_dict(data: dict[str, Any]) -> Config:
                 config = override(config, full, value)
 
     walk("", data)
-    return config
+    return check_config(config)
 
 
 def save_config(config: Config, path, extra: dict[str, Any] | None = None) -> Path:
@@ -464,6 +535,7 @@ def parse_args(parser: argparse.ArgumentParser, argv=None,
                 config = override(config, f"paths.{name}", value)
         for key, value in overrides.items():
             config = override(config, key, value)
+        check_config(config)
     except ConfigError as err:
         parser.error(str(err))
     return args, config
@@ -473,7 +545,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Print the resolved configuration as JSON.")
     add_config_arguments(parser)
     _, config = parse_args(parser, argv)
-    json.dump(to_dict(config), sys.stdout, indent=2)
+    json.dump(to_dict(config), sys.stdout, indent=2, allow_nan=False)
     sys.stdout.write("\n")
     return 0
 
