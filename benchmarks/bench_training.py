@@ -17,7 +17,9 @@ Models, as the training scripts build and compile them for ``--profile`` (defaul
 cubes, ``classification.batch_size``). Random inputs and targets (fixed seed): the
 arithmetic of a step does not depend on the values.
 
-Methods: ``onednn`` (``TF_ENABLE_ONEDNN_OPTS=1``) and ``tf-kernels`` (``=0``). Each (model,
+Methods: ``onednn`` (``TF_ENABLE_ONEDNN_OPTS=1``, op determinism on: what the scripts run),
+``tf-kernels`` (``=0``) and ``nondeterministic`` (oneDNN, ``training.deterministic=false``:
+the price of same-seed-same-numbers). Each (model,
 method) runs in a fresh process (this script in a hidden ``--one`` mode), because
 TensorFlow reads the variable once, at import. Seconds per step: ``--steps`` calls of
 ``train_on_batch`` timed together, median over ``--repeats``, after two warm-up steps
@@ -43,17 +45,21 @@ from benchmarks.common import (  # noqa: E402
 
 SEGMENTER = "segmenter"
 DEFAULT_MODELS = ("resnet", "vgg_simple")
-METHODS = {"onednn": "1", "tf-kernels": "0"}
+# method: (TF_ENABLE_ONEDNN_OPTS, training.deterministic). "onednn" is what every training
+# script runs; the other two change one setting each.
+METHODS = {"onednn": ("1", True), "tf-kernels": ("0", True), "nondeterministic": ("1", False)}
 BASELINE = "tf-kernels"
 
 
-def build(model: str, profile: str):
+def build(model: str, profile: str, deterministic: bool = True):
     """(compiled model, input batch, target batch) as the training script would train it."""
     import numpy as np
 
     import config as config_lib
+    import training
 
-    cfg = config_lib.load_profile(profile, environ={})
+    cfg = config_lib.load_profile(profile, {"training.deterministic": deterministic}, environ={})
+    training.seed_everything(cfg.training)
     rng = np.random.default_rng(0)
     if model == SEGMENTER:
         import train_segmentation
@@ -72,12 +78,12 @@ def build(model: str, profile: str):
     return compiled, rng.random(shape, dtype=np.float32), target
 
 
-def measure(model: str, profile: str, steps: int, repeats: int) -> dict:
+def measure(model: str, profile: str, steps: int, repeats: int, deterministic: bool) -> dict:
     """Seconds per training step of ``model`` in this process (its oneDNN setting)."""
     import os
     import resource
 
-    compiled, x, y = build(model, profile)
+    compiled, x, y = build(model, profile, deterministic)
     for _ in range(2):
         compiled.train_on_batch(x, y)
     seconds = []
@@ -88,7 +94,8 @@ def measure(model: str, profile: str, steps: int, repeats: int) -> dict:
         seconds.append((time.perf_counter() - started) / steps)
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux: KiB
     return {"model": compiled.name if model == SEGMENTER else model,
-            "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS"), "batch": int(x.shape[0]),
+            "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS"), "deterministic": deterministic,
+            "batch": int(x.shape[0]),
             "input": list(x.shape[1:4]), "seconds_per_step": seconds,
             "median_seconds_per_step": statistics.median(seconds),
             "peak_rss_gib": peak_kib * 1024 / GIB}
@@ -97,19 +104,24 @@ def measure(model: str, profile: str, steps: int, repeats: int) -> dict:
 def markdown_report(report: dict) -> str:
     lines = [f"# Training steps: oneDNN vs TensorFlow's kernels ({report['profile']} profile)",
              "", f"Machine: {machine_line(report['machine'])}", "",
-             "| model | batch x input | oneDNN s/step | TF kernels s/step | speed-up |",
-             "|---|---|---:|---:|---:|"]
+             "| model | batch x input | oneDNN s/step | TF kernels s/step | speed-up "
+             "| oneDNN without op determinism s/step | cost of determinism |",
+             "|---|---|---:|---:|---:|---:|---:|"]
     for row in report["rows"]:
-        fast, slow = row["onednn"], row[BASELINE]
+        fast, slow, free = row["onednn"], row[BASELINE], row["nondeterministic"]
         if "speedup" not in row:
-            error = fast.get("error") or slow.get("error")
-            lines.append(f"| {row['model']} | | | | error: {error} |")
+            error = fast.get("error") or slow.get("error") or free.get("error")
+            lines.append(f"| {row['model']} | | | | | | error: {error} |")
             continue
         lines.append(f"| {fast['model']} | {fast['batch']} x {'x'.join(map(str, fast['input']))} "
                      f"| {fast['median_seconds_per_step']:.3f} "
-                     f"| {slow['median_seconds_per_step']:.3f} | {row['speedup']:.1f}x |")
+                     f"| {slow['median_seconds_per_step']:.3f} | {row['speedup']:.1f}x "
+                     f"| {free['median_seconds_per_step']:.3f} "
+                     f"| {row['determinism_cost']:.2f}x |")
     lines += ["", f"Median over {report['repeats']} repeats of {report['steps']} steps each, "
-                  "after two warm-up steps; a fresh process per model and method."]
+                  "after two warm-up steps; a fresh process per model and method. Cost of "
+                  "determinism: oneDNN s/step with op determinism (what the scripts run, "
+                  "`training.deterministic`) over the same without."]
     return "\n".join(lines) + "\n"
 
 
@@ -128,6 +140,7 @@ def parse_args(argv):
                         help="folder for training.md / training.json (default benchmarks/results)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds allowed per run")
     parser.add_argument("--one", metavar="MODEL", help=argparse.SUPPRESS)
+    parser.add_argument("--nondeterministic", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.steps = args.steps or (3 if args.quick else 10)
     args.repeats = args.repeats or (1 if args.quick else 3)
@@ -158,20 +171,23 @@ def main(argv=None) -> int:
     config_lib.setup_tensorflow_environment()  # before TensorFlow is imported
     args = parse_args(argv)
     if args.one:
-        print_result(measure(args.one, args.profile, args.steps, args.repeats))
+        print_result(measure(args.one, args.profile, args.steps, args.repeats,
+                             deterministic=not args.nondeterministic))
         return 0
     report = {"profile": args.profile, "steps": args.steps, "repeats": args.repeats,
               "machine": machine_info("tensorflow", "keras"), "rows": []}
     for model in args.models:
         row = {"model": model}
-        for method, value in METHODS.items():
+        for method, (onednn, deterministic) in METHODS.items():
             print(f"[training] {model}: {method} ...", flush=True)
             command = [sys.executable, __file__, "--one", model, "--profile", args.profile,
-                       "--steps", str(args.steps), "--repeats", str(args.repeats)]
-            row[method] = run_tagged(command, args.timeout, env={"TF_ENABLE_ONEDNN_OPTS": value})
+                       "--steps", str(args.steps), "--repeats", str(args.repeats),
+                       *([] if deterministic else ["--nondeterministic"])]
+            row[method] = run_tagged(command, args.timeout, env={"TF_ENABLE_ONEDNN_OPTS": onednn})
         if not any("error" in row[m] for m in METHODS):
-            row["speedup"] = (row[BASELINE]["median_seconds_per_step"]
-                              / row["onednn"]["median_seconds_per_step"])
+            seconds = {m: row[m]["median_seconds_per_step"] for m in METHODS}
+            row["speedup"] = seconds[BASELINE] / seconds["onednn"]
+            row["determinism_cost"] = seconds["onednn"] / seconds["nondeterministic"]
         report["rows"].append(row)
     text = markdown_report(report)
     print(text)

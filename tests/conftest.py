@@ -76,3 +76,16 @@ def resume_training(command: list[str], epochs: int) -> None:
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                          timeout=300, check=False)
     assert run.returncode == 0, run.stderr[-3000:]
+
+
+# The whole pipeline in seconds: tiny models, one short epoch each (tests of the chain, not
+# of its quality).
+TINY_PIPELINE = [
+    "--preprocess.min_lung_volume_ml=20", "--segmentation.patch_size=16",
+    "--segmentation.depth=2", "--segmentation.base_filters=4", "--segmentation.batch_size=2",
+    "--segmentation.epochs=1", "--segmentation.steps_per_epoch=2",
+    "--segmentation.validation_scans_every=1", "--inference.batch_size=4",
+    "--inference.threshold=0.3", "--classification.cube_size=16",
+    "--classification.batch_size=4", "--classification.epochs=1",
+    "--classification.steps_per_epoch=2", "--ensemble.models=vgg_simple,resnet",
+    "--training.workers=1"]
