@@ -5,7 +5,8 @@
   optimizer state), ``best.keras``, ``state.json``, ``history.csv``, ``config.json`` and the
   TensorBoard logs of each run in ``logs/<model>-run-<date>-<hour>-<minute>``;
 * ``RunningAverageEarlyStopping``: early stopping on running averages of the validation loss
-  and accuracy, with learning-rate decay when only the loss stalls (seed document 002);
+  and accuracy, with learning-rate decay when only the loss stalls (the recipe of
+  Paperspace's "Building a CT Scan COVID-19 Classifier" tutorial on UCSD COVID-CT);
 * ``fit``: ``model.fit`` with all of the above, resumable after a kill (``--resume``).
 """
 
@@ -73,7 +74,8 @@ def seed_everything(training_cfg) -> None:
 
 
 def run_name(model_name: str, now: dt.datetime | None = None) -> str:
-    """``<model>-run-<date>-<hour>-<minute>``: one TensorBoard folder per run (source document)."""
+    """``<model>-run-<date>-<hour>-<minute>``: one TensorBoard folder per run, so runs of
+    the same model sit side by side in TensorBoard instead of overwriting each other."""
     now = now or dt.datetime.now()
     return f"{model_name}-run-{now:%Y%m%d}-{now:%H}-{now:%M}"
 
