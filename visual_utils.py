@@ -1,6 +1,5 @@
-"""Figures for looking at scans, candidates, models and a whole run, plus the run report.
+"""Figures of scans, candidates and models (slices, 3D surfaces, training curves, Grad-CAM).
 
-    python visual_utils.py report --work-dir work [--fold 0] [--top 8]
     python visual_utils.py gradcam --model-path work/classification/resnet/fold0/best.keras \\
         --cache-dir work/cache --candidates work/submission.csv --out gradcam.png [--top 6]
     python visual_utils.py montage --cache-dir work/cache --seriesuid UID --out montage.png \\
@@ -21,19 +20,15 @@ matrices, flips included, as in LUNA16). Every mark is placed with ``ct_io.world
 and drawn with its true cross-section radius in the slice.
 Figures use matplotlib's object API with the Agg canvas: no pyplot, no global state.
 
-``build_report(work_dir, fold)`` writes ``WORK/report/`` (see its docstring);
-``run_pipeline.py`` calls ``pipeline_report`` after the evaluation.
+The run report that puts these figures together is ``report.py``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import sys
-import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,10 +36,10 @@ import pandas as pd
 
 import cache
 import config as config_lib
-from ct_io import Geometry, voxel_to_world, world_to_voxel
-from tables import atomic_open, atomic_write_text
+from ct_io import Geometry, ScanError, check_seriesuid, voxel_to_world, world_to_voxel
+from evaluate import DEFAULT_DIAMETER_MM
+from tables import WORLD_COLUMNS, InputError, atomic_open, check_output_path
 
-WORLD_COLUMNS = ["coordX", "coordY", "coordZ"]
 PLANES = ("axial", "coronal", "sagittal")
 # (row axis, column axis, normal axis) as array axes (0 = z, 1 = y, 2 = x) of each plane.
 PLANE_AXES = {"axial": (1, 2, 0), "coronal": (0, 2, 1), "sagittal": (0, 1, 2)}
@@ -54,13 +49,10 @@ PLANE_AXES = {"axial": (1, 2, 0), "coronal": (0, 2, 1), "sagittal": (0, 1, 2)}
 # posterior (+y) in axial slices, towards inferior (-z) in coronal and sagittal ones.
 SCREEN_DIRECTIONS = {"axial": ((1, 1), (0, 1)), "coronal": ((2, -1), (0, 1)),
                      "sagittal": ((2, -1), (1, 1))}
-DEFAULT_NODULE_DIAMETER_MM = 10.0  # LUNA16's size for a negative diameter
 NODULE_COLOR = "lime"
 EXCLUDED_COLOR = "gold"
 MARK_COLOR = "red"
 CANDIDATE_COLOR = "orange"
-REPORT_FILES = ("top_detections.png", "missed_nodules.png", "training_curves.png",
-                "surface.png", "gradcam.png")
 
 
 # --------------------------------------------------------------------------- figures
@@ -221,7 +213,7 @@ def draw_circles(ax, view: PlaneView, points_zyx_vox, diameters_mm, *, color: st
     drawn = 0
     height, width = view.image.shape
     for row, col, offset, diameter in zip(rows, cols, offsets, diameters):
-        radius = (diameter if diameter > 0 else DEFAULT_NODULE_DIAMETER_MM) / 2.0
+        radius = (diameter if diameter > 0 else DEFAULT_DIAMETER_MM) / 2.0
         if abs(offset) >= radius:
             continue
         cut = math.sqrt(radius * radius - offset * offset)
@@ -401,7 +393,7 @@ def surface_mesh(mask: np.ndarray, geometry: Geometry, step: int = 2, level: flo
 
 def sphere_mesh(center_xyz_mm, diameter_mm: float, resolution: int = 12):
     """Quadrilaterals ``(n, 4, 3)`` (world mm) of a sphere, for a Poly3DCollection."""
-    radius = (diameter_mm if diameter_mm > 0 else DEFAULT_NODULE_DIAMETER_MM) / 2.0
+    radius = (diameter_mm if diameter_mm > 0 else DEFAULT_DIAMETER_MM) / 2.0
     u = np.linspace(0.0, 2.0 * np.pi, resolution + 1)
     v = np.linspace(0.0, np.pi, resolution // 2 + 1)
     grid = np.stack([np.outer(np.cos(u), np.sin(v)), np.outer(np.sin(u), np.sin(v)),
@@ -668,465 +660,12 @@ def candidate_cubes(cache_dir, table: pd.DataFrame, cube_size: int) -> np.ndarra
     return cubes
 
 
-# --------------------------------------------------------------------------- detections
-
-
-def cut_marks(marks: pd.DataFrame, max_marks: int = 100) -> pd.DataFrame:
-    """The marks the LUNA16 evaluation keeps: per scan with more than ``max_marks``, only
-    those strictly above the (max_marks + 1)-th highest probability."""
-    if max_marks <= 0 or len(marks) == 0:
-        return marks
-    keep = np.ones(len(marks), dtype=bool)
-    probabilities = marks["probability"].to_numpy(np.float64)
-    for rows in marks.groupby("seriesuid", sort=False).indices.values():
-        if len(rows) > max_marks:
-            p = probabilities[rows]
-            cut = np.partition(p, len(p) - 1 - max_marks)[len(p) - 1 - max_marks]
-            keep[rows] = p > cut
-    return marks[keep]
-
-
-def nodule_status(submission: pd.DataFrame, annotations: pd.DataFrame,
-                  excluded: pd.DataFrame | None, seriesuids, fp_rate: float = 8.0,
-                  max_marks: int = 100) -> pd.DataFrame:
-    """Per annotated nodule of the listed scans: the best probability of a mark hitting it
-    and whether it is found at ``fp_rate`` false positives per scan.
-
-    Hits follow the LUNA16 rule (``evaluate.hit_labels``: strictly inside the nodule's
-    sphere; marks on excluded findings are not false positives), after the LUNA16 cut to
-    ``max_marks`` per scan. A nodule counts as found when its best mark ranks above the
-    ``floor(fp_rate * n_scans) + 1``-th highest false positive, i.e. at most
-    ``fp_rate`` false positives per scan rank above it.
-
-    Returns the annotation rows with ``best_probability`` (NaN: no mark hits it),
-    ``threshold`` (probability to beat) and ``found`` (bool).
-    """
-    import evaluate
-
-    uids = list(seriesuids)
-    nodules = annotations[annotations["seriesuid"].isin(uids)].reset_index(drop=True).copy()
-    marks = cut_marks(submission[submission["seriesuid"].isin(uids)].reset_index(drop=True),
-                      max_marks).reset_index(drop=True)
-    excluded = _with_diameter(excluded)
-    labels = evaluate.hit_labels(marks, nodules, excluded)
-    fps = np.sort(marks["probability"].to_numpy(np.float64)[labels == 0])[::-1]
-    allowed = math.floor(fp_rate * len(uids))
-    threshold = float(fps[allowed]) if len(fps) > allowed else -math.inf
-    best = np.full(len(nodules), np.nan)
-    mark_xyz = marks[WORLD_COLUMNS].to_numpy(np.float64)
-    mark_p = marks["probability"].to_numpy(np.float64)
-    groups = marks.groupby("seriesuid", sort=False).indices
-    for i, row in enumerate(nodules.itertuples(index=False)):
-        rows = groups.get(row.seriesuid)
-        if rows is None:
-            continue
-        diameter = row.diameter_mm if row.diameter_mm >= 0 else evaluate.DEFAULT_DIAMETER_MM
-        d = mark_xyz[rows] - np.array([row.coordX, row.coordY, row.coordZ])
-        inside = (d * d).sum(axis=1) < (diameter / 2.0) ** 2
-        if inside.any():
-            best[i] = mark_p[rows][inside].max()
-    nodules["best_probability"] = best
-    nodules["threshold"] = threshold
-    nodules["found"] = np.isfinite(best) & (best > threshold)
-    return nodules
-
-
-def _with_diameter(frame: pd.DataFrame | None) -> pd.DataFrame | None:
+def with_diameter_column(frame: pd.DataFrame | None) -> pd.DataFrame | None:
+    """``frame`` with a (NaN) ``diameter_mm`` column where it has none (a cached table of
+    a data set without diameters)."""
     if frame is not None and "diameter_mm" not in frame:
         frame = frame.assign(diameter_mm=pd.Series(dtype=np.float64))
     return frame
-
-
-def verdict(label) -> str:
-    """HIT / MISS / EXCLUDED for a ``label_detections`` label."""
-    return {1: "HIT", -1: "EXCLUDED"}.get(int(label), "MISS")
-
-
-def label_detections(marks: pd.DataFrame, annotations: pd.DataFrame,
-                     excluded: pd.DataFrame | None) -> np.ndarray:
-    """``evaluate.hit_labels`` of the marks: 1 hit, -1 on an excluded finding, 0 miss."""
-    import evaluate
-
-    return evaluate.hit_labels(marks, annotations, _with_diameter(excluded))
-
-
-def detections_figure(cache_dir, marks: pd.DataFrame, annotations: pd.DataFrame,
-                      excluded: pd.DataFrame | None = None, window_vox: int = 64):
-    """One row of three orthogonal slices per mark (table order), the mark as a red crosshair,
-    annotated nodules green and excluded findings yellow; title: rank, probability and
-    HIT / MISS / EXCLUDED. Returns the Figure."""
-    import generators
-
-    labels = label_detections(marks, annotations, excluded)
-    figure = new_figure(9.0, 3.2 * max(len(marks), 1))
-    for i, (row, label) in enumerate(zip(marks.itertuples(index=False), labels)):
-        scan = cache.open_scan(cache_dir, row.seriesuid)
-        point = (row.coordX, row.coordY, row.coordZ)
-        axes = [figure.add_subplot(len(marks), 3, 3 * i + j + 1) for j in range(3)]
-        title = (f"#{i + 1} p={row.probability:.4f} {verdict(label)}  "
-                 f"scan ...{row.seriesuid[-8:]} ({row.coordX:.1f}, {row.coordY:.1f}, "
-                 f"{row.coordZ:.1f}) mm")
-        three_plane_view(scan.volume, scan.geometry, point, axes=axes, title=title,
-                         nodules=annotations[annotations["seriesuid"] == row.seriesuid],
-                         excluded=None if excluded is None
-                         else excluded[excluded["seriesuid"] == row.seriesuid],
-                         window_vox=window_vox,
-                         pad_value=generators.cache_pad_value(cache_dir, scan.meta))
-    figure.tight_layout()
-    return figure
-
-
-def missed_figure(cache_dir, missed: pd.DataFrame, fp_rate: float = 8.0, window_vox: int = 64):
-    """Three orthogonal slices of each missed nodule (``nodule_status`` rows), circled in
-    green with its diameter; title: size and best mark probability vs the threshold."""
-    import generators
-
-    figure = new_figure(9.0, 3.2 * max(len(missed), 1))
-    for i, row in enumerate(missed.itertuples(index=False)):
-        scan = cache.open_scan(cache_dir, row.seriesuid)
-        axes = [figure.add_subplot(len(missed), 3, 3 * i + j + 1) for j in range(3)]
-        best = ("no mark hits it" if not np.isfinite(row.best_probability)
-                else f"best mark p={row.best_probability:.4f} <= {row.threshold:.4f}")
-        title = (f"missed at {fp_rate:g} FP/scan: {row.diameter_mm:.1f} mm nodule, {best}; "
-                 f"scan ...{row.seriesuid[-8:]}")
-        three_plane_view(scan.volume, scan.geometry, (row.coordX, row.coordY, row.coordZ),
-                         diameter_mm=None, axes=axes, title=title, window_vox=window_vox,
-                         nodules=pd.DataFrame([row._asdict()]),
-                         pad_value=generators.cache_pad_value(cache_dir, scan.meta))
-    figure.tight_layout()
-    return figure
-
-
-# --------------------------------------------------------------------------- report
-
-
-class Unavailable(Exception):
-    """An optional input of a report figure is missing: the figure says so instead."""
-
-
-@dataclass
-class ReportResult:
-    """What ``build_report`` wrote and what went wrong."""
-
-    out_dir: Path
-    files: dict = field(default_factory=dict)  # figure name -> path
-    notes: list = field(default_factory=list)  # (piece, message): missing optional inputs
-    failures: list = field(default_factory=list)  # (piece, message): real errors (warned)
-    summary: dict = field(default_factory=dict)  # numbers the report states
-
-    @property
-    def ok(self) -> bool:
-        return not self.failures
-
-
-@dataclass
-class _Inputs:
-    work: Path
-    fold: int
-    cache_dir: Path
-    seriesuids: list
-    annotations: pd.DataFrame
-    excluded: pd.DataFrame
-    submission: pd.DataFrame | None  # held-out rows, best first; None: no submission.csv
-
-
-def _load_inputs(work: Path, fold: int) -> _Inputs:
-    from tables import read_predictions, read_seriesuids
-
-    cache_dir = work / "cache"
-    metas = cache.load_scan_metas(cache_dir)
-    listed = work / f"test_seriesuids_fold{fold}.csv"
-    uids = read_seriesuids(listed) if listed.exists() else cache.split_by_subset(metas, fold)["test"]
-    uids = [u for u in uids if u in metas]
-    if not uids:
-        raise ValueError(f"none of the held-out scans of fold {fold} is in the cache {cache_dir}")
-    annotations = _with_diameter(cache.load_table(cache_dir, "annotations"))
-    excluded = _with_diameter(cache.load_table(cache_dir, "annotations_excluded"))
-    annotations = annotations[annotations["seriesuid"].isin(uids)].reset_index(drop=True)
-    excluded = excluded[excluded["seriesuid"].isin(uids)].reset_index(drop=True)
-    submission = None
-    path = work / "submission.csv"
-    if path.exists():
-        frame = read_predictions(path, kind="submission")
-        frame = frame[frame["seriesuid"].isin(uids)]
-        submission = frame.sort_values("probability", ascending=False, kind="stable")
-        submission = submission.reset_index(drop=True)
-    return _Inputs(work, fold, cache_dir, uids, annotations, excluded, submission)
-
-
-def _need(inputs: _Inputs | None) -> _Inputs:
-    if inputs is None:
-        raise Unavailable("the held-out data could not be loaded (see the warning above)")
-    return inputs
-
-
-# Marks closer than this show the same finding (detect.py merges candidates within 5 mm).
-DISTINCT_MARK_MM = 5.0
-
-
-def distinct_marks(marks: pd.DataFrame, top: int, min_distance_mm: float = DISTINCT_MARK_MM
-                   ) -> pd.DataFrame:
-    """The first ``top`` rows of ``marks`` (in table order) that lie at least
-    ``min_distance_mm`` from every row kept before them in the same scan. LUNA16's
-    candidate list marks one nodule several times: a montage of the same nodule three times
-    over shows nothing new."""
-    kept, points = [], {}
-    xyz = marks[WORLD_COLUMNS].to_numpy(dtype=np.float64)
-    for i, uid in enumerate(marks["seriesuid"]):
-        seen = points.setdefault(uid, [])
-        if any(np.sum((xyz[i] - p) ** 2) < min_distance_mm ** 2 for p in seen):
-            continue
-        seen.append(xyz[i])
-        kept.append(i)
-        if len(kept) == top:
-            break
-    return marks.iloc[kept]
-
-
-def _top_marks(inputs: _Inputs, top: int) -> pd.DataFrame:
-    if inputs.submission is None:
-        raise Unavailable(f"no submission: {inputs.work / 'submission.csv'} does not exist")
-    if len(inputs.submission) == 0:
-        raise Unavailable("the submission has no row for the held-out scans")
-    return distinct_marks(inputs.submission, top)
-
-
-def _first_model(work: Path, fold: int) -> tuple[str, Path]:
-    """The first model of the run's ensemble (``WORK/config.json``) and its best.keras."""
-    names = []
-    config_path = work / "config.json"
-    if config_path.exists():
-        names = list(json.loads(config_path.read_text())["config"]["ensemble"]["models"])
-    if not names:
-        names = sorted(p.parent.parent.name for p in (work / "classification").glob(f"*/fold{fold}/best.keras"))
-    if not names:
-        raise Unavailable(f"no trained classifier under {work / 'classification'}")
-    path = work / "classification" / names[0] / f"fold{fold}" / "best.keras"
-    if not path.exists():
-        raise Unavailable(f"the first ensemble model {names[0]} has no {path}")
-    return names[0], path
-
-
-def history_files(work: Path) -> dict:
-    """Label -> ``history.csv`` of every model folder of a run, all folds."""
-    found = {}
-    for path in sorted((work / "segmentation").glob("fold*/history.csv")):
-        found[f"segmentation {path.parent.name}"] = path
-    for path in sorted((work / "classification").glob("*/fold*/history.csv")):
-        found[f"{path.parent.parent.name} {path.parent.name}"] = path
-    return found
-
-
-def build_report(work_dir, fold: int = 0, out_dir=None, *, top: int = 8, fp_rate: float = 8.0,
-                 gradcam_top: int = 6, max_missed: int = 12) -> ReportResult:
-    """Write the run report of ``work_dir`` into ``out_dir`` (default ``WORK/report``).
-
-    Files: ``top_detections.png`` (the ``top`` highest-scoring submission rows of the
-    held-out scans, one per finding (``distinct_marks``), three orthogonal slices each,
-    title with probability and HIT / MISS),
-    ``missed_nodules.png`` (held-out annotated nodules NOT found at ``fp_rate`` false
-    positives per scan, see ``nodule_status``: no mark hits them, or every mark that hits
-    them ranks below the ``fp_rate * n_scans``-th false positive; at most ``max_missed``
-    shown), ``training_curves.png`` (every ``history.csv`` of segmentation/fold* and
-    classification/*/fold*), ``surface.png`` (lungs and nodules of the held-out scan with
-    the most nodules), ``gradcam.png`` (Grad-CAM of the first ensemble model on the
-    ``gradcam_top`` top detections) and ``report.md`` (links to all of them, the FROC
-    figures of ``WORK/evaluation/froc_metrics.json`` and ``froc.png``).
-
-    Never raises for one figure: a missing optional input gives a figure saying what is
-    missing (a note); an error gives a figure naming it and a warning on stderr (a
-    failure). Every file is written either way.
-    """
-    work = Path(work_dir)
-    out = Path(out_dir) if out_dir is not None else work / "report"
-    out.mkdir(parents=True, exist_ok=True)
-    result = ReportResult(out)
-
-    def attempt(piece: str, make):
-        try:
-            return make()
-        except Unavailable as err:
-            result.notes.append((piece, str(err)))
-            print(f"[report] {piece}: {err}", flush=True)
-        except Exception as err:  # noqa: BLE001 - one figure must not stop the others; warned
-            message = f"{type(err).__name__}: {err}"
-            result.failures.append((piece, message))
-            frames = "".join(traceback.format_exception(err, limit=-3))
-            print(f"warning: report: {piece} failed: {message}\n{frames}", file=sys.stderr,
-                  flush=True)
-        return None
-
-    inputs = attempt("held-out data", lambda: _load_inputs(work, fold))
-
-    def top_detections():
-        data = _need(inputs)
-        marks = _top_marks(data, top)
-        labels = label_detections(marks, data.annotations, data.excluded)
-        result.summary["top_hits"] = int((labels == 1).sum())
-        result.summary["top_shown"] = len(marks)
-        return detections_figure(data.cache_dir, marks, data.annotations, data.excluded)
-
-    def missed():
-        data = _need(inputs)
-        if len(data.annotations) == 0:
-            raise Unavailable("no annotated nodule on the held-out scans")
-        submission = data.submission if data.submission is not None else pd.DataFrame(
-            columns=["seriesuid", *WORLD_COLUMNS, "probability"])
-        status = nodule_status(submission, data.annotations, data.excluded, data.seriesuids,
-                               fp_rate)
-        lost = status[~status["found"]].reset_index(drop=True)
-        result.summary.update(nodules=len(status), missed=len(lost),
-                              missed_never_hit=int((~np.isfinite(lost["best_probability"])).sum()))
-        if len(lost) == 0:
-            return message_figure(f"No held-out nodule missed at {fp_rate:g} FP/scan: all "
-                                  f"{len(status)} are found.", "missed nodules")
-        return missed_figure(data.cache_dir, lost.head(max_missed), fp_rate)
-
-    def curves():
-        found = history_files(work)
-        if not found:
-            raise Unavailable(f"no history.csv under {work / 'segmentation'} or "
-                              f"{work / 'classification'}")
-        result.summary["histories"] = list(found)
-        return training_curves_figure(found)
-
-    def surface():
-        data = _need(inputs)
-        counts = data.annotations["seriesuid"].value_counts()
-        uid = counts.index[0] if len(counts) else data.seriesuids[0]
-        scan = cache.open_scan(data.cache_dir, uid)
-        nodules = data.annotations[data.annotations["seriesuid"] == uid]
-        result.summary["surface_scan"] = uid
-        return surface_figure(scan.mask, scan.geometry, nodules,
-                              title=f"scan ...{uid[-12:]}: lung mask and {len(nodules)} nodule(s)")
-
-    def gradcam():
-        data = _need(inputs)
-        marks = _top_marks(data, gradcam_top)
-        name, path = _first_model(work, fold)
-        import predict
-
-        model = predict.load_classifier(path)
-        size = int(model.input_shape[1])
-        cubes = candidate_cubes(data.cache_dir, marks, size)
-        cams, probabilities = grad_cams(model, cubes.astype(np.float32) / np.float32(255.0))
-        labels = label_detections(marks, data.annotations, data.excluded)
-        titles = [f"#{i + 1} {name} p={p:.3f} (submission {s:.3f}) {verdict(lab)}"
-                  for i, (p, s, lab) in enumerate(zip(probabilities, marks["probability"], labels))]
-        result.summary["gradcam_model"] = name
-        geometries = [cache.open_scan(data.cache_dir, u).geometry for u in marks["seriesuid"]]
-        return gradcam_figure(cubes, cams, titles, geometries)
-
-    makers = {"top_detections.png": top_detections, "missed_nodules.png": missed,
-              "training_curves.png": curves, "surface.png": surface, "gradcam.png": gradcam}
-    for filename, make in makers.items():
-        piece = filename[:-4]
-        figure = attempt(piece, make)
-        if figure is None:
-            problem = dict(result.failures + result.notes).get(piece, "not available")
-            figure = message_figure(f"{piece}: {problem}", piece)
-        saved = attempt(f"{piece} (saving)",
-                        lambda figure=figure, path=out / filename: save_figure(figure, path))
-        if saved is not None:
-            result.files[piece] = saved
-    report = attempt("report.md", lambda: _write_markdown(result, work, fold, inputs, fp_rate))
-    if report is not None:
-        result.files["report.md"] = report
-    return result
-
-
-def _write_markdown(result: ReportResult, work: Path, fold: int, inputs, fp_rate: float) -> Path:
-    out = result.out_dir
-    lines = [f"# Run report: `{work}`, fold {fold}", ""]
-    if inputs is not None:
-        lines += [f"Held-out scans ({len(inputs.seriesuids)}): "
-                  + ", ".join(f"`{u}`" for u in inputs.seriesuids),
-                  f"Annotated nodules on them: {len(inputs.annotations)}.", ""]
-    lines += ["## FROC (LUNA16 rules)", ""]
-    metrics_path = work / "evaluation" / "froc_metrics.json"
-    froc_png = work / "evaluation" / "froc.png"
-    if metrics_path.exists():
-        metrics = json.loads(metrics_path.read_text())
-        result.summary["cpm"] = metrics.get("cpm")
-        lines += [f"**CPM: {metrics['cpm']:.6f}** (from `{metrics_path}`)", "",
-                  "| FP/scan | " + " | ".join(str(k) for k in metrics["sensitivities"]) + " |",
-                  "|---|" + "---|" * len(metrics["sensitivities"]),
-                  "| sensitivity | " + " | ".join(f"{v:.4f}" for v in metrics["sensitivities"].values())
-                  + " |", ""]
-        counts = metrics.get("counts", {})
-        if counts:
-            lines += ["| count | value |", "|---|---|"]
-            lines += [f"| {k} | {v} |" for k, v in counts.items()]
-            lines.append("")
-    else:
-        lines += [f"No `{metrics_path}`: run evaluate.py (run_pipeline.py does) first.", ""]
-    if froc_png.exists():
-        lines += [f"![FROC]({_relative(froc_png, out)})", f"FROC plot: `{froc_png}`", ""]
-    else:
-        lines += [f"No FROC plot at `{froc_png}`.", ""]
-    models_path = work / "evaluation" / "models.json"  # run_pipeline.model_table
-    if models_path.exists():
-        try:
-            rows = json.loads(models_path.read_text())
-            lines += ["## CPM of each model", "",
-                      "| model | held-out, given + detected candidates | held-out, given candidates "
-                      "| validation |", "|---|---:|---:|---:|"]
-            lines += [f"| {r['model']} | " + " | ".join(
-                f"{r[k]:.4f}" if k in r else "-"
-                for k in ("cpm_all", "cpm_given", "cpm_validation")) + " |" for r in rows]
-            lines.append("")
-        except (ValueError, KeyError, TypeError) as err:
-            result.failures.append(("models", f"{models_path}: {err}"))
-    sections = [
-        ("top_detections", "Top detections",
-         "Highest-scoring submission rows of the held-out scans, one per finding (a mark within "
-         f"{DISTINCT_MARK_MM:g} mm of a higher one is not shown again): red crosshair = the mark, green = "
-         "annotated nodule, yellow dotted = excluded finding."
-         + (f" {result.summary['top_hits']} of {result.summary['top_shown']} hit a nodule."
-            if "top_hits" in result.summary else "")),
-        ("missed_nodules", "Missed nodules",
-         f"Held-out nodules not found at {fp_rate:g} FP/scan (no mark hits them, or the marks "
-         f"that do rank below the {fp_rate:g} FP/scan threshold)."
-         + (f" {result.summary['missed']} of {result.summary['nodules']} missed, "
-            f"{result.summary['missed_never_hit']} not hit by any mark."
-            if "missed" in result.summary else "")),
-        ("training_curves", "Training curves", "Loss and metrics per epoch of every model."),
-        ("surface", "Lungs and nodules", "Lung mask surface (marching cubes) and nodules"
-         + (f" of scan `{result.summary['surface_scan']}`." if "surface_scan" in result.summary
-            else ".")),
-        ("gradcam", "Grad-CAM", "Grad-CAM of the first ensemble model"
-         + (f" ({result.summary['gradcam_model']})" if "gradcam_model" in result.summary else "")
-         + " on the top detections: where the model looks."),
-    ]
-    for piece, heading, text in sections:
-        lines += [f"## {heading}", "", text, "", f"![{heading}]({piece}.png)", ""]
-    if result.notes or result.failures:
-        lines += ["## Problems", ""]
-        lines += [f"- missing: {piece}: {message}" for piece, message in result.notes]
-        lines += [f"- **failed**: {piece}: {message}" for piece, message in result.failures]
-        lines.append("")
-    path = out / "report.md"
-    atomic_write_text(path, "\n".join(lines))
-    return path
-
-
-def _relative(path: Path, start: Path) -> str:
-    return Path(os.path.relpath(path.resolve(), start.resolve())).as_posix()
-
-
-def pipeline_report(work_dir, fold: int = 0) -> ReportResult | None:
-    """``build_report`` for run_pipeline.py: never raises (its exit code stays that of
-    the evaluation); anything that fails is warned about on stderr."""
-    print("[report] building the run report", flush=True)
-    try:
-        result = build_report(work_dir, fold)
-    except Exception as err:  # noqa: BLE001 - the report is an extra; the run's result stands
-        print(f"warning: report: could not be built: {type(err).__name__}: {err}",
-              file=sys.stderr, flush=True)
-        return None
-    state = "written" if result.ok else f"written with {len(result.failures)} failure(s) (see warnings)"
-    print(f"[report] {result.out_dir / 'report.md'} {state}", flush=True)
-    return result
 
 
 # --------------------------------------------------------------------------- command line
@@ -1146,19 +685,52 @@ def _read_marks(path, top: int, seriesuids=None) -> pd.DataFrame:
     return frame
 
 
-def main(argv=None) -> int:
-    config_lib.setup_tensorflow_environment()  # before TensorFlow is imported
+def gradcam_command(args) -> None:
+    """``gradcam``: Grad-CAM of a classifier on the top rows of a candidate table."""
+    import predict
+
+    check_output_path(args.out, [args.candidates, args.model_path], kind="figure")
+    if args.save_maps:
+        check_output_path(args.save_maps, [args.candidates, args.model_path], kind="maps")
+    marks = _read_marks(args.candidates, args.top, args.seriesuids)
+    model = predict.load_classifier(args.model_path)
+    cubes = candidate_cubes(args.cache_dir, marks, int(model.input_shape[1]))
+    cams, probabilities = grad_cams(model, cubes.astype(np.float32) / np.float32(255.0),
+                                    args.layer)
+    titles = [f"...{r.seriesuid[-8:]} ({r.coordX:.1f}, {r.coordY:.1f}, {r.coordZ:.1f}) "
+              f"p={p:.3f}" for r, p in zip(marks.itertuples(index=False), probabilities)]
+    geometries = [cache.open_scan(args.cache_dir, u).geometry for u in marks["seriesuid"]]
+    save_figure(gradcam_figure(cubes, cams, titles, geometries), args.out)
+    if args.save_maps:
+        with atomic_open(args.save_maps, "wb") as handle:
+            np.savez_compressed(handle, cubes=cubes, cams=cams, probabilities=probabilities)
+
+
+def montage_command(args) -> None:
+    """``montage``: axial slices of one cached scan with its nodules and marks."""
+    from tables import read_table
+
+    check_output_path(args.out, [args.candidates], kind="figure")
+    uid = check_seriesuid(args.seriesuid, "--seriesuid")
+    scan = cache.open_scan(args.cache_dir, uid)
+    annotations = with_diameter_column(cache.load_table(args.cache_dir, "annotations"))
+    nodules = annotations[annotations["seriesuid"] == uid]
+    marks = None
+    if args.candidates:
+        marks = read_table(args.candidates, ["seriesuid", *WORLD_COLUMNS], kind="candidates")
+        marks = marks[marks["seriesuid"] == uid]
+        if "probability" in marks:
+            marks = marks[marks["probability"] >= args.min_probability]
+    figure = slice_montage(scan.volume, scan.geometry, nodules, marks, mask=scan.mask,
+                           n_slices=args.slices, title=f"scan {uid}")
+    save_figure(figure, args.out)
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n")[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    rep = commands.add_parser("report", help="(re)build WORK/report from a pipeline work folder")
-    rep.add_argument("--work-dir", required=True, help="run_pipeline.py --work-dir")
-    rep.add_argument("--fold", type=int, default=0, help="held-out subset of the run")
-    rep.add_argument("--out", help="report folder (default WORK/report)")
-    rep.add_argument("--top", type=int, default=8, help="top detections shown")
-    rep.add_argument("--fp-rate", type=float, default=8.0,
-                     help="FP/scan at which a nodule counts as found")
     cam = commands.add_parser("gradcam", help="Grad-CAM of a classifier on candidate cubes")
     cam.add_argument("--model-path", required=True, help="a .keras classifier")
     cam.add_argument("--cache-dir", required=True, help="preprocess.py output")
@@ -1177,56 +749,16 @@ def main(argv=None) -> int:
     mon.add_argument("--min-probability", type=float, default=0.0,
                      help="circle only candidates at or above this probability")
     mon.add_argument("--slices", type=int, default=12, help="number of slices")
-    args = parser.parse_args(argv)
+    return parser
 
-    if args.command == "report":
-        if not Path(args.work_dir).is_dir():
-            print(f"error: {args.work_dir}: work folder does not exist", file=sys.stderr)
-            return 2
-        result = build_report(args.work_dir, args.fold, args.out, top=args.top,
-                              fp_rate=args.fp_rate)
-        for path in result.files.values():
-            print(f"wrote {path}")
-        if not result.ok:
-            print(f"error: {len(result.failures)} part(s) of the report failed: "
-                  + ", ".join(piece for piece, _ in result.failures), file=sys.stderr)
-            return 1
-        return 0
 
-    from tables import TableError
-
+def main(argv=None) -> int:
+    config_lib.setup_tensorflow_environment()  # before TensorFlow is imported
+    args = _parser().parse_args(argv)
+    command = gradcam_command if args.command == "gradcam" else montage_command
     try:
-        if args.command == "gradcam":
-            import predict
-
-            marks = _read_marks(args.candidates, args.top, args.seriesuids)
-            model = predict.load_classifier(args.model_path)
-            cubes = candidate_cubes(args.cache_dir, marks, int(model.input_shape[1]))
-            cams, probabilities = grad_cams(model, cubes.astype(np.float32) / np.float32(255.0),
-                                            args.layer)
-            titles = [f"...{r.seriesuid[-8:]} ({r.coordX:.1f}, {r.coordY:.1f}, {r.coordZ:.1f}) "
-                      f"p={p:.3f}" for r, p in zip(marks.itertuples(index=False), probabilities)]
-            geometries = [cache.open_scan(args.cache_dir, u).geometry for u in marks["seriesuid"]]
-            save_figure(gradcam_figure(cubes, cams, titles, geometries), args.out)
-            if args.save_maps:
-                with atomic_open(args.save_maps, "wb") as handle:
-                    np.savez_compressed(handle, cubes=cubes, cams=cams, probabilities=probabilities)
-        else:
-            from tables import read_table
-
-            scan = cache.open_scan(args.cache_dir, args.seriesuid)
-            annotations = _with_diameter(cache.load_table(args.cache_dir, "annotations"))
-            nodules = annotations[annotations["seriesuid"] == args.seriesuid]
-            marks = None
-            if args.candidates:
-                marks = read_table(args.candidates, ["seriesuid", *WORLD_COLUMNS], kind="candidates")
-                marks = marks[marks["seriesuid"] == args.seriesuid]
-                if "probability" in marks:
-                    marks = marks[marks["probability"] >= args.min_probability]
-            figure = slice_montage(scan.volume, scan.geometry, nodules, marks, mask=scan.mask,
-                                   n_slices=args.slices, title=f"scan {args.seriesuid}")
-            save_figure(figure, args.out)
-    except (FileNotFoundError, ValueError, TableError) as err:
+        command(args)
+    except (FileNotFoundError, ValueError, InputError, ScanError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {args.out}")
