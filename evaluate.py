@@ -29,7 +29,15 @@ rule, so the figures it prints are the ones the challenge would report:
 With ``--out DIR`` it writes ``froc.png``, ``froc_curve.csv`` (fps, sensitivity, threshold:
 the rows of the official ``froc_*.txt``), ``froc_metrics.json``,
 ``classification_metrics.json`` and ``roc.png``. Bad inputs give ``error: <file>: <problem>``
-and exit code 2, with nothing written.
+and exit code 2, with nothing written; among them an output file that is one of the inputs,
+a submission without rows (the FROC of no marks says nothing) and annotations without a
+nodule on the listed scans (sensitivity is undefined). Options out of range (``--max-marks``
+below 0, ``--bootstrap`` other than 0 or 2 to 100,000) are argparse errors. What the
+official script scores silently but is most likely a mistake is scored the same and warned
+about on stderr (``warning: <file>: <problem>``): submission rows repeated with the same
+seriesuid and coordinates, and marks more than 10,000 mm from the scanner origin. The tables
+are read by ``tables.py``: a UTF-8 byte-order mark and whitespace around seriesuids are
+dropped.
 """
 
 from __future__ import annotations
@@ -49,12 +57,15 @@ from tables import (
     ANNOTATION_COLUMNS,
     PREDICTION_COLUMNS,
     WORLD_COLUMNS,
+    InputError,
     TableError,
     atomic_open,
     atomic_write_text,
+    check_output_path,
     read_annotations,
     read_predictions,
     read_seriesuids,
+    warn_input,
     write_csv_atomic,
 )
 
@@ -73,6 +84,14 @@ DEFAULT_DIAMETER_MM = 10.0
 IGNORED_LABEL = -1
 # Log-spaced points at which the bootstrap band is kept (for the plot and the JSON).
 BAND_POINTS = 200
+# Beyond this, more samples only cost time and memory (the band keeps BAND_POINTS floats
+# per sample): percentile intervals settle within a few thousand.
+MAX_BOOTSTRAP_SAMPLES = 100_000
+# No CT reaches this far from the scanner origin: a mark beyond it is warned about.
+FAR_COORDINATE_MM = 10_000.0
+# The files --out DIR receives, in the order the command lists them.
+OUTPUT_FILES = ("froc.png", "froc_curve.csv", "froc_metrics.json",
+                "classification_metrics.json", "roc.png")
 
 COUNT_LABELS = (
     ("true_positives", "True positives"),
@@ -243,8 +262,10 @@ def _describe_unknown(unknown: list[str], list_name: str = "the seriesuid list")
             f"only listed scans may be evaluated")
 
 
-def _collect_entries(predictions: pd.DataFrame, annotations: pd.DataFrame,
-                     excluded: pd.DataFrame | None, seriesuids, max_marks: int) -> _Entries:
+def _check_entry_inputs(predictions: pd.DataFrame, annotations: pd.DataFrame,
+                        excluded: pd.DataFrame | None, seriesuids) -> list[str]:
+    """The seriesuid list as a list, once the tables have their columns, the list is
+    non-empty without duplicates and every mark lies on a listed scan (ValueError if not)."""
     _require_columns(predictions, PREDICTION_COLUMNS, "predictions")
     _require_columns(annotations, ANNOTATION_COLUMNS, "annotations")
     if excluded is not None:
@@ -257,78 +278,122 @@ def _collect_entries(predictions: pd.DataFrame, annotations: pd.DataFrame,
     unknown = unknown_seriesuids(predictions, seriesuids)
     if unknown:
         raise ValueError(f"predictions: {_describe_unknown(unknown)}")
-    mark_xyz = predictions[WORLD_COLUMNS].to_numpy(dtype=np.float64)
-    mark_prob = predictions["probability"].to_numpy(dtype=np.float64)
-    if not np.isfinite(mark_prob).all() or not np.isfinite(mark_xyz).all():
+    return seriesuids
+
+
+def _mark_table(predictions: pd.DataFrame):
+    """Coordinates, probabilities and per-scan row indices of the marks (all finite)."""
+    xyz = predictions[WORLD_COLUMNS].to_numpy(dtype=np.float64)
+    probabilities = predictions["probability"].to_numpy(dtype=np.float64)
+    if not np.isfinite(probabilities).all() or not np.isfinite(xyz).all():
         raise ValueError("predictions hold NaN or infinite values")
-    mark_groups = predictions.groupby("seriesuid", sort=False).indices if len(predictions) else {}
-    inc_xyz, inc_r2, inc_groups = _nodule_table(annotations)
-    exc_xyz, exc_r2, exc_groups = _nodule_table(excluded)
-    no_rows = np.zeros(0, dtype=np.int64)
+    groups = predictions.groupby("seriesuid", sort=False).indices if len(predictions) else {}
+    return xyz, probabilities, groups
 
-    labels, probs, missed, scans = [], [], [], []
-    tp = fp = fn = n_cands = n_nodules = irrelevant = doubles = 0
-    for scan_index, uid in enumerate(seriesuids):
-        rows = mark_groups.get(uid, no_rows)
-        prob = mark_prob[rows]
-        xyz = mark_xyz[rows]
-        keep = top_marks_mask(prob, max_marks)
-        prob, xyz = prob[keep], xyz[keep]
-        n_cands += len(prob)
-        pool = np.ones(len(prob), dtype=bool)
 
-        inc = inc_groups.get(uid, no_rows)
-        n_nodules += len(inc)
-        if len(inc):
-            hits = inside_nodules(xyz, inc_xyz[inc], inc_r2[inc])
-            n_hits = hits.sum(axis=0)
-            found = n_hits > 0
-            best = (np.where(hits, prob[:, None], -np.inf).max(axis=0) if len(prob)
-                    else np.full(len(inc), -np.inf))
-            labels.append(np.ones(len(inc)))
-            probs.append(np.where(found, best, MISSED_PROBABILITY))
-            missed.append(~found)
-            tp += int(found.sum())
-            fn += int((~found).sum())
-            doubles += int(np.maximum(n_hits - 1, 0).sum())
-            # A mark on two nodules is a hit for both but leaves the pool once.
-            pool &= ~hits.any(axis=1)
+@dataclass
+class _ScanMatch:
+    """One scan's marks (after the 100-mark cut) matched to its nodules and findings."""
 
-        exc = exc_groups.get(uid, no_rows)
-        if len(exc) and len(prob):
-            on_excluded = inside_nodules(xyz, exc_xyz[exc], exc_r2[exc]).any(axis=1)
-            irrelevant += int((pool & on_excluded).sum())
-            pool &= ~on_excluded
+    nodule_probabilities: np.ndarray  # per included nodule: its best hit or MISSED_PROBABILITY
+    nodule_found: np.ndarray  # bool per included nodule
+    false_positives: np.ndarray  # probabilities of the marks on no nodule and no finding
+    n_marks: int
+    n_double_detections: int  # hits on a nodule beyond its first
+    n_on_excluded: int  # marks on an excluded finding and no included nodule
 
-        n_fp = int(pool.sum())
-        fp += n_fp
-        labels.append(np.zeros(n_fp))
-        probs.append(prob[pool])
-        missed.append(np.zeros(n_fp, dtype=bool))
-        scans.append(np.full(len(inc) + n_fp, scan_index, dtype=np.int64))
 
-    n_scans = len(seriesuids)
-    counts = {
+def _match_nodules(xyz: np.ndarray, probabilities: np.ndarray, nodules_xyz: np.ndarray,
+                   radius2: np.ndarray):
+    """The official rule for one scan's included nodules: each takes the highest
+    probability among the marks that hit it (MISSED_PROBABILITY when none does). Returns
+    (nodule probabilities, found per nodule, hit-any per mark, double detections); a mark
+    on two nodules is a hit for both."""
+    hits = inside_nodules(xyz, nodules_xyz, radius2)
+    n_hits = hits.sum(axis=0)
+    found = n_hits > 0
+    best = (np.where(hits, probabilities[:, None], -np.inf).max(axis=0) if len(probabilities)
+            else np.full(len(nodules_xyz), -np.inf))
+    nodule_probabilities = np.where(found, best, MISSED_PROBABILITY)
+    doubles = int(np.maximum(n_hits - 1, 0).sum())
+    return nodule_probabilities, found, hits.any(axis=1), doubles
+
+
+def _match_scan(xyz: np.ndarray, probabilities: np.ndarray, nodules, findings,
+                max_marks: int) -> _ScanMatch:
+    """Cut one scan's marks to ``max_marks``, match them to the included ``nodules`` and
+    the excluded ``findings`` (each ``(xyz, radius2)``); every other mark is a false
+    positive."""
+    keep = top_marks_mask(probabilities, max_marks)
+    xyz, probabilities = xyz[keep], probabilities[keep]
+    on_nothing = np.ones(len(probabilities), dtype=bool)
+    nodule_probabilities, found, doubles = np.zeros(0), np.zeros(0, dtype=bool), 0
+    if len(nodules[0]):
+        nodule_probabilities, found, on_nodule, doubles = _match_nodules(
+            xyz, probabilities, *nodules)
+        on_nothing &= ~on_nodule
+    n_on_excluded = 0
+    if len(findings[0]) and len(probabilities):
+        # Marks on excluded findings are neither hits nor false positives.
+        on_finding = inside_nodules(xyz, *findings).any(axis=1)
+        n_on_excluded = int((on_nothing & on_finding).sum())
+        on_nothing &= ~on_finding
+    return _ScanMatch(nodule_probabilities=nodule_probabilities, nodule_found=found,
+                      false_positives=probabilities[on_nothing], n_marks=len(probabilities),
+                      n_double_detections=doubles, n_on_excluded=n_on_excluded)
+
+
+def _count_matches(matches: list[_ScanMatch]) -> dict:
+    """The official "CAD Analysis" numbers of the matched scans."""
+    tp = sum(int(m.nodule_found.sum()) for m in matches)
+    n_nodules = sum(len(m.nodule_found) for m in matches)
+    n_marks = sum(m.n_marks for m in matches)
+    return {
         "true_positives": tp,
-        "false_positives": fp,
-        "false_negatives": fn,
+        "false_positives": sum(len(m.false_positives) for m in matches),
+        "false_negatives": n_nodules - tp,
         "true_negatives": 0,
-        "total_candidates": n_cands,
+        "total_candidates": n_marks,
         "total_nodules": n_nodules,
-        "ignored_on_excluded": irrelevant,
-        "ignored_double_detections": doubles,
+        "ignored_on_excluded": sum(m.n_on_excluded for m in matches),
+        "ignored_double_detections": sum(m.n_double_detections for m in matches),
         "sensitivity": tp / n_nodules if n_nodules else None,
-        "candidates_per_scan": n_cands / n_scans,
-        "n_scans": n_scans,
+        "candidates_per_scan": n_marks / len(matches),
+        "n_scans": len(matches),
     }
-    return _Entries(
-        labels=np.concatenate(labels) if labels else np.zeros(0),
-        probabilities=np.concatenate(probs) if probs else np.zeros(0),
-        missed=np.concatenate(missed) if missed else np.zeros(0, dtype=bool),
-        scan=np.concatenate(scans),
-        n_scans=n_scans,
-        counts=counts,
-    )
+
+
+def _entries_from_matches(matches: list[_ScanMatch]) -> _Entries:
+    """Concatenate the scans' entries: each scan's nodules, then its false positives."""
+    labels, probabilities, missed, scans = [], [], [], []
+    for scan_index, match in enumerate(matches):
+        n_nodules, n_fp = len(match.nodule_found), len(match.false_positives)
+        labels += [np.ones(n_nodules), np.zeros(n_fp)]
+        probabilities += [match.nodule_probabilities, match.false_positives]
+        missed += [~match.nodule_found, np.zeros(n_fp, dtype=bool)]
+        scans.append(np.full(n_nodules + n_fp, scan_index, dtype=np.int64))
+    return _Entries(labels=np.concatenate(labels), probabilities=np.concatenate(probabilities),
+                    missed=np.concatenate(missed), scan=np.concatenate(scans),
+                    n_scans=len(matches), counts=_count_matches(matches))
+
+
+def _collect_entries(predictions: pd.DataFrame, annotations: pd.DataFrame,
+                     excluded: pd.DataFrame | None, seriesuids, max_marks: int) -> _Entries:
+    """The official FROC entries of ``predictions`` on the listed scans (see ``_Entries``)."""
+    seriesuids = _check_entry_inputs(predictions, annotations, excluded, seriesuids)
+    mark_xyz, mark_probabilities, mark_groups = _mark_table(predictions)
+    nodule_xyz, nodule_r2, nodule_groups = _nodule_table(annotations)
+    finding_xyz, finding_r2, finding_groups = _nodule_table(excluded)
+    no_rows = np.zeros(0, dtype=np.int64)
+    matches = []
+    for uid in seriesuids:
+        marks = mark_groups.get(uid, no_rows)
+        nodules = nodule_groups.get(uid, no_rows)
+        findings = finding_groups.get(uid, no_rows)
+        matches.append(_match_scan(mark_xyz[marks], mark_probabilities[marks],
+                                   (nodule_xyz[nodules], nodule_r2[nodules]),
+                                   (finding_xyz[findings], finding_r2[findings]), max_marks))
+    return _entries_from_matches(matches)
 
 
 def _froc_curve(entries: _Entries):
@@ -497,6 +562,15 @@ def hit_labels(predictions_df: pd.DataFrame, annotations_df: pd.DataFrame,
     return labels
 
 
+def _confusion_matrix(truth: np.ndarray, called: np.ndarray) -> np.ndarray:
+    """``[[tn, fp], [fn, tp]]`` (``sklearn.metrics.confusion_matrix``; zeros when empty)."""
+    from sklearn.metrics import confusion_matrix
+
+    if len(truth) == 0:
+        return np.zeros((2, 2), dtype=np.int64)
+    return confusion_matrix(truth, called, labels=[False, True])
+
+
 def classification_metrics(labels, probabilities, threshold: float = 0.5) -> dict:
     """Binary metrics of ``probabilities`` against 0/1 ``labels``; a probability at or above
     ``threshold`` is a positive call. Negative labels (hit_labels' -1) are left out and
@@ -515,10 +589,7 @@ def classification_metrics(labels, probabilities, threshold: float = 0.5) -> dic
         raise ValueError("labels must be 0, 1 (or negative for ignored)")
     truth = labels[used].astype(bool)
     called = probabilities[used] >= threshold
-    tp = int((truth & called).sum())
-    fn = int((truth & ~called).sum())
-    fp = int((~truth & called).sum())
-    tn = int((~truth & ~called).sum())
+    tn, fp, fn, tp = (int(v) for v in _confusion_matrix(truth, called).ravel())
     n = tp + fn + fp + tn
 
     def ratio(num, den):
@@ -652,16 +723,60 @@ def plot_roc(labels: np.ndarray, probabilities: np.ndarray, metrics: dict, path:
 
 def write_outputs(out: Path, result: FrocResult, metrics: dict, labels: np.ndarray,
                   probabilities: np.ndarray, name: str, inputs: dict) -> None:
+    """The files of ``OUTPUT_FILES`` in ``out``."""
+    froc_png, curve_csv, froc_json, classification_json, roc_png = output_paths(out)
     out.mkdir(parents=True, exist_ok=True)
     curve = pd.DataFrame({"fps": result.fps, "sensitivity": result.sensitivities,
                           "threshold": result.thresholds})
-    write_csv_atomic(curve, out / "froc_curve.csv", float_format="%.12g")
-    atomic_write_text(out / "froc_metrics.json",
+    write_csv_atomic(curve, curve_csv, float_format="%.12g")
+    atomic_write_text(froc_json,
                       json.dumps({"inputs": inputs, **result.to_dict()}, indent=2) + "\n")
-    atomic_write_text(out / "classification_metrics.json",
+    atomic_write_text(classification_json,
                       json.dumps({"inputs": inputs, **metrics}, indent=2) + "\n")
-    plot_froc(result, out / "froc.png", name)
-    plot_roc(labels, probabilities, metrics, out / "roc.png")
+    plot_froc(result, froc_png, name)
+    plot_roc(labels, probabilities, metrics, roc_png)
+
+
+def output_paths(out: Path) -> list[Path]:
+    return [out / name for name in OUTPUT_FILES]
+
+
+# ---------------------------------------------------------------- command line
+
+def _count_in_range(low: int, high: int, zero_means: str):
+    """An argparse type: an integer (``1e3`` notation allowed) that is 0 (``zero_means``)
+    or lies in ``low..high``."""
+    def parse(text: str) -> int:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if value != 0 and not (low <= value <= high and value == int(value)):
+            raise argparse.ArgumentTypeError(
+                f"must be 0 ({zero_means}) or a whole number from {low:,} to {high:,}, "
+                f"got {text}")
+        return int(value)
+    return parse
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
 
 
 def _parse_args(argv):
@@ -673,49 +788,101 @@ def _parse_args(argv):
                         help="seriesuid list, one per line, no header")
     parser.add_argument("--submission", required=True,
                         help="CSV seriesuid,coordX,coordY,coordZ,probability")
-    parser.add_argument("--out", help="folder for froc.png, froc_curve.csv, froc_metrics.json, "
-                                      "classification_metrics.json, roc.png")
-    parser.add_argument("--bootstrap", type=int, default=0, metavar="N",
-                        help="bootstrap samples of scans for 95%% intervals (0: none)")
-    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    parser.add_argument("--threshold", type=float, default=0.5,
+    parser.add_argument("--out", help="folder for " + ", ".join(OUTPUT_FILES))
+    parser.add_argument("--bootstrap", default=0, metavar="N",
+                        type=_count_in_range(2, MAX_BOOTSTRAP_SAMPLES, "none"),
+                        help=f"bootstrap samples of scans for 95%% intervals (0: none; "
+                             f"at most {MAX_BOOTSTRAP_SAMPLES:,})")
+    parser.add_argument("--seed", type=_non_negative_int, default=0, help="bootstrap seed")
+    parser.add_argument("--threshold", type=_finite_float, default=0.5,
                         help="probability threshold of the per-candidate metrics")
-    parser.add_argument("--max-marks", type=int, default=MAX_CAD_MARKS,
+    parser.add_argument("--max-marks", type=_non_negative_int, default=MAX_CAD_MARKS,
                         help="marks kept per scan (official: 100; 0 keeps all)")
     return parser.parse_args(argv)
 
 
+def _check_outputs(out: Path | None, args) -> None:
+    """Refuse, before anything is read, an ``--out`` that is a file and any output file
+    that is one of the inputs (InputError)."""
+    if out is None:
+        return
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: --out exists and is not a folder")
+    inputs = (args.annotations, args.excluded, args.seriesuids, args.submission)
+    for path in output_paths(out):
+        check_output_path(path, inputs)
+
+
+def _read_inputs(args):
+    """``(seriesuids, annotations, excluded or None, submission)``, checked against each
+    other: the submission has rows, all on listed scans, and some listed scan a nodule."""
+    seriesuids = read_seriesuids(args.seriesuids)
+    annotations = read_annotations(args.annotations, warn_if_empty=False)
+    excluded = (read_annotations(args.excluded, kind="excluded findings")
+                if args.excluded else None)
+    submission = read_predictions(args.submission, kind="submission")
+    if submission.empty:
+        raise TableError(f"{args.submission}: no candidates (a header but no rows); the FROC "
+                         "of an empty submission says nothing")
+    unknown = unknown_seriesuids(submission, seriesuids)
+    if unknown:
+        raise TableError(f"{args.submission}: submission has "
+                         f"{_describe_unknown(unknown, str(args.seriesuids))}")
+    if not annotations["seriesuid"].isin(seriesuids).any():
+        raise TableError(f"{args.annotations}: no nodule on any of the {len(seriesuids)} "
+                         f"scans of {args.seriesuids}; sensitivity is undefined")
+    return seriesuids, annotations, excluded, submission
+
+
+def _describe_mark(row) -> str:
+    return (f"{row.seriesuid} at x, y, z = {row.coordX:g}, {row.coordY:g}, {row.coordZ:g} mm, "
+            f"probability {row.probability:g}")
+
+
+def warn_about_submission(path, submission: pd.DataFrame) -> None:
+    """Warn (stderr) about what the official script scores without a word but is most
+    likely a mistake; the score stays the official one.
+
+    * Rows repeated with the same seriesuid and coordinates: the official script counts
+      each copy (a repeated hit is a double detection, a repeated false positive a second
+      false positive), so repeats change the CPM.
+    * Coordinates beyond ``FAR_COORDINATE_MM`` from the scanner origin: no CT reaches that
+      far, so they are probably in another unit or frame (evaluate.py has no scan geometry
+      to check against).
+    """
+    key = ["seriesuid", *WORLD_COLUMNS]
+    repeated = submission.duplicated(subset=key, keep="first")
+    if repeated.any():
+        first = submission[repeated].iloc[0]
+        warn_input(path, f"{int(repeated.sum())} row(s) repeat an earlier row's seriesuid and "
+                         f"coordinates and are scored again, as the official script does "
+                         f"(first: {_describe_mark(first)})")
+    far = (submission[WORLD_COLUMNS].abs() > FAR_COORDINATE_MM).any(axis=1)
+    if far.any():
+        first = submission[far].iloc[0]
+        warn_input(path, f"{int(far.sum())} mark(s) lie more than {FAR_COORDINATE_MM:,.0f} mm "
+                         f"from the scanner origin, outside any CT: are the coordinates world "
+                         f"millimetres? (first: {_describe_mark(first)})")
+
+
+def _evaluate(args) -> tuple[FrocResult, pd.DataFrame, pd.DataFrame, pd.DataFrame | None]:
+    """Read, check and score; returns ``(result, submission, annotations, excluded)``."""
+    seriesuids, annotations, excluded, submission = _read_inputs(args)
+    warn_about_submission(args.submission, submission)
+    entries = _collect_entries(submission, annotations, excluded, seriesuids, args.max_marks)
+    result = _result_from_entries(entries)
+    if args.bootstrap:
+        result.ci = _bootstrap_from_entries(entries, args.bootstrap, args.seed)
+    return result, submission, annotations, excluded
+
+
 def main(argv=None) -> int:
     args = _parse_args(argv)
-    if args.bootstrap < 0 or args.bootstrap == 1:
-        print("error: --bootstrap must be 0 (none) or at least 2", file=sys.stderr)
-        return 2
-    if not math.isfinite(args.threshold):
-        print(f"error: --threshold must be a finite number, got {args.threshold}", file=sys.stderr)
-        return 2
     out = Path(args.out) if args.out else None
-    if out is not None and out.exists() and not out.is_dir():
-        print(f"error: {out}: --out exists and is not a folder", file=sys.stderr)
-        return 2
     try:
-        seriesuids = read_seriesuids(args.seriesuids)
-        annotations = read_annotations(args.annotations)
-        excluded = (read_annotations(args.excluded, kind="excluded findings")
-                    if args.excluded else None)
-        submission = read_predictions(args.submission, kind="submission")
-        unknown = unknown_seriesuids(submission, seriesuids)
-        if unknown:
-            raise TableError(f"{args.submission}: submission has "
-                             f"{_describe_unknown(unknown, str(args.seriesuids))}")
-        if not annotations["seriesuid"].isin(seriesuids).any():
-            raise TableError(f"{args.annotations}: no nodule on any of the {len(seriesuids)} "
-                             f"scans of {args.seriesuids}; sensitivity is undefined")
-        entries = _collect_entries(submission, annotations, excluded, seriesuids,
-                                   args.max_marks)
-        result = _result_from_entries(entries)
-        if args.bootstrap:
-            result.ci = _bootstrap_from_entries(entries, args.bootstrap, args.seed)
-    except (TableError, ValueError) as err:
+        _check_outputs(out, args)
+        result, submission, annotations, excluded = _evaluate(args)
+    except (InputError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
@@ -735,8 +902,7 @@ def main(argv=None) -> int:
         except OSError as err:
             print(f"error: {out}: cannot write ({err.strerror or err})", file=sys.stderr)
             return 1
-        print(f"\nwrote {out}/froc.png, froc_curve.csv, froc_metrics.json, "
-              f"classification_metrics.json, roc.png")
+        print(f"\nwrote {out}/{OUTPUT_FILES[0]}, {', '.join(OUTPUT_FILES[1:])}")
     return 0
 
 

@@ -4,12 +4,17 @@ Every table that enters the pipeline (annotations, excluded findings, candidates
 seriesuid lists, prediction and submission files) goes through ``read_table`` so that a
 missing column, an empty file, a NaN or an unsafe seriesuid is reported the same way:
 ``TableError("<file>: <problem>")``.
+
+Every CSV is read as UTF-8 with an optional byte-order mark (``utf-8-sig``): spreadsheet
+programs on Windows write one, and left in place it becomes part of the first seriesuid
+(or header), which then matches nothing. Seriesuid cells lose surrounding whitespace.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -22,6 +27,8 @@ WORLD_COLUMNS = ["coordX", "coordY", "coordZ"]
 ANNOTATION_COLUMNS = ["seriesuid", *WORLD_COLUMNS, "diameter_mm"]
 CANDIDATE_COLUMNS = ["seriesuid", *WORLD_COLUMNS, "class"]
 PREDICTION_COLUMNS = ["seriesuid", *WORLD_COLUMNS, "probability"]
+# UTF-8, dropping a leading byte-order mark (Python's "utf-8-sig" codec).
+CSV_ENCODING = "utf-8-sig"
 
 
 class InputError(ValueError):
@@ -31,6 +38,12 @@ class InputError(ValueError):
 
 class TableError(InputError):
     """A CSV that cannot be used; the message names the file and the problem."""
+
+
+def warn_input(path, problem: str) -> None:
+    """Report an input that is usable but probably not what was meant, as
+    ``warning: <path>: <problem>`` on stderr (the counterpart of the ``error:`` lines)."""
+    print(f"warning: {path}: {problem}", file=sys.stderr)
 
 
 def require_folder(path, kind: str, *, hint: str = "", nonempty: bool = False) -> Path:
@@ -83,12 +96,31 @@ def read_table(path, columns, *, kind: str = "table", allow_empty: bool = True,
             except ``seriesuid``).
     """
     path = Path(path)
+    frame = _parse_csv(path, columns, kind)
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise TableError(f"{path}: {kind} file lacks column(s) {', '.join(missing)}; "
+                         f"found {', '.join(frame.columns) or 'none'}; "
+                         f"expected {','.join(columns)}")
+    if frame.empty and not allow_empty:
+        raise TableError(f"{path}: {kind} file has a header but no rows")
+    numeric = [c for c in columns if c != "seriesuid"] if finite is None else list(finite)
+    for column in numeric:
+        frame[column] = _finite_column(frame, column, path, kind)
+    if "seriesuid" in frame.columns:
+        frame["seriesuid"] = _checked_seriesuids(frame["seriesuid"], path, kind)
+    return frame
+
+
+def _parse_csv(path: Path, columns, kind: str) -> pd.DataFrame:
+    """The CSV as read by pandas (seriesuids as text, header names stripped), or
+    TableError saying why it cannot be read."""
     if not path.exists():
         raise TableError(f"{path}: {kind} file does not exist")
     if path.is_dir():
         raise TableError(f"{path}: {kind} file is a folder, expected a CSV")
     try:
-        frame = pd.read_csv(path, dtype={"seriesuid": str})
+        frame = pd.read_csv(path, dtype={"seriesuid": str}, encoding=CSV_ENCODING)
     except pd.errors.EmptyDataError:
         raise TableError(f"{path}: {kind} file is empty (expected columns "
                          f"{','.join(columns)})") from None
@@ -97,39 +129,50 @@ def read_table(path, columns, *, kind: str = "table", allow_empty: bool = True,
     except OSError as err:
         raise TableError(f"{path}: {kind} file cannot be read ({err.strerror or err})") from None
     frame.columns = [str(c).strip() for c in frame.columns]
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise TableError(f"{path}: {kind} file lacks column(s) {', '.join(missing)}; "
-                         f"found {', '.join(frame.columns) or 'none'}; "
-                         f"expected {','.join(columns)}")
-    if frame.empty and not allow_empty:
-        raise TableError(f"{path}: {kind} file has a header but no rows")
-    check_numeric = [c for c in columns if c != "seriesuid"] if finite is None else list(finite)
-    for column in check_numeric:
-        values = pd.to_numeric(frame[column], errors="coerce")
-        bad = ~np.isfinite(values.to_numpy(dtype=np.float64))
-        if bad.any():
-            row = int(np.flatnonzero(bad)[0])
-            raise TableError(f"{path}: {kind} column {column} has {int(bad.sum())} missing, "
-                             f"NaN or non-numeric value(s), first at data row {row + 1} "
-                             f"({frame[column].iloc[row]})")
-        frame[column] = values.astype(np.float64)
-    if "seriesuid" in frame.columns:
-        if frame["seriesuid"].isna().any():
-            row = int(np.flatnonzero(frame["seriesuid"].isna().to_numpy())[0])
-            raise TableError(f"{path}: {kind} has an empty seriesuid at data row {row + 1}")
-        frame["seriesuid"] = frame["seriesuid"].astype(str).str.strip()
-        for uid in frame["seriesuid"].unique():
-            try:
-                check_seriesuid(uid)
-            except ScanError as err:
-                raise TableError(f"{path}: {err}") from None
     return frame
 
 
-def read_annotations(path, *, kind: str = "annotations") -> pd.DataFrame:
-    """``seriesuid,coordX,coordY,coordZ,diameter_mm`` (excluded findings use the same columns)."""
-    return read_table(path, ANNOTATION_COLUMNS, kind=kind)
+def _finite_column(frame: pd.DataFrame, column: str, path: Path, kind: str) -> pd.Series:
+    """``frame[column]`` as float64, or TableError naming the first missing, NaN,
+    infinite or non-numeric value."""
+    values = pd.to_numeric(frame[column], errors="coerce")
+    bad = ~np.isfinite(values.to_numpy(dtype=np.float64))
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise TableError(f"{path}: {kind} column {column} has {int(bad.sum())} missing, "
+                         f"NaN or non-numeric value(s), first at data row {row + 1} "
+                         f"({frame[column].iloc[row]})")
+    return values.astype(np.float64)
+
+
+def _checked_seriesuids(uids: pd.Series, path: Path, kind: str) -> pd.Series:
+    """The seriesuid cells without surrounding whitespace (a padded cell would match no
+    scan), or TableError for an empty one or one unsafe as a file name."""
+    if uids.isna().any():
+        row = int(np.flatnonzero(uids.isna().to_numpy())[0])
+        raise TableError(f"{path}: {kind} has an empty seriesuid at data row {row + 1}")
+    uids = uids.astype(str).str.strip()
+    for uid in uids.unique():
+        try:
+            check_seriesuid(uid)
+        except ScanError as err:
+            raise TableError(f"{path}: {err}") from None
+    return uids
+
+
+def read_annotations(path, *, kind: str = "annotations",
+                     warn_if_empty: bool = True) -> pd.DataFrame:
+    """``seriesuid,coordX,coordY,coordZ,diameter_mm`` (excluded findings use the same columns).
+
+    A header-only nodule table (``kind`` "annotations") is accepted as a data set without
+    nodules, but warned about on stderr (it is more often a wrong or truncated file) unless
+    ``warn_if_empty`` is off, as in evaluate.py, which refuses it with its own error. An
+    empty list of excluded findings is common and passes quietly.
+    """
+    frame = read_table(path, ANNOTATION_COLUMNS, kind=kind)
+    if frame.empty and kind == "annotations" and warn_if_empty:
+        warn_input(path, "annotations file has a header but no rows: no nodules at all")
+    return frame
 
 
 def read_candidates(path) -> pd.DataFrame:
@@ -146,14 +189,15 @@ def read_predictions(path, *, kind: str = "predictions", allow_empty: bool = Tru
 
 def read_seriesuids(path) -> list[str]:
     """A seriesuid list: one id per line, no header (LUNA16 ``seriesuids.csv``); a
-    ``seriesuid`` header line is accepted."""
+    ``seriesuid`` header line is accepted. Read like every table: a byte-order mark is
+    dropped and each id loses surrounding whitespace."""
     path = Path(path)
     if not path.exists():
         raise TableError(f"{path}: seriesuid list does not exist")
     if path.is_dir():
         raise TableError(f"{path}: seriesuid list is a folder, expected a text file")
     try:
-        text = path.read_text()
+        text = path.read_text(encoding=CSV_ENCODING)
     except (OSError, UnicodeDecodeError) as err:
         raise TableError(f"{path}: seriesuid list cannot be read ({err})") from None
     lines = [line.split(",")[0].strip() for line in text.splitlines()]

@@ -32,10 +32,10 @@ What it does:
    group split holds out a fifth of the training patients for validation: the epoch with the
    best validation AUC is kept, and ``training.RunningAverageEarlyStopping`` on validation
    loss and AUC decays the learning rate and stops early. The test fold is never looked at
-   until the model is final. Each model (``models.CLASSIFIERS``) is trained with Adam
-   (``--lr``, default the config's 1e-4: on fold 1's validation split, 5 epochs at cube 24,
-   1e-3 gave no clear gain: validation AUC 0.944 vs 0.931 for resnet, 0.925 vs 0.923 for
-   inception, on 106 nodules), weighted cross-entropy (positives weighted n_benign /
+   until the model is final. Each model (``models.CLASSIFIERS``) is trained by
+   ``training.fit`` (checkpoints of every epoch and the best one in
+   ``OUT/runs/<fold>/<model>/``, a fresh run each time) with Adam (``--lr``, default the
+   config's ``classification.lr``), weighted cross-entropy (positives weighted n_benign /
    n_malignant of the training part) or ``--loss focal``, batch ``--batch-size``, random
    flips, 90-degree turns in the axial plane, shifts up to ``--max-shift`` voxels and
    intensity jitter (``generators.augment``); the test fold is predicted with flip
@@ -51,16 +51,21 @@ all of ``--data-dir`` (with the same internal validation split) and evaluated on
 
 Output in ``--out`` (default ``benchmarks/results/lidc``): ``results.json`` (settings, metrics,
 per-fold details, timings, skipped volumes), ``results.md`` and ``oof_predictions.csv`` (or
-``test_predictions.csv`` with ``--test-dir``). Exit status 2: a data folder or its
-``nodules.csv`` is missing or unusable.
+``test_predictions.csv`` with ``--test-dir``), and the training runs in ``runs/``. Progress
+(cubes, epochs) goes to stderr. Exit status 2, before any training: a data folder or its
+``nodules.csv`` is missing or unusable, or an output path cannot be written (``--out`` lies
+under a file, an output name is a folder or one of the inputs).
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
+import math
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -74,6 +79,7 @@ if str(REPO_ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 import cache  # noqa: E402
 from benchmarks.common import machine_info  # noqa: E402
@@ -83,6 +89,13 @@ from evaluate import classification_metrics  # noqa: E402
 from generators import Augmentation, augment, crop_patch, flip_variants, to_unit  # noqa: E402
 from models import CLASSIFIERS  # noqa: E402
 from preprocess import AIR_HU, MAX_HU, isotropic_grid, resample  # noqa: E402
+from tables import (  # noqa: E402
+    CSV_ENCODING,
+    WORLD_COLUMNS,
+    InputError,
+    atomic_write_text,
+    check_output_path,
+)
 
 DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "lidc_nodules"
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "lidc"
@@ -90,7 +103,7 @@ DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "lidc"
 CUBE_VERSION = 1
 LABELS = {"Benign": 0, "Malign": 1}
 WINDOW_HU = PreprocessConfig().window_hu  # the cache's window, so cubes look like cached scans
-REQUIRED_COLUMNS = ("patient_id", "coordX", "coordY", "coordZ", "Diagnosis", "voi_file")
+REQUIRED_COLUMNS = ("patient_id", *WORLD_COLUMNS, "Diagnosis", "voi_file")
 # One fifth of the training patients choose the checkpoint (and stop early).
 VALIDATION_SPLITS = 5
 # Published test AUCs on NoduleMNIST3D, built from the same LIDC-IDRI nodules but with its
@@ -161,7 +174,8 @@ def read_nodule_table(data_dir) -> pd.DataFrame:
         raise DataError(f"{path} does not exist; a nodule folder holds image/, mask/ and "
                         "nodules.csv")
     try:
-        table = pd.read_csv(path, dtype={"patient_id": str, "voi_file": str})
+        table = pd.read_csv(path, dtype={"patient_id": str, "voi_file": str},
+                            encoding=CSV_ENCODING)
     except (ValueError, OSError) as err:
         raise DataError(f"{path}: cannot be read as CSV ({err})") from None
     missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
@@ -287,38 +301,40 @@ def load_nodules(data_dir, settings: Settings, cache_dir=None, progress: bool = 
 
 
 def _build_cubes(data_dir: Path, table: pd.DataFrame, settings: Settings, progress: bool):
+    """Cubes of the usable rows of ``table``, their row numbers and the skipped files."""
     size = settings.stored_size
     cubes, rows, skipped = [], [], []
-    start = last_report = time.perf_counter()
-    centers = table[["coordX", "coordY", "coordZ"]].to_numpy(np.float64)
-    for row, (name, diagnosis) in enumerate(zip(table["voi_file"], table["Diagnosis"],
-                                                      strict=True)):
+    centers = table[WORLD_COLUMNS].to_numpy(np.float64)
+    rows_done = tqdm(enumerate(zip(table["voi_file"], table["Diagnosis"], strict=True)),
+                     total=len(table), desc="cubes", unit="nodule", disable=not progress,
+                     file=sys.stderr)
+    for row, (name, diagnosis) in rows_done:
         path = data_dir / "image" / str(name)
         try:
-            if diagnosis not in LABELS:
-                raise ValueError(f"Diagnosis {diagnosis!r} in nodules.csv row {row + 2} is "
-                                 f"not one of {', '.join(LABELS)}")
-            if not np.all(np.isfinite(centers[row])):
-                raise ValueError(f"nodule centre in nodules.csv row {row + 2} is not finite")
-            image = _read_volume(path)
-            if not _center_inside(image, centers[row]):
-                where = ", ".join(f"{v:.2f}" for v in centers[row])
-                raise ValueError(f"nodule centre ({where}) mm of nodules.csv row {row + 2} lies "
-                                 "outside the volume (its geometry does not match the table)")
-            cubes.append(nodule_cube(image, centers[row], size, settings.spacing_mm,
-                                     settings.window_hu, settings.pad_hu))
+            cubes.append(_usable_cube(path, row, diagnosis, centers[row], settings))
             rows.append(row)
         except ValueError as err:
             skipped.append((str(path), str(err)))
-        now = time.perf_counter()
-        done = row + 1
-        if progress and (now - last_report > 5.0 or done == len(table)):
-            rate = done / max(now - start, 1e-9)
-            print(f"cubes {done}/{len(table)} ({rate:.0f}/s, ~{(len(table) - done) / rate:.0f} s "
-                  "left)", flush=True)
-            last_report = now
     stacked = np.stack(cubes) if cubes else np.zeros((0,) + (size,) * 3, np.uint8)
     return stacked, rows, skipped
+
+
+def _usable_cube(path: Path, row: int, diagnosis, center_xyz_mm: np.ndarray,
+                 settings: Settings) -> np.ndarray:
+    """The stored cube of ``nodules.csv`` row ``row``; ValueError saying why it cannot be
+    made."""
+    if diagnosis not in LABELS:
+        raise ValueError(f"Diagnosis {diagnosis!r} in nodules.csv row {row + 2} is "
+                         f"not one of {', '.join(LABELS)}")
+    if not np.all(np.isfinite(center_xyz_mm)):
+        raise ValueError(f"nodule centre in nodules.csv row {row + 2} is not finite")
+    image = _read_volume(path)
+    if not _center_inside(image, center_xyz_mm):
+        where = ", ".join(f"{v:.2f}" for v in center_xyz_mm)
+        raise ValueError(f"nodule centre ({where}) mm of nodules.csv row {row + 2} lies "
+                         "outside the volume (its geometry does not match the table)")
+    return nodule_cube(image, center_xyz_mm, settings.stored_size, settings.spacing_mm,
+                       settings.window_hu, settings.pad_hu)
 
 
 def centre_crop(cubes: np.ndarray, size: int) -> np.ndarray:
@@ -401,145 +417,186 @@ def predict(model, cubes_u8: np.ndarray, tta: bool, batch_size: int = 64) -> np.
     return total / len(variants)
 
 
-class Progress:
-    """Epoch counter with the time left over the whole run (an upper bound: early stops
-    shorten it)."""
+def training_batches(stored: np.ndarray, labels: np.ndarray, fit_idx, settings: Settings,
+                     seed_key: tuple[int, ...]):
+    """Endless ``(x, y)`` training batches for ``training.fit``: each epoch a permutation
+    of ``fit_idx`` cut into full batches of augmented cubes, its random numbers drawn from
+    ``seed_key`` and the epoch (same seed, same batches)."""
+    batch = min(settings.batch_size, len(fit_idx))
+    for epoch in itertools.count():
+        rng = np.random.default_rng((*seed_key, epoch))
+        order = rng.permutation(fit_idx)
+        for step in range(len(fit_idx) // batch):
+            chosen = order[step * batch:(step + 1) * batch]
+            yield (augmented_batch(stored[chosen], settings, rng),
+                   labels[chosen].astype(np.float32)[:, None])
 
-    def __init__(self, total_epochs: int):
-        self.total, self.done, self.seconds = total_epochs, 0, 0.0
 
-    def step(self, seconds: float) -> str:
-        self.done += 1
-        self.seconds += seconds
-        left = (self.total - self.done) * self.seconds / self.done
-        return f"[{self.done}/{self.total} epochs, ~{left / 60:.0f} min left]"
+def validation_callback(val_cubes: np.ndarray, val_labels: np.ndarray, loss, title: str,
+                        bar: tqdm):
+    """A Keras callback that scores the validation cubes after each epoch and adds
+    ``val_loss``, ``val_auc`` and ``val_score`` to the epoch's logs, where ``training.fit``
+    picks the checkpoint and stops early. ``val_score`` is the AUC, or minus the loss
+    where the validation part lacks a class (tiny folders only). Each epoch also gets a
+    line on stdout and a step of ``bar``; ``history`` keeps the epochs' figures."""
+    import keras
 
-    def skip(self, epochs: int) -> None:
-        self.total -= epochs
+    class Validation(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.history: list[dict] = []
+            self.best_score = -np.inf
+            self.epoch_started = time.perf_counter()
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch_started = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            probabilities = predict(self.model, val_cubes, tta=False)
+            val_loss = float(keras.ops.convert_to_numpy(
+                loss(val_labels[:, None].astype(np.float32), probabilities[:, None])))
+            val_auc = classification_metrics(val_labels, probabilities)["auc"]
+            score = val_auc if val_auc is not None else -val_loss
+            logs.update(val_loss=val_loss, val_score=score,
+                        val_auc=math.nan if val_auc is None else val_auc)
+            lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+            self.history.append({"epoch": epoch + 1, "loss": float(logs["loss"]),
+                                 "val_loss": val_loss, "val_auc": val_auc, "lr": lr})
+            improved = score > self.best_score
+            self.best_score = max(score, self.best_score)
+            self._report(epoch, improved)
+
+        def _report(self, epoch: int, improved: bool) -> None:
+            row = self.history[-1]
+            auc_text = f"{row['val_auc']:.4f}" if row["val_auc"] is not None else "  n/a "
+            bar.update(1)
+            tqdm.write(f"  {title} epoch {epoch + 1:>2}: loss {row['loss']:.4f}  val_loss "
+                       f"{row['val_loss']:.4f}  val_auc {auc_text}{' *' if improved else '  '}  "
+                       f"lr {row['lr']:.0e}  {time.perf_counter() - self.epoch_started:.1f} s")
+
+    return Validation()
 
 
 def train_model(name: str, stored: np.ndarray, labels: np.ndarray, fit_idx, val_idx,
-                settings: Settings, seed_key: tuple[int, ...], label: str,
-                progress: Progress):
-    """Train one classifier; returns ``(model with the best validation weights, info)``."""
+                settings: Settings, seed_key: tuple[int, ...], label: str, run_dir: Path,
+                bar: tqdm):
+    """Train one classifier with ``training.fit`` in the run folder ``run_dir`` (started
+    afresh); returns ``(model with the best validation weights, info)``."""
     import keras
 
+    import training
     from models import build_model
-    from training import RunningAverageEarlyStopping
 
-    training_cfg = TrainingConfig()
-    keras.utils.set_random_seed(int(np.random.default_rng(seed_key).integers(2 ** 31)))
     size = settings.cube_size
-    model = build_model(name, (size, size, size, 1))
     loss = make_loss(settings, labels[fit_idx])
-    model.compile(optimizer=keras.optimizers.Adam(settings.lr), loss=loss)
-    stopper = RunningAverageEarlyStopping(settings.patience, training_cfg.ema_weight,
-                                          training_cfg.lr_decay)
-    val_cubes = centre_crop(stored[val_idx], size)
-    val_labels = labels[val_idx].astype(np.float32)
-    batch = min(settings.batch_size, len(fit_idx))
-    steps = len(fit_idx) // batch
-    best = {"score": -np.inf, "epoch": -1, "weights": None, "val_auc": None}
-    history = []
+
+    def build_and_compile():
+        model = build_model(name, (size, size, size, 1))
+        model.compile(optimizer=keras.optimizers.Adam(settings.lr), loss=loss)
+        return model
+
+    shutil.rmtree(run_dir, ignore_errors=True)  # a benchmark run never resumes
+    folder = training.RunFolder(run_dir)
+    training_cfg = TrainingConfig(seed=int(np.random.default_rng(seed_key).integers(2 ** 31)),
+                                  patience=settings.patience)
+    validation = validation_callback(centre_crop(stored[val_idx], size), labels[val_idx],
+                                     loss, f"{label} {name}", bar)
     start = time.perf_counter()
-    for epoch in range(settings.epochs):
-        t0 = time.perf_counter()
-        rng = np.random.default_rng((*seed_key, epoch))
-        order = rng.permutation(fit_idx)
-        losses = []
-        for step in range(steps):
-            chosen = order[step * batch:(step + 1) * batch]
-            x = augmented_batch(stored[chosen], settings, rng)
-            y = labels[chosen].astype(np.float32)[:, None]
-            losses.append(float(model.train_on_batch(x, y)))
-        p_val = predict(model, val_cubes, tta=False)
-        val_loss = float(keras.ops.convert_to_numpy(loss(val_labels[:, None], p_val[:, None])))
-        val_auc = classification_metrics(val_labels.astype(np.int64), p_val)["auc"]
-        # Without both classes in validation (tiny folders only) the loss picks the epoch.
-        score = val_auc if val_auc is not None else -val_loss
-        improved = score > best["score"]
-        if improved:
-            best.update(score=score, epoch=epoch, weights=model.get_weights(), val_auc=val_auc)
-        lr = float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
-        action = stopper.update(val_loss, score)
-        history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)),
-                        "val_loss": val_loss, "val_auc": val_auc, "lr": lr})
-        seconds = time.perf_counter() - t0
-        auc_text = f"{val_auc:.4f}" if val_auc is not None else "  n/a "
-        print(f"  {label} {name} epoch {epoch + 1:>2}/{settings.epochs}: loss "
-              f"{np.mean(losses):.4f}  val_loss {val_loss:.4f}  val_auc {auc_text}"
-              f"{' *' if improved else '  '}  lr {lr:.0e}  {seconds:.1f} s  "
-              f"{progress.step(seconds)}", flush=True)
-        if action == "decay":
-            model.optimizer.learning_rate.assign(lr * training_cfg.lr_decay)
-        elif action == "stop":
-            print(f"  {label} {name}: validation loss and AUC stalled, stopping")
-            progress.skip(settings.epochs - epoch - 1)
-            break
-    model.set_weights(best["weights"])
-    info = {"best_epoch": best["epoch"] + 1, "epochs_run": len(history),
-            "best_val_auc": best["val_auc"], "n_fit": len(fit_idx),
-            "n_val": len(val_idx), "train_seconds": time.perf_counter() - start,
-            "history": history}
+    model, state = training.fit(
+        build_and_compile, folder, name, training_batches(stored, labels, fit_idx, settings,
+                                                          seed_key), None,
+        epochs=settings.epochs, steps_per_epoch=len(fit_idx) // min(settings.batch_size,
+                                                                     len(fit_idx)),
+        validation_steps=None, monitor="val_score", mode="max", resume=False,
+        training_cfg=training_cfg, early_stopping=("val_loss", "val_score"),
+        extra_callbacks=[validation], verbose=0)
+    train_seconds = time.perf_counter() - start
+    epochs_run = int(state["epoch"]) + 1
+    bar.total -= settings.epochs - epochs_run  # an early stop shortens the run
+    bar.refresh()
+    best_epoch = int(state.get("best_epoch", state["epoch"]))
+    if "best_epoch" in state:  # else no epoch had a finite score: keep the last weights
+        model = keras.saving.load_model(folder.best, safe_mode=True, compile=False)
+    info = {"best_epoch": best_epoch + 1, "epochs_run": epochs_run,
+            "best_val_auc": validation.history[best_epoch]["val_auc"], "n_fit": len(fit_idx),
+            "n_val": len(val_idx), "train_seconds": train_seconds,
+            "history": validation.history, "run_folder": str(run_dir)}
     return model, info
+
+
+def epochs_bar(total_epochs: int) -> tqdm:
+    """Progress over every epoch of the run (the total shrinks when a model stops early)."""
+    return tqdm(total=total_epochs, desc="training", unit="epoch", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------- runs
 
 
-def cross_validate(data: NoduleSet, settings: Settings):
-    """Out-of-fold probabilities ``{model: (n,)}``, fold of each nodule, per-fold details."""
+def cross_validate(data: NoduleSet, settings: Settings, runs_dir: Path):
+    """Out-of-fold probabilities ``{model: (n,)}``, fold of each nodule, per-fold details;
+    the training runs in ``runs_dir/fold<k>/<model>``."""
     labels, patients = data.labels, data.patients
     folds = patient_folds(labels, patients, settings.folds, settings.seed)
-    progress = Progress(settings.folds * len(settings.models) * settings.epochs)
     probabilities = {name: np.full(len(labels), np.nan) for name in settings.models}
     fold_of = np.full(len(labels), -1, dtype=np.int64)
     details = []
-    for k, (train_idx, test_idx) in enumerate(folds):
-        fit_idx, val_idx = validation_split(train_idx, labels, patients, settings.seed + 1 + k)
-        fold_of[test_idx] = k
-        print(f"fold {k + 1}/{settings.folds}: {len(fit_idx)} training, {len(val_idx)} "
-              f"validation, {len(test_idx)} test nodules ({int(labels[test_idx].sum())} "
-              f"malignant); {len(np.unique(patients[test_idx]))} test patients", flush=True)
-        test_cubes = centre_crop(data.cubes[test_idx], settings.cube_size)
-        for m, name in enumerate(settings.models):
-            model, info = train_model(name, data.cubes, labels, fit_idx, val_idx, settings,
-                                      (settings.seed, k, m), f"fold {k + 1}/{settings.folds}",
-                                      progress)
-            t0 = time.perf_counter()
-            probabilities[name][test_idx] = predict(model, test_cubes, tta=True)
-            info["predict_seconds"] = time.perf_counter() - t0
-            fold_metrics = classification_metrics(labels[test_idx], probabilities[name][test_idx])
-            info.update(fold=k + 1, model=name, test_auc=fold_metrics["auc"],
-                        n_test=len(test_idx))
-            auc = fold_metrics["auc"]
-            print(f"fold {k + 1}/{settings.folds} {name}: best epoch {info['best_epoch']}, "
-                  f"test AUC {auc if auc is None else round(auc, 4)}, trained in "
-                  f"{info['train_seconds']:.0f} s", flush=True)
-            details.append(info)
-            _release(model)
+    with epochs_bar(settings.folds * len(settings.models) * settings.epochs) as bar:
+        for k, (train_idx, test_idx) in enumerate(folds):
+            fold_of[test_idx] = k
+            details += _cross_validate_fold(data, settings, k, train_idx, test_idx,
+                                            probabilities, runs_dir / f"fold{k + 1}", bar)
     return probabilities, fold_of, details
 
 
-def external_test(train: NoduleSet, test: NoduleSet, settings: Settings):
-    """Train on all of ``train`` (internal validation split), predict ``test``."""
+def _cross_validate_fold(data: NoduleSet, settings: Settings, k: int, train_idx, test_idx,
+                         probabilities: dict, fold_dir: Path, bar: tqdm) -> list[dict]:
+    """Train every model on fold ``k``'s training part and fill in its test
+    probabilities; returns the per-model details."""
+    labels, patients = data.labels, data.patients
+    fit_idx, val_idx = validation_split(train_idx, labels, patients, settings.seed + 1 + k)
+    title = f"fold {k + 1}/{settings.folds}"
+    tqdm.write(f"{title}: {len(fit_idx)} training, {len(val_idx)} validation, "
+               f"{len(test_idx)} test nodules ({int(labels[test_idx].sum())} malignant); "
+               f"{len(np.unique(patients[test_idx]))} test patients")
+    test_cubes = centre_crop(data.cubes[test_idx], settings.cube_size)
+    details = []
+    for m, name in enumerate(settings.models):
+        model, info = train_model(name, data.cubes, labels, fit_idx, val_idx, settings,
+                                  (settings.seed, k, m), title, fold_dir / name, bar)
+        t0 = time.perf_counter()
+        probabilities[name][test_idx] = predict(model, test_cubes, tta=True)
+        info["predict_seconds"] = time.perf_counter() - t0
+        auc = classification_metrics(labels[test_idx], probabilities[name][test_idx])["auc"]
+        info.update(fold=k + 1, model=name, test_auc=auc, n_test=len(test_idx))
+        tqdm.write(f"{title} {name}: best epoch {info['best_epoch']}, test AUC "
+                   f"{auc if auc is None else round(auc, 4)}, trained in "
+                   f"{info['train_seconds']:.0f} s")
+        details.append(info)
+        _release(model)
+    return details
+
+
+def external_test(train: NoduleSet, test: NoduleSet, settings: Settings, runs_dir: Path):
+    """Train on all of ``train`` (internal validation split), predict ``test``; the
+    training runs in ``runs_dir/external/<model>``."""
     labels, patients = train.labels, train.patients
     fit_idx, val_idx = validation_split(np.arange(len(labels)), labels, patients,
                                         settings.seed + 1)
-    progress = Progress(len(settings.models) * settings.epochs)
     test_cubes = centre_crop(test.cubes, settings.cube_size)
     probabilities, details = {}, []
     print(f"external test: {len(fit_idx)} training, {len(val_idx)} validation nodules; "
           f"{len(test_cubes)} test nodules", flush=True)
-    for m, name in enumerate(settings.models):
-        model, info = train_model(name, train.cubes, labels, fit_idx, val_idx, settings,
-                                  (settings.seed, 0, m), "external", progress)
-        t0 = time.perf_counter()
-        probabilities[name] = predict(model, test_cubes, tta=True)
-        info.update(model=name, predict_seconds=time.perf_counter() - t0,
-                    n_test=len(test_cubes))
-        details.append(info)
-        _release(model)
+    with epochs_bar(len(settings.models) * settings.epochs) as bar:
+        for m, name in enumerate(settings.models):
+            model, info = train_model(name, train.cubes, labels, fit_idx, val_idx, settings,
+                                      (settings.seed, 0, m), "external", runs_dir / "external" / name,
+                                      bar)
+            t0 = time.perf_counter()
+            probabilities[name] = predict(model, test_cubes, tta=True)
+            info.update(model=name, predict_seconds=time.perf_counter() - t0,
+                        n_test=len(test_cubes))
+            details.append(info)
+            _release(model)
     return probabilities, details
 
 
@@ -634,10 +691,14 @@ def _json_ready(value):
     return value
 
 
+def output_names(cross_validation: bool) -> tuple[str, str, str]:
+    """The files the benchmark writes in ``--out``."""
+    return ("results.json", "results.md",
+            "oof_predictions.csv" if cross_validation else "test_predictions.csv")
+
+
 def write_outputs(out: Path, result: dict, markdown: str, predictions: pd.DataFrame,
                   predictions_name: str) -> None:
-    from tables import atomic_write_text
-
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "results.json", json.dumps(_json_ready(result), indent=1) + "\n")
     atomic_write_text(out / "results.md", markdown)
@@ -647,7 +708,7 @@ def write_outputs(out: Path, result: dict, markdown: str, predictions: pd.DataFr
 # --------------------------------------------------------------------------- command line
 
 
-def parse_args(argv=None):
+def _argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="LIDC-IDRI nodule malignancy benchmark (patient-grouped cross-validation).")
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
@@ -680,6 +741,13 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke setting: {QUICK['folds']} folds, {QUICK['epochs']} epochs, "
                              f"cube {QUICK['cube_size']}, models {QUICK['models']}")
+    return parser
+
+
+def parse_args(argv=None):
+    """The command line, with the --quick / full defaults filled in and checked, and the
+    resulting ``Settings`` as ``args.settings``."""
+    parser = _argument_parser()
     args = parser.parse_args(argv)
     defaults = QUICK if args.quick else FULL
     for key, value in defaults.items():
@@ -723,41 +791,27 @@ def _load_or_exit(folder: Path, settings: Settings, cache_dir, what: str):
     return data
 
 
-def main(argv=None) -> int:
-    import config as config_lib
+def _check_outputs(args) -> None:
+    """Refuse (InputError) output files that could not be written or are inputs, before
+    an hour of training rather than after it."""
+    inputs = [folder / "nodules.csv" for folder in (args.data_dir, args.test_dir) if folder]
+    for name in output_names(args.test_dir is None):
+        check_output_path(args.out / name, inputs)
 
-    config_lib.setup_tensorflow_environment()  # before TensorFlow is imported
-    args = parse_args(argv)
-    settings: Settings = args.settings
-    started = time.perf_counter()
-    machine = machine_info("tensorflow", "keras", "SimpleITK", "sklearn")
+
+def _load_data(args, settings: Settings):
+    """``(data, test or None)``, the folds checked to be possible (DataError, ValueError)."""
     cache_dir = None if args.no_cache else args.out / "cache"
-    try:
-        data = _load_or_exit(args.data_dir, settings, cache_dir, "data")
-        test = (None if args.test_dir is None
-                else _load_or_exit(args.test_dir, settings, cache_dir, "test data"))
-        if test is None:
-            patient_folds(data.labels, data.patients, settings.folds, settings.seed)
-    except (DataError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    from training import setup_strategy
-
-    setup_strategy(TrainingConfig(seed=settings.seed))  # float32 policy, seeded
-    print(f"settings: {asdict(settings)}", flush=True)
+    data = _load_or_exit(args.data_dir, settings, cache_dir, "data")
+    test = (None if args.test_dir is None
+            else _load_or_exit(args.test_dir, settings, cache_dir, "test data"))
     if test is None:
-        probabilities, fold_of, details = cross_validate(data, settings)
-        evaluated, mode = data, f"{settings.folds}-fold patient-grouped cross-validation"
-    else:
-        probabilities, details = external_test(data, test, settings)
-        fold_of, evaluated, mode = None, test, f"external test set {args.test_dir}"
-    labels = evaluated.labels
-    summary = summarise(labels, probabilities, details)
-    rows = summary["rows"]
-    size_auc = diameter_auc(evaluated.table)
-    n_pos = int(labels.sum())
-    title = (f"LIDC malignancy: {len(labels)} nodules ({len(labels) - n_pos} benign / {n_pos} "
-             f"malignant), {mode}")
+        patient_folds(data.labels, data.patients, settings.folds, settings.seed)
+    return data, test
+
+
+def _notes(settings: Settings, machine: dict, size_auc: float | None) -> list[str]:
+    """The lines under the table: settings, machine and reference points."""
     notes = [(f"cube {settings.cube_size}^3 at {settings.spacing_mm} mm, up to {settings.epochs} "
               f"epochs, Adam lr {settings.lr:g}, {settings.loss}, batch {settings.batch_size}, "
               "flip TTA (4 views); ensemble = mean of the models' probabilities"),
@@ -770,19 +824,19 @@ def main(argv=None) -> int:
     if size_auc is not None:
         notes.append(f"reference: diameter_mm alone as the score (no learning), same nodules: "
                      f"AUC {size_auc:.4f}")
-    wall = time.perf_counter() - started
-    notes.append(f"total wall time {wall / 60:.1f} min")
-    print()
-    print(title)
-    for line in format_table(rows):
-        print(line)
-    for note in notes:
-        print(note)
-    result = {
+    return notes
+
+
+def _result_record(args, settings: Settings, data: NoduleSet, test: NoduleSet | None,
+                   evaluated: NoduleSet, rows: dict, size_auc, details, machine: dict,
+                   wall: float) -> dict:
+    """What ``results.json`` holds."""
+    labels = evaluated.labels
+    return {
         "mode": "cross_validation" if test is None else "external_test",
         "data_dir": str(args.data_dir), "test_dir": None if test is None else str(args.test_dir),
         "settings": asdict(settings), "augmentation": asdict(AUGMENTATION),
-        "n_nodules": len(labels), "n_malignant": n_pos,
+        "n_nodules": len(labels), "n_malignant": int(labels.sum()),
         "n_patients": len(np.unique(evaluated.patients)),
         "skipped": [{"file": f, "reason": r} for f, r in
                     data.skipped + ([] if test is None else test.skipped)],
@@ -794,10 +848,53 @@ def main(argv=None) -> int:
                     [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None},
         "wall_seconds": wall,
     }
+
+
+def main(argv=None) -> int:
+    import config as config_lib
+
+    config_lib.setup_tensorflow_environment()  # before TensorFlow is imported
+    args = parse_args(argv)
+    settings: Settings = args.settings
+    started = time.perf_counter()
+    machine = machine_info("tensorflow", "keras", "SimpleITK", "sklearn")
+    try:
+        _check_outputs(args)
+        data, test = _load_data(args, settings)
+    except (DataError, InputError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from training import setup_strategy
+
+    setup_strategy(TrainingConfig(seed=settings.seed))  # float32 policy, seeded
+    print(f"settings: {asdict(settings)}", flush=True)
+    runs_dir = args.out / "runs"
+    if test is None:
+        probabilities, fold_of, details = cross_validate(data, settings, runs_dir)
+        evaluated, mode = data, f"{settings.folds}-fold patient-grouped cross-validation"
+    else:
+        probabilities, details = external_test(data, test, settings, runs_dir)
+        fold_of, evaluated, mode = None, test, f"external test set {args.test_dir}"
+    labels = evaluated.labels
+    summary = summarise(labels, probabilities, details)
+    rows = summary["rows"]
+    size_auc = diameter_auc(evaluated.table)
+    n_pos = int(labels.sum())
+    title = (f"LIDC malignancy: {len(labels)} nodules ({len(labels) - n_pos} benign / {n_pos} "
+             f"malignant), {mode}")
+    notes = _notes(settings, machine, size_auc)
+    wall = time.perf_counter() - started
+    notes.append(f"total wall time {wall / 60:.1f} min")
+    print()
+    print(title)
+    for line in [*format_table(rows), *notes]:
+        print(line)
     predictions = prediction_frame(evaluated.table, probabilities,
                                    summary["ensemble_probabilities"], fold_of)
-    write_outputs(args.out, result, format_markdown(rows, title, notes), predictions,
-                  "oof_predictions.csv" if test is None else "test_predictions.csv")
+    write_outputs(args.out, _result_record(args, settings, data, test, evaluated, rows, size_auc,
+                                           details, machine, wall),
+                  format_markdown(rows, title, notes), predictions,
+                  output_names(test is None)[2])
     print(f"results in {args.out}")
     print(f"AUC: {_fmt(rows['ensemble']['auc'])}")
     return 0

@@ -194,6 +194,38 @@ def test_missing_folder_or_table_exits_2(tmp_path, capsys):
     assert info.value.code == 2
 
 
+def test_training_batches_are_seeded_permutations_of_full_batches():
+    stored = np.arange(10 * 20 ** 3, dtype=np.uint8).reshape(10, 20, 20, 20)
+    labels = np.array([0, 1] * 5)
+    fit_idx = np.array([0, 2, 3, 5, 6, 7, 9])
+    settings = _settings(batch_size=3)
+
+    def first_batches(seed_key, n):
+        batches = bench_lidc.training_batches(stored, labels, fit_idx, settings, seed_key)
+        return [next(batches) for _ in range(n)]
+
+    a, b = first_batches((0, 1, 2), 4), first_batches((0, 1, 2), 4)
+    for (xa, ya), (xb, yb) in zip(a, b):
+        np.testing.assert_array_equal(xa, xb)
+        np.testing.assert_array_equal(ya, yb)
+    assert not np.array_equal(a[0][0], first_batches((0, 1, 3), 1)[0][0])
+    # 7 nodules in batches of 3: two full batches per epoch, then the next epoch.
+    assert [x.shape for x, _ in a] == [(3, 16, 16, 16, 1)] * 4
+    assert all(y.shape == (3, 1) and y.dtype == np.float32 for _, y in a)
+
+
+def test_output_path_under_a_file_exits_2_before_training(fake_lidc, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder\n")
+    code = bench_lidc.main(["--data-dir", str(fake_lidc), "--out", str(blocker / "out"),
+                            "--quick", "--no-cache"])
+    assert code == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"error: {blocker / 'out' / 'results.json'}: ")
+    assert "settings:" not in captured.out
+    assert blocker.read_text() == "not a folder\n"
+
+
 @pytest.mark.realdata
 @pytest.mark.slow
 def test_real_lidc_cubes(shared_data):

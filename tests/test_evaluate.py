@@ -460,6 +460,13 @@ def test_classification_metrics_hand_computed():
         classification_metrics([0, 1], [0.5, math.nan])
 
 
+def test_classification_metrics_with_every_row_ignored():
+    m = classification_metrics([-1, -1], [0.2, 0.9])
+    assert m["confusion_matrix"] == [[0, 0], [0, 0]] and m["n"] == 0 and m["n_ignored"] == 2
+    assert m["accuracy"] is None and m["auc"] is None
+    json.dumps(m)
+
+
 def test_hit_labels():
     annotations = ann([[uid(0), 0, 0, 0, 10]])
     excluded = ann([[uid(0), 0, 0, 0, 20], [uid(1), 0, 0, 0, -1]])
