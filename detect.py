@@ -7,14 +7,10 @@
 
 Per scan (``detect_scan``):
 
-1. ``sliding_window_probability``: windows of the model's input size tile the lung bounding
-   box (``ScanMeta.lung_bbox_zyx_vox``) with stride ``patch * (1 - inference.window_overlap)``,
-   the last window of each axis aligned to the box end. Windows without a lung-mask voxel
-   are not predicted. Predictions are blended with a Gaussian weight (sigma = patch / 8,
-   nnU-Net's choice: a window's border sees the least context) into a float32 probability
-   map of the box only, read window by window from the memory-mapped cache, so memory
-   stays bounded by the box, not by the number of windows. ``inference.flip_tta`` averages
-   the prediction with those of the window flipped along z, y and x (flips undone).
+1. ``sliding_window.lung_box_probability``: the UNet's probability map of the lung
+   bounding box (``ScanMeta.lung_bbox_zyx_vox``) from windows of the model's input size
+   with stride ``patch * (1 - inference.window_overlap)``, Gaussian blending and, with
+   ``inference.flip_tta``, flip test-time augmentation (see ``sliding_window.py``).
 2. ``extract_candidates``: ``prob >= inference.threshold`` -> 3D connected components
    (26-connectivity) -> per component the probability-weighted centroid (cache voxel
    z, y, x, converted to world mm by ``ct_io.voxel_to_world``), the maximum probability and
@@ -30,8 +26,8 @@ Outputs:
 * ``<out stem>.config.json``: the resolved config, model, scans and command line;
 * ``<out stem>.metrics.json``: candidates per scan, seconds per scan, peak memory (RSS) and,
   when the cache has annotations, the nodule recall overall and for nodules >= 3 and >= 5 mm
-  (a nodule is found when a candidate lies strictly inside its radius, as in the LUNA16
-  evaluation);
+  (a nodule is found when a candidate lies strictly inside its radius, the LUNA16 hit rule
+  of ``evaluate.inside_nodules``);
 * ``WORK/detections/fold{k}/<seriesuid>.csv``: per-scan results, written as each scan
   finishes; a rerun skips scans done with the same model, cache and inference settings
   (recorded in ``settings.json`` there; a change starts that folder afresh) unless the scan
@@ -39,8 +35,12 @@ Outputs:
   temporary ``.<name>.*.tmp`` (deleted by the rerun); a damaged result (cut short, missing
   values) counts as not done.
 
+A scan whose cached files are missing or damaged is named in a warning and left out
+(``readable_scans``, which predict.py shares); when no scan is left it is bad input.
+
 Exit status: 0 done; 1 some scans failed (named; rerun to retry them); 2 bad input (missing
-cache or model, empty split), with nothing written.
+cache or model, empty split, no readable scan, an output path that is a folder or one of
+the inputs), with nothing written.
 """
 
 from __future__ import annotations
@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import itertools
 import json
 import sys
 import time
@@ -59,206 +58,23 @@ import pandas as pd
 
 import cache
 import config as config_lib
+import evaluate
+import paths
+import sliding_window
 from ct_io import Geometry, voxel_to_world
-from tables import PREDICTION_COLUMNS, WORLD_COLUMNS, atomic_write_text, write_csv_atomic
+from tables import (PREDICTION_COLUMNS, WORLD_COLUMNS, InputError, atomic_write_text,
+                    check_output_path, write_csv_atomic)
 
 DETECTION_COLUMNS = [*PREDICTION_COLUMNS, "diameter_mm"]
-# extract_candidates also returns where each candidate is in the cached volume and its size.
-CANDIDATE_COLUMNS = [*DETECTION_COLUMNS[1:], "z_vox", "y_vox", "x_vox", "voxels"]
-GAUSSIAN_SIGMA_SCALE = 1.0 / 8.0  # nnU-Net: sigma = patch / 8
+# The table extract_candidates returns: the detection columns after seriesuid, plus where
+# each candidate lies in the cached volume and how many voxels its component holds.
+EXTRACTED_COLUMNS = [*DETECTION_COLUMNS[1:], "z_vox", "y_vox", "x_vox", "voxels"]
 EXTRACT_SLAB = 16  # slices per step of the component sums (bounds their temporaries)
 SCAN_CHOICES = ("test", "val", "all")
 RECALL_MIN_DIAMETERS_MM = (0.0, 3.0, 5.0)
 SETTINGS_FILE = "settings.json"
 GIB = 2.0 ** 30
-
-
-# --------------------------------------------------------------------------- sliding windows
-
-
-def patch_shape(patch_size) -> tuple[int, int, int]:
-    """``patch_size`` (an int or three ints, z y x) as three positive ints."""
-    values = np.broadcast_to(np.asarray(patch_size, dtype=np.int64), (3,))
-    if np.any(values < 1):
-        raise ValueError(f"patch size {patch_size} must be positive")
-    return tuple(int(v) for v in values)
-
-
-def window_starts(box_start: int, box_stop: int, volume_size: int, patch: int,
-                  stride: int) -> list[int]:
-    """First voxels of the windows along one axis: ``stride`` apart from the box start, the
-    last one ending at the box end. A box shorter than the window gets one window centred
-    on it, kept inside the volume when the volume is long enough."""
-    length = box_stop - box_start
-    if length <= 0:
-        return []
-    if length < patch:
-        start = box_start - (patch - length) // 2
-        if volume_size >= patch:
-            start = min(max(start, 0), volume_size - patch)
-        return [start]
-    starts = list(range(box_start, box_stop - patch + 1, stride))
-    if starts[-1] != box_stop - patch:
-        starts.append(box_stop - patch)
-    return starts
-
-
-def gaussian_weight_1d(size: int, sigma_scale: float = GAUSSIAN_SIGMA_SCALE) -> np.ndarray:
-    """Gaussian over a window axis, 1 at the centre (float64)."""
-    centre = (size - 1) / 2.0
-    sigma = max(size * sigma_scale, 1e-6)
-    return np.exp(-0.5 * ((np.arange(size) - centre) / sigma) ** 2)
-
-
-def gaussian_weight(patch_size, sigma_scale: float = GAUSSIAN_SIGMA_SCALE) -> np.ndarray:
-    """Blending weight of a window ``(d, h, w)`` float32: a separable Gaussian, 1 at the centre."""
-    wz, wy, wx = (gaussian_weight_1d(n, sigma_scale) for n in patch_shape(patch_size))
-    return (wz[:, None, None] * wy[None, :, None] * wx[None, None, :]).astype(np.float32)
-
-
-def flip_averaged(predict, batch: np.ndarray, flip_tta: bool) -> np.ndarray:
-    """``predict(batch)`` for a batch ``(n, z, y, x, c)``; with ``flip_tta`` averaged with
-    the predictions of the batch flipped along z, y and x, each flip undone."""
-    pred = np.array(predict(batch), dtype=np.float32)  # a writable copy: summed into below
-    if flip_tta:
-        for axis in (1, 2, 3):
-            pred += np.flip(predict(np.ascontiguousarray(np.flip(batch, axis))), axis)
-        pred /= 4.0
-    return pred
-
-
-def _window_slices(corner, patch, shape):
-    """Slices of a window clipped to an array, and the padding that restores the window."""
-    slices, pad = [], []
-    for c, p, n in zip(corner, patch, shape):
-        lo, hi = max(c, 0), min(c + p, n)
-        slices.append(slice(lo, hi))
-        pad.append((lo - c, c + p - hi))
-    return tuple(slices), pad
-
-
-def read_window(array: np.ndarray, corner, patch) -> np.ndarray:
-    """The window at ``corner`` (z, y, x) of size ``patch``; parts outside ``array`` repeat
-    its edge (only where the volume is smaller than a window)."""
-    slices, pad = _window_slices(corner, patch, array.shape)
-    window = array[slices]
-    if any(before or after for before, after in pad):
-        window = np.pad(window, pad, mode="edge")
-    return window
-
-
-def _window_has_mask(mask: np.ndarray, corner, patch) -> bool:
-    slices, _ = _window_slices(corner, patch, mask.shape)
-    return bool(np.any(mask[slices]))
-
-
-def _checked_prediction(output, batch_shape) -> np.ndarray:
-    """``predict_fn`` output as a float32 copy of the batch's shape, or a clear error."""
-    pred = np.array(output, dtype=np.float32, copy=True)
-    if pred.shape == tuple(batch_shape[:-1]):
-        pred = pred[..., None]
-    if pred.shape != tuple(batch_shape):
-        raise ValueError(f"predict_fn returned shape {pred.shape} for a batch of shape "
-                         f"{tuple(batch_shape)}; a segmentation model must output one "
-                         "probability channel of its input's size")
-    return pred
-
-
-def sliding_window_probability(volume: np.ndarray, mask: np.ndarray, bbox, predict_fn,
-                               patch_size, overlap: float = 0.25, batch_size: int = 8,
-                               flip_tta: bool = False, stats: dict | None = None) -> np.ndarray:
-    """Probability map of the box ``bbox`` from windows predicted in batches.
-
-    Args:
-        volume: cached volume ``(z, y, x)`` uint8 (usually a memmap); the network sees
-            ``volume / 255`` as float32.
-        mask: lung mask of the same shape; windows without a mask voxel are skipped.
-        bbox: ``(z0, y0, x0, z1, y1, x1)`` cache voxels, end exclusive.
-        predict_fn: ``f(batch (n, d, h, w, 1) float32) -> (n, d, h, w, 1)`` probabilities.
-        patch_size: window size (int or z, y, x).
-        overlap: fraction of a window shared with its neighbour, in [0, 1).
-        batch_size: windows per ``predict_fn`` call (the last call may be smaller).
-        flip_tta: average with the predictions of the batch flipped along z, y and x.
-        stats: if given, receives ``windows``, ``windows_predicted``, ``windows_skipped``
-            and ``predict_calls``.
-
-    Returns:
-        float32 ``(z1 - z0, y1 - y0, x1 - x0)``: per voxel the Gaussian-weighted mean of the
-        predictions of the windows covering it. The weights are normalised by their sum
-        over the whole window grid (separable, so no second box-sized array is needed); a
-        skipped window therefore counts as predicting 0, which touches only voxels outside
-        the lung mask, since a skipped window holds none.
-    """
-    patch = patch_shape(patch_size)
-    if not 0.0 <= overlap < 1.0:
-        raise ValueError(f"window overlap {overlap} must be in [0, 1)")
-    if batch_size < 1:
-        raise ValueError(f"batch size {batch_size} must be at least 1")
-    if volume.shape != mask.shape or volume.ndim != 3:
-        raise ValueError(f"volume {volume.shape} and mask {mask.shape} must be the same (z, y, x) shape")
-    box = np.asarray(bbox, dtype=np.int64).reshape(-1)
-    if box.size != 6:
-        raise ValueError(f"bbox {bbox} must be (z0, y0, x0, z1, y1, x1)")
-    start = np.maximum(box[:3], 0)
-    stop = np.minimum(box[3:], volume.shape)
-    shape = tuple(int(n) for n in np.maximum(stop - start, 0))
-    prob = np.zeros(shape, dtype=np.float32)
-    counts = {"windows": 0, "windows_predicted": 0, "windows_skipped": 0, "predict_calls": 0}
-    if stats is not None:
-        stats.update(counts)
-    if min(shape) == 0:
-        return prob
-
-    strides = [max(1, int(np.floor(p * (1.0 - overlap) + 1e-9))) for p in patch]
-    starts = [window_starts(int(start[a]), int(stop[a]), volume.shape[a], patch[a], strides[a])
-              for a in range(3)]
-    weights_1d = [gaussian_weight_1d(p) for p in patch]
-    weight = gaussian_weight(patch)
-    batch = np.empty((batch_size, *patch, 1), dtype=np.float32)
-    pending: list[tuple[int, int, int]] = []
-
-    def predict(x):
-        counts["predict_calls"] += 1
-        return _checked_prediction(predict_fn(x), x.shape)
-
-    def flush():
-        x = batch[:len(pending)]
-        x /= 255.0
-        pred = flip_averaged(predict, x, flip_tta)
-        for i, corner in enumerate(pending):
-            box_part, win_part = [], []
-            for a in range(3):
-                lo, hi = max(corner[a], start[a]), min(corner[a] + patch[a], stop[a])
-                box_part.append(slice(lo - start[a], hi - start[a]))
-                win_part.append(slice(lo - corner[a], hi - corner[a]))
-            win_part = tuple(win_part)
-            prob[tuple(box_part)] += pred[i][win_part + (0,)] * weight[win_part]
-        counts["windows_predicted"] += len(pending)
-        pending.clear()
-
-    for corner in itertools.product(*starts):
-        counts["windows"] += 1
-        if not _window_has_mask(mask, corner, patch):
-            counts["windows_skipped"] += 1
-            continue
-        batch[len(pending), ..., 0] = read_window(volume, corner, patch)
-        pending.append(corner)
-        if len(pending) == batch_size:
-            flush()
-    if pending:
-        flush()
-
-    for axis in range(3):
-        norm = np.zeros(shape[axis], dtype=np.float64)
-        for s in starts[axis]:
-            lo, hi = max(s, start[axis]), min(s + patch[axis], stop[axis])
-            norm[lo - start[axis]:hi - start[axis]] += weights_1d[axis][lo - s:hi - s]
-        view = [1, 1, 1]
-        view[axis] = shape[axis]
-        prob /= norm.astype(np.float32).reshape(view)
-    if stats is not None:
-        stats.update(counts)
-    return prob
+LISTED_SCANS = 5  # scans named one by one in a warning; the rest are counted
 
 
 # --------------------------------------------------------------------------- candidates
@@ -266,7 +82,7 @@ def sliding_window_probability(volume: np.ndarray, mask: np.ndarray, bbox, predi
 
 def _empty_candidates() -> pd.DataFrame:
     return pd.DataFrame({c: pd.Series(dtype=np.int64 if c == "voxels" else np.float64)
-                         for c in CANDIDATE_COLUMNS})
+                         for c in EXTRACTED_COLUMNS})
 
 
 def distinct_points(xyz: np.ndarray, min_distance_mm: float, limit: int = 0) -> list[int]:
@@ -306,6 +122,60 @@ def merge_candidates(frame: pd.DataFrame, merge_distance_mm: float,
     return frame.iloc[order[kept]].reset_index(drop=True)
 
 
+@dataclasses.dataclass
+class ComponentSums:
+    """Per-component sums over a labelled map (index 0 is the background)."""
+
+    weight: np.ndarray  # sum of the probabilities
+    weighted_zyx: np.ndarray  # (3, n + 1) sums of probability * voxel position
+    plain_zyx: np.ndarray  # (3, n + 1) sums of voxel position
+    sizes: np.ndarray  # voxels
+    peaks: np.ndarray  # maximum probability
+
+
+def component_sums(prob_map: np.ndarray, labels: np.ndarray, n: int) -> ComponentSums:
+    """Sums of the ``n`` components of ``labels``, slab by slab: memory stays bounded even
+    when a poorly trained model puts half the box above the threshold in one component."""
+    sums = ComponentSums(np.zeros(n + 1), np.zeros((3, n + 1)), np.zeros((3, n + 1)),
+                         np.zeros(n + 1, dtype=np.int64), np.full(n + 1, -np.inf))
+    for z0 in range(0, labels.shape[0], EXTRACT_SLAB):
+        slab = labels[z0:z0 + EXTRACT_SLAB]
+        coords = np.nonzero(slab)
+        if not coords[0].size:
+            continue
+        label = slab[coords]
+        weight = np.asarray(prob_map[z0:z0 + EXTRACT_SLAB][coords], dtype=np.float64)
+        sums.weight += np.bincount(label, weight, minlength=n + 1)
+        sums.sizes += np.bincount(label, minlength=n + 1)
+        np.maximum.at(sums.peaks, label, weight)
+        for a in range(3):
+            position = coords[a] + (z0 if a == 0 else 0)
+            sums.weighted_zyx[a] += np.bincount(label, weight * position, minlength=n + 1)
+            sums.plain_zyx[a] += np.bincount(label, position.astype(np.float64), minlength=n + 1)
+    return sums
+
+
+def component_table(sums: ComponentSums, offset_zyx, geometry: Geometry,
+                    spacing_zyx: np.ndarray) -> pd.DataFrame:
+    """One row per component (``EXTRACTED_COLUMNS``), in label order."""
+    found = sums.sizes > 0
+    found[0] = False
+    weight_sum, sizes, peaks = sums.weight[found], sums.sizes[found], sums.peaks[found]
+    weighted = weight_sum > 0  # all-zero weights only with threshold <= 0
+    centres = np.where(weighted[:, None],
+                       sums.weighted_zyx[:, found].T / np.where(weighted, weight_sum, 1.0)[:, None],
+                       sums.plain_zyx[:, found].T / sizes[:, None])
+    centres_vox = centres + np.asarray(offset_zyx, dtype=np.float64)[None, :]
+    world = voxel_to_world(centres_vox, geometry)
+    diameters = (6.0 * sizes * np.prod(spacing_zyx) / np.pi) ** (1.0 / 3.0)
+    return pd.DataFrame({
+        "coordX": world[:, 0], "coordY": world[:, 1], "coordZ": world[:, 2],
+        "probability": peaks, "diameter_mm": diameters,
+        "z_vox": centres_vox[:, 0], "y_vox": centres_vox[:, 1], "x_vox": centres_vox[:, 2],
+        "voxels": sizes,
+    })
+
+
 def extract_candidates(prob_map: np.ndarray, offset_zyx, geometry: Geometry, threshold: float,
                        merge_distance_mm: float, max_candidates: int,
                        spacing_mm=None) -> pd.DataFrame:
@@ -322,10 +192,10 @@ def extract_candidates(prob_map: np.ndarray, offset_zyx, geometry: Geometry, thr
             geometry's spacing.
 
     Returns:
-        DataFrame, most probable first, with ``coordX, coordY, coordZ`` (world mm, centre
-        of the component weighted by probability), ``probability`` (maximum in the
-        component), ``diameter_mm`` (of a sphere with the component's volume),
-        ``z_vox, y_vox, x_vox`` (cache voxels) and ``voxels``.
+        DataFrame (``EXTRACTED_COLUMNS``), most probable first, with ``coordX, coordY,
+        coordZ`` (world mm, centre of the component weighted by probability),
+        ``probability`` (maximum in the component), ``diameter_mm`` (of a sphere with the
+        component's volume), ``z_vox, y_vox, x_vox`` (cache voxels) and ``voxels``.
     """
     from scipy import ndimage
 
@@ -334,44 +204,9 @@ def extract_candidates(prob_map: np.ndarray, offset_zyx, geometry: Geometry, thr
     labels, n = ndimage.label(np.asarray(prob_map) >= threshold, structure=np.ones((3, 3, 3)))
     if n == 0:
         return _empty_candidates()
-    # Per-component sums, slab by slab: memory stays bounded even when a poorly trained
-    # model puts half the box above the threshold in one huge component.
-    weight_sum = np.zeros(n + 1)
-    weighted_zyx = np.zeros((3, n + 1))
-    plain_zyx = np.zeros((3, n + 1))
-    sizes = np.zeros(n + 1, dtype=np.int64)
-    peaks = np.full(n + 1, -np.inf)
-    for z0 in range(0, labels.shape[0], EXTRACT_SLAB):
-        slab = labels[z0:z0 + EXTRACT_SLAB]
-        coords = np.nonzero(slab)
-        if not coords[0].size:
-            continue
-        label = slab[coords]
-        weight = np.asarray(prob_map[z0:z0 + EXTRACT_SLAB][coords], dtype=np.float64)
-        weight_sum += np.bincount(label, weight, minlength=n + 1)
-        sizes += np.bincount(label, minlength=n + 1)
-        np.maximum.at(peaks, label, weight)
-        for a in range(3):
-            position = coords[a] + (z0 if a == 0 else 0)
-            weighted_zyx[a] += np.bincount(label, weight * position, minlength=n + 1)
-            plain_zyx[a] += np.bincount(label, position.astype(np.float64), minlength=n + 1)
+    sums = component_sums(prob_map, labels, n)
     del labels
-    found = sizes > 0
-    found[0] = False
-    weight_sum, sizes, peaks = weight_sum[found], sizes[found], peaks[found]
-    weighted = weight_sum > 0  # all-zero weights only with threshold <= 0
-    centres = np.where(weighted[:, None],
-                       weighted_zyx[:, found].T / np.where(weighted, weight_sum, 1.0)[:, None],
-                       plain_zyx[:, found].T / sizes[:, None])
-    centres_vox = centres + np.asarray(offset_zyx, dtype=np.float64)[None, :]
-    world = voxel_to_world(centres_vox, geometry)
-    diameters = (6.0 * sizes * np.prod(spacing) / np.pi) ** (1.0 / 3.0)
-    frame = pd.DataFrame({
-        "coordX": world[:, 0], "coordY": world[:, 1], "coordZ": world[:, 2],
-        "probability": peaks, "diameter_mm": diameters,
-        "z_vox": centres_vox[:, 0], "y_vox": centres_vox[:, 1], "x_vox": centres_vox[:, 2],
-        "voxels": sizes,
-    })
+    frame = component_table(sums, offset_zyx, geometry, spacing)
     return merge_candidates(frame, merge_distance_mm, max_candidates)
 
 
@@ -388,65 +223,15 @@ def detect_scan(scan, predict_fn, cfg, patch_size=None, stats: dict | None = Non
         if not hasattr(cfg, "segmentation"):
             raise ValueError("detect_scan needs patch_size when cfg is an InferenceConfig")
         patch_size = cfg.segmentation.patch_size
-    bbox = tuple(int(v) for v in scan.meta.lung_bbox_zyx_vox)
-    prob = sliding_window_probability(scan.volume, scan.mask, bbox, predict_fn, patch_size,
-                                      inference.window_overlap, inference.batch_size,
-                                      inference.flip_tta, stats)
+    prob, bbox = sliding_window.lung_box_probability(scan, predict_fn, patch_size, inference,
+                                                     stats=stats)
     frame = extract_candidates(prob, bbox[:3], scan.geometry, inference.threshold,
                                inference.merge_distance_mm, inference.max_candidates_per_scan)
     frame.insert(0, "seriesuid", scan.meta.seriesuid)
     return frame
 
 
-# --------------------------------------------------------------------------- model
-
-
-def model_patch_shape(model, default=None) -> tuple[int, int, int]:
-    """Window size of a Keras model: its fixed input size, else ``default``."""
-    shape = model.input_shape
-    if isinstance(shape, list):
-        if len(shape) != 1:
-            raise ValueError(f"model {model.name} has {len(shape)} inputs; a segmenter has one")
-        shape = shape[0]
-    if len(shape) != 5 or shape[-1] != 1:
-        raise ValueError(f"model {model.name} takes inputs of shape {shape}; expected "
-                         "(batch, depth, height, width, 1)")
-    spatial = shape[1:4]
-    if all(n is not None for n in spatial):
-        return tuple(int(n) for n in spatial)
-    if default is None:
-        raise ValueError(f"model {model.name} accepts any input size; give a patch size")
-    return patch_shape(default)
-
-
-def keras_predict_fn(model, batch_size: int, patch_size=None):
-    """``predict_fn`` for ``sliding_window_probability`` from a Keras segmenter.
-
-    One ``tf.function`` with a fixed batch shape (the last, smaller batch is zero-padded),
-    so the graph is traced once. Takes the first output of multi-output models (deep
-    supervision: the full-resolution map).
-    """
-    import tensorflow as tf
-
-    patch = model_patch_shape(model, patch_size)
-    spec = tf.TensorSpec((batch_size, *patch, 1), tf.float32)
-
-    @tf.function(input_signature=[spec])
-    def call(x):
-        out = model(x, training=False)
-        if isinstance(out, dict):
-            out = out.get("segmentation", next(iter(out.values())))
-        elif isinstance(out, (list, tuple)):
-            out = out[0]
-        return tf.cast(out, tf.float32)
-
-    def predict(batch: np.ndarray) -> np.ndarray:
-        n = batch.shape[0]
-        if n < batch_size:
-            batch = np.concatenate([batch, np.zeros((batch_size - n, *batch.shape[1:]), np.float32)])
-        return call(tf.constant(batch, dtype=tf.float32)).numpy()[:n]
-
-    return predict
+# --------------------------------------------------------------------------- model and cache
 
 
 def load_segmenter(path):
@@ -455,6 +240,56 @@ def load_segmenter(path):
     import models
 
     return models.load_model_file(path, "segmenter")
+
+
+def cached_scan_problem(cache_dir, seriesuid: str) -> str | None:
+    """Why a scan of the cache's meta table cannot be opened (its per-scan meta or an array
+    missing, cut short or of the wrong shape), or None when it can."""
+    if cache.read_scan_meta(cache_dir, seriesuid) is not None:
+        return None
+    meta_path = cache.scan_meta_path(cache_dir, seriesuid)
+    if not meta_path.exists():
+        return f"{meta_path} is missing"
+    for path in (cache.volume_path(cache_dir, seriesuid), cache.mask_path(cache_dir, seriesuid)):
+        try:
+            np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as err:
+            return f"{path} cannot be read ({err})"
+    return f"{meta_path} is damaged or does not match the cached arrays"
+
+
+def _named_scans(problems: dict[str, str]) -> str:
+    named = [f"{uid} ({problem})" for uid, problem in list(problems.items())[:LISTED_SCANS]]
+    more = len(problems) - len(named)
+    return "; ".join(named) + (f"; and {more} more" if more else "")
+
+
+def readable_scans(cache_dir, seriesuids, source) -> list[str]:
+    """The scans of ``seriesuids`` that the cache can open, in their order.
+
+    The others (not in the cache, or with a cached file missing or damaged, such as a
+    truncated ``volumes/<uid>.npy``) are named in one warning on stderr and left out; when
+    none is left, ``tables.InputError`` naming ``source`` (the file the scans came from).
+    detect.py and predict.py check their scans with this before any work, so a damaged
+    cache is reported the same way by both, and preprocess.py can be rerun for the scans
+    named.
+    """
+    seriesuids = list(seriesuids)
+    listed = cache.load_scan_metas(cache_dir)
+    problems = {}
+    for uid in seriesuids:
+        problem = (f"not in the cache {cache_dir}" if uid not in listed
+                   else cached_scan_problem(cache_dir, uid))
+        if problem is not None:
+            problems[uid] = problem
+    readable = [uid for uid in seriesuids if uid not in problems]
+    if problems and not readable:
+        raise InputError(f"{source}: none of its {len(seriesuids)} scan(s) can be read from the "
+                         f"cache: {_named_scans(problems)}; preprocess them (again)")
+    if problems:
+        print(f"warning: {source}: {len(problems)} of {len(seriesuids)} scan(s) left out: "
+              f"{_named_scans(problems)}; preprocess them (again) to include them", file=sys.stderr)
+    return readable
 
 
 # --------------------------------------------------------------------------- metrics
@@ -475,26 +310,33 @@ def peak_rss_bytes() -> int:
     return int(peak) if sys.platform == "darwin" else int(peak) * 1024
 
 
-def nodule_recall(detections: pd.DataFrame, annotations: pd.DataFrame,
-                  min_diameters_mm=RECALL_MIN_DIAMETERS_MM) -> dict:
-    """Share of annotated nodules with a candidate strictly inside their radius (world mm),
-    for nodules of at least each of ``min_diameters_mm``; keys ``all`` or ``>=3mm``."""
-    diameters = annotations["diameter_mm"].to_numpy(dtype=np.float64)
+def found_nodules(detections: pd.DataFrame, annotations: pd.DataFrame) -> np.ndarray:
+    """Per annotation row, whether a detection of its scan hits it by the LUNA16 rule
+    (``evaluate.inside_nodules``; a negative diameter counts as 10 mm)."""
+    radius2 = evaluate.nodule_radius2(annotations["diameter_mm"].to_numpy(dtype=np.float64))
     nodules = annotations[WORLD_COLUMNS].to_numpy(dtype=np.float64)
     found = np.zeros(len(annotations), dtype=bool)
     marks_by_scan = detections.groupby("seriesuid", sort=False).indices
     marks_xyz = detections[WORLD_COLUMNS].to_numpy(dtype=np.float64)
     for uid, rows in annotations.groupby("seriesuid", sort=False).indices.items():
         marks = marks_by_scan.get(uid)
-        if marks is None:
-            continue
-        d = marks_xyz[marks][:, None, :] - nodules[rows][None, :, :]
-        dist2 = np.sum(d * d, axis=-1)
-        found[rows] = np.any(dist2 < (diameters[rows] / 2.0) ** 2, axis=0)
+        if marks is not None:
+            found[rows] = evaluate.inside_nodules(marks_xyz[marks], nodules[rows],
+                                                  radius2[rows]).any(axis=0)
+    return found
+
+
+def nodule_recall(detections: pd.DataFrame, annotations: pd.DataFrame,
+                  min_diameters_mm=RECALL_MIN_DIAMETERS_MM) -> dict:
+    """Share of annotated nodules hit by a candidate (``found_nodules``): of every nodule
+    (key ``all``, for a minimum <= 0) and of the nodules of at least each positive minimum
+    diameter (key ``>=3mm``; a nodule of unknown size, diameter < 0, only counts in ``all``)."""
+    diameters = annotations["diameter_mm"].to_numpy(dtype=np.float64)
+    found = found_nodules(detections, annotations)
     result = {}
     for minimum in min_diameters_mm:
         key = "all" if minimum <= 0 else f">={minimum:g}mm"
-        selected = diameters >= minimum
+        selected = np.ones(len(diameters), dtype=bool) if minimum <= 0 else diameters >= minimum
         total, hits = int(selected.sum()), int(found[selected].sum())
         result[key] = {"nodules": total, "found": hits,
                        "recall": round(hits / total, 6) if total else None}
@@ -504,12 +346,182 @@ def nodule_recall(detections: pd.DataFrame, annotations: pd.DataFrame,
 # --------------------------------------------------------------------------- command line
 
 
+@dataclasses.dataclass(frozen=True)
+class DetectionRun:
+    """What one detect.py call reads and writes."""
+
+    fold: int
+    scans: str  # one of SCAN_CHOICES
+    cache_dir: Path
+    model: Path
+    out: Path
+    scan_dir: Path  # per-scan results (paths.WorkPaths.detection_scans)
+
+    @property
+    def config_out(self) -> Path:
+        return self.out.with_suffix(".config.json")
+
+    @property
+    def metrics_out(self) -> Path:
+        return self.out.with_suffix(".metrics.json")
+
+    @property
+    def outputs(self) -> tuple[Path, Path, Path]:
+        return self.out, self.config_out, self.metrics_out
+
+
+@dataclasses.dataclass
+class DetectionProgress:
+    """What detecting the scans not done before gave."""
+
+    failures: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (uid, reason)
+    seconds: list[float] = dataclasses.field(default_factory=list)  # per scan detected
+    windows: dict = dataclasses.field(default_factory=lambda: dict.fromkeys(
+        ("windows", "windows_predicted", "windows_skipped"), 0))
+
+
 def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def _detection_run(args, cfg) -> DetectionRun:
+    """Paths of this call: the options, else the work folder's layout (``paths.WorkPaths``)."""
+    fold = cfg.training.fold if args.fold is None else args.fold
+    work = paths.WorkPaths(cfg.paths.work_dir)
+    model = Path(args.model) if args.model else work.segmentation_run(fold) / paths.BEST_MODEL
+    out = Path(args.out) if args.out else work.detections(fold, args.scans)
+    return DetectionRun(fold, args.scans, Path(cfg.paths.cache_dir), model, out,
+                        work.detection_scans(fold))
+
+
+def _select_scans(cache_dir: Path, selection: str, fold: int, max_scans: int) -> list[str]:
+    metas = cache.load_scan_metas(cache_dir)
+    if selection == "all":
+        uids = sorted(metas)
+    else:
+        try:
+            uids = cache.split_by_subset(metas, fold)[selection]
+        except ValueError as err:
+            raise ValueError(f"{cache_dir}: {err}; use --scans all to detect on every cached scan") from None
+    return uids[:max_scans] if max_scans > 0 else uids
+
+
+def _checked_scans(run: DetectionRun, cfg) -> list[str]:
+    """The readable scans to detect on, after checking the output paths, the cache, the
+    model file and the cached tables the metrics read (``InputError`` / ``FileNotFoundError``
+    / ``ValueError`` naming the file otherwise; nothing is written before)."""
+    meta_table = run.cache_dir / cache.META_TABLE
+    for output in run.outputs:
+        check_output_path(output, (run.model, meta_table), kind="detections output")
+    cache.check_cache_dir(run.cache_dir)
+    if not run.model.exists():
+        raise FileNotFoundError(f"{run.model}: model does not exist; train one with "
+                                "train_segmentation.py or give --model")
+    uids = _select_scans(run.cache_dir, run.scans, run.fold, cfg.debug.max_scans)
+    for table in ("annotations", "annotations_excluded"):  # the metrics read them last
+        cache.load_table(run.cache_dir, table)
+    if not uids:
+        raise InputError(f"{run.cache_dir}: no scans in the {run.scans} split of fold "
+                         f"{run.fold}; choose another --scans or --fold")
+    return readable_scans(run.cache_dir, uids, meta_table)
+
+
+def _load_model(model_path: Path, cfg):
+    """The segmenter and its window size (``InputError`` naming the file if unusable)."""
+    try:
+        model = load_segmenter(model_path)
+        patch = sliding_window.model_patch_shape(model, cfg.segmentation.patch_size)
+    except Exception as err:  # noqa: BLE001 - any unreadable model file is bad input
+        reason = str(err).removeprefix(f"{model_path}: ")
+        raise InputError(f"{model_path}: cannot be used as the segmenter ({reason}); "
+                         "give a .keras file saved by train_segmentation.py") from None
+    if patch != sliding_window.patch_shape(cfg.segmentation.patch_size):
+        print(f"note: {model_path} takes {'x'.join(map(str, patch))} windows; "
+              f"segmentation.patch_size={cfg.segmentation.patch_size} is ignored", file=sys.stderr)
+    return model, patch
+
+
+def _finished_results(run: DetectionRun, uids: list[str], settings: dict) -> dict[str, pd.DataFrame]:
+    """The per-scan results a previous run with the same ``settings`` finished (after
+    removing what a killed run left); a scan preprocessed again since is not finished."""
+    _remove_temporary_files(run.scan_dir, run.outputs)
+    _prepare_scan_dir(run.scan_dir, settings)
+    results = {}
+    for uid in uids:
+        path = run.scan_dir / f"{uid}.csv"
+        meta_path = cache.scan_meta_path(run.cache_dir, uid)
+        if path.exists() and meta_path.exists() and path.stat().st_mtime >= meta_path.stat().st_mtime:
+            frame = _read_scan_result(path)
+            if frame is not None:
+                results[uid] = frame
+    return results
+
+
+def _detect_remaining(run: DetectionRun, todo: list[str], predict_fn, cfg, patch,
+                      results: dict[str, pd.DataFrame], progress_bar: bool) -> DetectionProgress:
+    """Detect the scans of ``todo``, writing each result as it finishes and adding it to
+    ``results``; a scan that fails is recorded, and the others go on."""
+    from tqdm import tqdm
+
+    progress = DetectionProgress()
+    total_candidates = sum(len(f) for f in results.values())
+    bar = tqdm(todo, desc="detect", unit="scan", disable=not progress_bar, file=sys.stderr)
+    for uid in bar:
+        started = time.perf_counter()
+        stats: dict = {}
+        try:
+            frame = detect_scan(cache.open_scan(run.cache_dir, uid), predict_fn, cfg, patch, stats)
+        except (FileNotFoundError, ValueError, MemoryError) as err:
+            progress.failures.append((uid, f"{type(err).__name__}: {err}"))
+            continue
+        write_csv_atomic(frame, run.scan_dir / f"{uid}.csv")
+        results[uid] = frame
+        progress.seconds.append(time.perf_counter() - started)
+        for key in progress.windows:
+            progress.windows[key] += stats.get(key, 0)
+        total_candidates += len(frame)
+        bar.set_postfix(candidates=len(frame), total=total_candidates)
+    bar.close()
+    return progress
+
+
+def _combined_detections(results: dict[str, pd.DataFrame], uids: list[str]) -> pd.DataFrame:
+    """Every scan's candidates in scan order, ``DETECTION_COLUMNS`` only."""
+    frames = [results[uid] for uid in uids if len(results[uid])]
+    detections = (pd.concat(frames, ignore_index=True)[DETECTION_COLUMNS] if frames
+                  else pd.DataFrame(columns=DETECTION_COLUMNS))
+    detections["seriesuid"] = detections["seriesuid"].astype(str)
+    return detections
+
+
+def _write_outputs(run: DetectionRun, cfg, detections: pd.DataFrame, uids: list[str], patch,
+                   progress: DetectionProgress, argv) -> None:
+    """The detections CSV, its metrics and its config."""
+    write_csv_atomic(detections, run.out)
+    run_info = {
+        "fold": run.fold, "split": run.scans, "model": str(run.model),
+        "scans_detected_now": len(progress.seconds),
+        "seconds_per_scan": round(float(np.mean(progress.seconds)), 3) if progress.seconds else None,
+        **progress.windows,
+        "peak_rss_gib": round(peak_rss_bytes() / GIB, 3),
+    }
+    metrics = _metrics(detections, uids, run.cache_dir, run_info, run.fold)
+    config_lib.save_config(cfg, run.config_out, {
+        "argv": sys.argv[1:] if argv is None else list(argv), "model": str(run.model),
+        "fold": run.fold, "scans": run.scans, "seriesuids": len(uids),
+        "patch_size_zyx": list(patch), "detections": str(run.out)})
+    atomic_write_text(run.metrics_out, json.dumps(metrics, indent=2) + "\n")
+    print(_format_metrics(metrics), file=sys.stderr)
+    print(f"wrote {run.out} ({len(detections)} candidates), {run.config_out}, {run.metrics_out}",
+          file=sys.stderr)
+
+
+def _report_failures(run: DetectionRun, failures: list[tuple[str, str]]) -> None:
+    for uid, reason in failures:
+        print(f"error: scan {uid}: {reason}", file=sys.stderr)
+    print(f"{len(failures)} scan(s) failed; {run.out} not written. The finished scans are kept "
+          f"in {run.scan_dir}; rerun to retry the others.", file=sys.stderr)
 
 
 def _prepare_scan_dir(scan_dir: Path, settings: dict) -> bool:
@@ -562,18 +574,6 @@ def _read_scan_result(path: Path) -> pd.DataFrame | None:
     return frame if frame["seriesuid"].notna().all() and np.isfinite(values).all() else None
 
 
-def _select_scans(cache_dir: Path, selection: str, fold: int, max_scans: int) -> list[str]:
-    metas = cache.load_scan_metas(cache_dir)
-    if selection == "all":
-        uids = sorted(metas)
-    else:
-        try:
-            uids = cache.split_by_subset(metas, fold)[selection]
-        except ValueError as err:
-            raise ValueError(f"{cache_dir}: {err}; use --scans all to detect on every cached scan") from None
-    return uids[:max_scans] if max_scans > 0 else uids
-
-
 def _metrics(detections: pd.DataFrame, uids: list[str], cache_dir: Path, run_info: dict,
              fold: int | None = None) -> dict:
     """Counts, recall and false positives over ``uids``; with ``fold``, the same per split
@@ -611,15 +611,13 @@ def _split_metrics(detections: pd.DataFrame, uids: list[str], annotations: pd.Da
         selected = annotations[annotations["seriesuid"].isin(set(uids))]
         metrics["recall"] = nodule_recall(detections, selected)
         try:
-            import evaluate
-
             excluded = excluded if "diameter_mm" in excluded.columns and len(excluded) else None
             labels = evaluate.hit_labels(detections, selected, excluded)
             metrics["candidates_on_nodules"] = int(np.sum(labels == 1))
             metrics["candidates_on_excluded"] = int(np.sum(labels < 0))
             metrics["false_positives_per_scan"] = (round(float(np.sum(labels == 0)) / len(uids), 3)
                                                    if uids else None)
-        except (ImportError, ValueError) as err:
+        except ValueError as err:
             metrics["hit_labels_error"] = str(err)
     return metrics
 
@@ -658,117 +656,27 @@ def _parse_args(argv):
 def main(argv=None) -> int:
     config_lib.setup_tensorflow_environment()  # before TensorFlow is imported
     args, cfg = _parse_args(argv)
-    fold = cfg.training.fold if args.fold is None else args.fold
-    cache_dir = Path(cfg.paths.cache_dir)
-    work_dir = Path(cfg.paths.work_dir)
-    model_path = Path(args.model) if args.model else work_dir / "segmentation" / f"fold{fold}" / "best.keras"
-    out = Path(args.out) if args.out else work_dir / "detections" / f"fold{fold}_{args.scans}.csv"
-    config_out = out.with_suffix(".config.json")
-    metrics_out = out.with_suffix(".metrics.json")
-    scan_dir = work_dir / "detections" / f"fold{fold}"
-
+    run = _detection_run(args, cfg)
     try:
-        cache.check_cache_dir(cache_dir)
-    except (FileNotFoundError, ValueError) as err:
+        uids = _checked_scans(run, cfg)
+        model, patch = _load_model(run.model, cfg)
+    except (FileNotFoundError, ValueError) as err:  # InputError is a ValueError
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if not model_path.exists():
-        print(f"error: {model_path}: model does not exist; train one with train_segmentation.py "
-              "or give --model", file=sys.stderr)
-        return 2
-    try:
-        uids = _select_scans(cache_dir, args.scans, fold, cfg.debug.max_scans)
-        for table in ("annotations", "annotations_excluded"):  # the metrics read them last
-            cache.load_table(cache_dir, table)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if not uids:
-        print(f"error: {cache_dir} has no scans in the {args.scans} split of fold {fold}; "
-              "choose another --scans or --fold", file=sys.stderr)
-        return 2
-    try:
-        model = load_segmenter(model_path)
-        patch = model_patch_shape(model, cfg.segmentation.patch_size)
-    except Exception as err:  # noqa: BLE001 - any unreadable model file is bad input
-        reason = str(err).removeprefix(f"{model_path}: ")
-        print(f"error: {model_path}: cannot be used as the segmenter ({reason}); "
-              "give a .keras file saved by train_segmentation.py", file=sys.stderr)
-        return 2
-    if patch != patch_shape(cfg.segmentation.patch_size):
-        print(f"note: {model_path} takes {'x'.join(map(str, patch))} windows; "
-              f"segmentation.patch_size={cfg.segmentation.patch_size} is ignored", file=sys.stderr)
-    predict_fn = keras_predict_fn(model, cfg.inference.batch_size, patch)
-
-    settings = {"model_sha256": _file_sha256(model_path), "cache_dir": str(cache_dir.resolve()),
-                "patch_size_zyx": list(patch),
-                "inference": dataclasses.asdict(cfg.inference)}
-    _remove_temporary_files(scan_dir, (out, config_out, metrics_out))
-    _prepare_scan_dir(scan_dir, settings)
-    results: dict[str, pd.DataFrame] = {}
-    for uid in uids:
-        path = scan_dir / f"{uid}.csv"
-        meta_path = cache.scan_meta_path(cache_dir, uid)
-        # A scan preprocessed again after its detection is detected again.
-        if path.exists() and meta_path.exists() and path.stat().st_mtime >= meta_path.stat().st_mtime:
-            frame = _read_scan_result(path)
-            if frame is not None:
-                results[uid] = frame
+    predict_fn = sliding_window.keras_predict_fn(model, cfg.inference.batch_size, patch)
+    settings = {"model_sha256": _file_sha256(run.model), "cache_dir": str(run.cache_dir.resolve()),
+                "patch_size_zyx": list(patch), "inference": dataclasses.asdict(cfg.inference)}
+    results = _finished_results(run, uids, settings)
     todo = [uid for uid in uids if uid not in results]
-    print(f"{len(uids)} scans ({args.scans}, fold {fold}): {len(results)} done before, "
+    print(f"{len(uids)} scans ({run.scans}, fold {run.fold}): {len(results)} done before, "
           f"{len(todo)} to detect; windows {'x'.join(map(str, patch))}, "
-          f"model {model_path}", file=sys.stderr)
-
-    from tqdm import tqdm
-
-    failures: list[tuple[str, str]] = []
-    seconds: list[float] = []
-    windows = {"windows": 0, "windows_predicted": 0, "windows_skipped": 0}
-    total_candidates = sum(len(f) for f in results.values())
-    bar = tqdm(todo, desc="detect", unit="scan", disable=args.no_progress, file=sys.stderr)
-    for uid in bar:
-        started = time.perf_counter()
-        stats: dict = {}
-        try:
-            frame = detect_scan(cache.open_scan(cache_dir, uid), predict_fn, cfg, patch, stats)
-        except (FileNotFoundError, ValueError, MemoryError) as err:
-            failures.append((uid, f"{type(err).__name__}: {err}"))
-            continue
-        write_csv_atomic(frame, scan_dir / f"{uid}.csv")
-        results[uid] = frame
-        seconds.append(time.perf_counter() - started)
-        for key in windows:
-            windows[key] += stats.get(key, 0)
-        total_candidates += len(frame)
-        bar.set_postfix(candidates=len(frame), total=total_candidates)
-    bar.close()
-    if failures:
-        for uid, reason in failures:
-            print(f"error: scan {uid}: {reason}", file=sys.stderr)
-        print(f"{len(failures)} scan(s) failed; {out} not written. The finished scans are kept "
-              f"in {scan_dir}; rerun to retry the others.", file=sys.stderr)
+          f"model {run.model}", file=sys.stderr)
+    progress = _detect_remaining(run, todo, predict_fn, cfg, patch, results,
+                                 progress_bar=not args.no_progress)
+    if progress.failures:
+        _report_failures(run, progress.failures)
         return 1
-
-    frames = [results[uid] for uid in uids if len(results[uid])]
-    detections = (pd.concat(frames, ignore_index=True)[DETECTION_COLUMNS] if frames
-                  else pd.DataFrame(columns=DETECTION_COLUMNS))
-    detections["seriesuid"] = detections["seriesuid"].astype(str)
-    write_csv_atomic(detections, out)
-    run_info = {
-        "fold": fold, "split": args.scans, "model": str(model_path),
-        "scans_detected_now": len(seconds),
-        "seconds_per_scan": round(float(np.mean(seconds)), 3) if seconds else None,
-        **windows,
-        "peak_rss_gib": round(peak_rss_bytes() / GIB, 3),
-    }
-    metrics = _metrics(detections, uids, cache_dir, run_info, fold)
-    config_lib.save_config(cfg, config_out, {
-        "argv": sys.argv[1:] if argv is None else list(argv), "model": str(model_path),
-        "fold": fold, "scans": args.scans, "seriesuids": len(uids),
-        "patch_size_zyx": list(patch), "detections": str(out)})
-    atomic_write_text(metrics_out, json.dumps(metrics, indent=2) + "\n")
-    print(_format_metrics(metrics), file=sys.stderr)
-    print(f"wrote {out} ({len(detections)} candidates), {config_out}, {metrics_out}", file=sys.stderr)
+    _write_outputs(run, cfg, _combined_detections(results, uids), uids, patch, progress, argv)
     return 0
 
 

@@ -6,15 +6,24 @@
     python predict.py --segmenter --candidates candidates work/detections.csv --out work/predictions/unet.csv
 
 Candidates come from the cache's ``candidates.csv`` (default) and/or detection CSVs
-(``--candidates candidates work/detections.csv`` scores both); the model is ``WORK/classification/<model>/fold<k>/best.keras`` unless
-``--model-path`` is given. Writes ``seriesuid,coordX,coordY,coordZ,probability`` (world mm),
-one row per candidate, for the ``--scans`` of the fold (default: its test subset).
+(``--candidates candidates work/detections.csv`` scores both); the model is
+``WORK/classification/<model>/fold<k>/best.keras`` (``WORK/segmentation/fold<k>/best.keras``
+with ``--segmenter``) unless ``--model-path`` is given. Writes
+``seriesuid,coordX,coordY,coordZ,probability`` (world mm), one row per candidate, for the
+``--scans`` of the fold (default: its test subset).
+
+Candidates of scans that the cache does not hold, or whose cached files are damaged, are
+named in a warning and left out (``detect.readable_scans``, as detect.py does); when the
+candidates name scans and none of them can be read, that is bad input. Bad input (also a
+cube size the model was not built for, or an ``--out`` that is one of the inputs) is
+answered with ``error: <file>: <problem>``, exit status 2 and nothing written.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +32,12 @@ from tqdm import tqdm
 
 import cache
 import config as config_lib
-from tables import PREDICTION_COLUMNS, TableError, write_csv_atomic
+import detect
+import paths
+import sliding_window
+from tables import PREDICTION_COLUMNS, InputError, check_output_path, read_predictions, write_csv_atomic
+
+GIVEN_CANDIDATES = "candidates"  # --candidates entry naming the cache's candidates.csv
 
 
 def load_classifier(path):
@@ -36,6 +50,34 @@ def load_classifier(path):
         raise FileNotFoundError(f"{path}: model does not exist; train it with "
                                 "train_classification.py, or give --model-path")
     return models.load_model_file(path, "classifier")
+
+
+def load_segmenter(path):
+    """``detect.load_segmenter``, with a hint where the file does not exist."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: segmenter does not exist; train it "
+                                "with train_segmentation.py, or give --model-path")
+    return detect.load_segmenter(path)
+
+
+def scoring_size(model, model_path, requested: int | None = None, default=None) -> int:
+    """Edge of the cubes a model scores (voxels): its fixed input size, which a model built
+    for one size only accepts; ``requested`` (``--cube-size``) must then equal it. A model
+    that accepts any size takes ``requested``, else ``default``. ``InputError`` naming the
+    model file otherwise."""
+    try:
+        shape = sliding_window.model_patch_shape(model, requested or default)
+    except ValueError as err:
+        raise InputError(f"{model_path}: {err}; give --cube-size") from None
+    if requested is not None and shape != (requested,) * 3:
+        raise InputError(f"{model_path}: the model was built for {'x'.join(map(str, shape))} "
+                         f"cubes; --cube-size {requested} does not fit it (leave it out to use "
+                         "the model's size)")
+    if len(set(shape)) != 1:
+        raise InputError(f"{model_path}: the model takes {'x'.join(map(str, shape))} inputs; "
+                         "candidates are scored on cubes")
+    return shape[0]
 
 
 def score_table(model, cache_dir, table: pd.DataFrame, cube_size: int, batch_size: int = 64,
@@ -70,13 +112,12 @@ def score_with_segmenter(model, cache_dir, table: pd.DataFrame, patch_size: int 
     reduction model too (a different kind from the classifiers, which is what an ensemble
     needs). ``batch_size`` windows a call (1 is fastest on CPUs: see the quick profile).
     """
-    import detect
     import generators
 
-    patch = detect.model_patch_shape(model, patch_size)
+    patch = sliding_window.model_patch_shape(model, patch_size)
     if len(set(patch)) != 1:
         raise ValueError(f"segmenter scoring needs a cubic patch, the model takes {patch}")
-    predict_fn = detect.keras_predict_fn(model, batch_size, patch)
+    predict_fn = sliding_window.keras_predict_fn(model, batch_size, patch)
     size = patch[0]
     grid = np.indices((size,) * 3, dtype=np.float64) - (size // 2)
     ball = np.sum(grid * grid, axis=0) <= radius_vox * radius_vox
@@ -84,15 +125,27 @@ def score_with_segmenter(model, cache_dir, table: pd.DataFrame, patch_size: int 
     table = table.reset_index(drop=True)
     bar = tqdm(total=len(table), desc="scoring", unit="cube", disable=not progress, file=sys.stderr)
     for cubes, positions in generators.cube_batches(cache_dir, table, size, batch_size):
-        maps = detect.flip_averaged(predict_fn, cubes, tta)
+        maps = sliding_window.flip_averaged(predict_fn, cubes, tta)
         scores[positions] = maps[:, ball, 0].max(axis=1)
         bar.update(len(positions))
     bar.close()
     return scores
 
 
-def main(argv=None) -> int:
-    config_lib.setup_tensorflow_environment()  # before TensorFlow is imported
+# --------------------------------------------------------------------------- command line
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} voxels: a cube size must be positive")
+    return value
+
+
+def _parse_args(argv):
     import models
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -105,54 +158,105 @@ def main(argv=None) -> int:
     parser.add_argument("--cache-dir", help="preprocess.py output (default: paths.cache_dir)")
     parser.add_argument("--work-dir", help="default: paths.work_dir")
     parser.add_argument("--fold", type=int, help="default: training.fold")
-    parser.add_argument("--candidates", nargs="+", default=["candidates"],
+    parser.add_argument("--candidates", nargs="+", default=[GIVEN_CANDIDATES],
                         help="'candidates' (the cache's candidates.csv) and/or detection CSVs")
     parser.add_argument("--scans", choices=["test", "val", "train", "all"], default="test")
     parser.add_argument("--tta", action="store_true", help="average over flips (test-time augmentation)")
-    parser.add_argument("--cube-size", type=int, help="default: the model's input size")
+    parser.add_argument("--cube-size", type=_positive_int,
+                        help="default: the model's input size (a model built for one size takes only that)")
     parser.add_argument("--out", required=True, help="prediction CSV to write")
     config_lib.add_config_arguments(parser)
     args, cfg = config_lib.parse_args(parser, argv, ("cache_dir", "work_dir"))
     if not args.model and not args.model_path and not args.segmenter:
         parser.error("give --model NAME, --segmenter or --model-path FILE")
+    return args, cfg
+
+
+def _model_path(args, cfg, fold: int) -> Path:
+    if args.model_path:
+        return Path(args.model_path)
+    work = paths.WorkPaths(cfg.paths.work_dir)
+    run = work.segmentation_run(fold) if args.segmenter else work.classification_run(str(args.model), fold)
+    return run / paths.BEST_MODEL
+
+
+def _source_file(cache_dir: Path, source: str) -> Path:
+    """The file a ``--candidates`` entry names (``candidates``: the cache's given list)."""
+    return cache_dir / f"{GIVEN_CANDIDATES}.csv" if source == GIVEN_CANDIDATES else Path(source)
+
+
+def _input_files(cache_dir: Path, sources, model_path: Path) -> list[Path]:
+    """The files this call reads: its outputs must be none of them."""
+    return [model_path, cache_dir / cache.META_TABLE, *(_source_file(cache_dir, s) for s in sources)]
+
+
+def _candidate_scans(cache_dir: Path, sources, split_scans: list[str],
+                     cached: set[str]) -> tuple[list[str], str]:
+    """The scans the candidates name that this call scores: those of the split, plus those
+    the cache does not hold at all (their split is unknown; ``detect.readable_scans`` names
+    them). Also the sources that name them, to blame when none can be read."""
+    split = set(split_scans)
+    named: dict[str, None] = {}  # ordered, without repeats
+    blame = []
+    for source in sources:
+        uids = (cache.load_table(cache_dir, GIVEN_CANDIDATES) if source == GIVEN_CANDIDATES
+                else read_predictions(source, kind="detections"))["seriesuid"]
+        wanted = [uid for uid in pd.unique(uids) if uid in split or uid not in cached]
+        named.update(dict.fromkeys(wanted))
+        if wanted:
+            blame.append(str(_source_file(cache_dir, source)))
+    return list(named), ", ".join(blame)
+
+
+def _candidate_table(cache_dir: Path, sources, scans: str, fold: int) -> pd.DataFrame:
+    """``generators.candidate_table`` of the candidates of the ``scans`` split whose scans
+    the cache can read (the others are named in a warning; none readable: ``InputError``)."""
+    import generators
+
+    metas = cache.load_scan_metas(cache_dir)
+    split_scans = sorted(metas) if scans == "all" else cache.split_by_subset(metas, fold)[scans]
+    named, source = _candidate_scans(cache_dir, sources, split_scans, set(metas))
+    readable = detect.readable_scans(cache_dir, named, source) if named else []
+    with warnings.catch_warnings():
+        # readable_scans has named the scans that are not in the cache already.
+        warnings.filterwarnings("ignore", message=".*not in the cache", category=UserWarning)
+        table = generators.candidate_table(cache_dir, readable, sources)
+    if table.empty:
+        print(f"note: no candidate lies in the {scans} scans of fold {fold}", file=sys.stderr)
+    return table
+
+
+def _score(model, model_path: Path, table: pd.DataFrame, args, cfg, cache_dir: Path) -> np.ndarray:
+    """The probabilities of the candidates with the classifier or, with ``--segmenter``, the UNet."""
+    if args.segmenter:
+        window = scoring_size(model, model_path, args.cube_size, cfg.segmentation.patch_size)
+        return score_with_segmenter(model, cache_dir, table, window,
+                                    batch_size=cfg.inference.batch_size, tta=args.tta, progress=True)
+    cube_size = scoring_size(model, model_path, args.cube_size)
+    return score_table(model, cache_dir, table, cube_size,
+                       batch_size=max(cfg.classification.batch_size, 16), tta=args.tta, progress=True)
+
+
+def main(argv=None) -> int:
+    config_lib.setup_tensorflow_environment()  # before TensorFlow is imported
+    args, cfg = _parse_args(argv)
     fold = cfg.training.fold if args.fold is None else args.fold
     cache_dir = Path(cfg.paths.cache_dir)
-    default_path = (Path(cfg.paths.work_dir) / "segmentation" / f"fold{fold}" if args.segmenter
-                    else Path(cfg.paths.work_dir) / "classification" / str(args.model) / f"fold{fold}")
-    model_path = Path(args.model_path) if args.model_path else default_path / "best.keras"
+    model_path = _model_path(args, cfg, fold)
+    out = Path(args.out)
+    config_out = out.with_name(out.name + ".config.json")
     try:
-        metas = cache.load_scan_metas(cache_dir)
-        scans = sorted(metas) if args.scans == "all" else cache.split_by_subset(metas, fold)[args.scans]
-        import generators
-
-        table = generators.candidate_table(cache_dir, scans, args.candidates)
-        if args.segmenter:
-            if not model_path.exists():
-                raise FileNotFoundError(f"{model_path}: segmenter does not exist; train it "
-                                        "with train_segmentation.py, or give --model-path")
-            model = models.load_model_file(model_path, "segmenter")
-        else:
-            model = load_classifier(model_path)
-    except (FileNotFoundError, ValueError, TableError) as err:
+        for output in (out, config_out):
+            check_output_path(output, _input_files(cache_dir, args.candidates, model_path),
+                              kind="predictions output")
+        table = _candidate_table(cache_dir, args.candidates, args.scans, fold)
+        model = load_segmenter(model_path) if args.segmenter else load_classifier(model_path)
+        probabilities = _score(model, model_path, table, args, cfg, cache_dir)
+    except (FileNotFoundError, ValueError) as err:  # InputError and TableError are ValueErrors
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if args.segmenter:
-        try:
-            probabilities = score_with_segmenter(model, cache_dir, table,
-                                                 cfg.segmentation.patch_size,
-                                                 batch_size=cfg.inference.batch_size,
-                                                 tta=args.tta, progress=True)
-        except ValueError as err:
-            print(f"error: {model_path}: {err}", file=sys.stderr)
-            return 2
-    else:
-        cube_size = args.cube_size or int(model.input_shape[1])
-        probabilities = score_table(model, cache_dir, table, cube_size,
-                                    batch_size=max(cfg.classification.batch_size, 16),
-                                    tta=args.tta, progress=True)
-    out = Path(args.out)
     write_csv_atomic(table.assign(probability=probabilities)[PREDICTION_COLUMNS], out)
-    config_lib.save_config(cfg, out.with_name(out.name + ".config.json"),
+    config_lib.save_config(cfg, config_out,
                            {"model": str(model_path), "candidates": args.candidates,
                             "scans": args.scans, "fold": fold, "tta": args.tta})
     print(f"wrote {out}: {len(table)} candidates of {table['seriesuid'].nunique()} scans")

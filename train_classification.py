@@ -8,13 +8,13 @@
 
 Cubes of ``classification.cube_size`` around each candidate (``generators``): balanced to
 ``classification.positive_fraction`` positives with size-weighted sampling of small
-nodules, flips, 90-degree rotations, shifts and small rotations. Adam at 1e-4, batch 16
-(source document), focal loss (``--classification.loss=weighted_bce`` for weighted
-cross-entropy). After every epoch the whole validation subset is scored: ROC AUC,
+nodules, flips, 90-degree rotations, shifts and small rotations. Adam at
+``classification.lr``, focal loss (Lin et al. 2017; ``--classification.loss=weighted_bce``
+for weighted cross-entropy). After every epoch the whole validation subset is scored: ROC AUC,
 accuracy, sensitivity and specificity at 0.5 (``val_*`` in the history and TensorBoard).
 The best checkpoint is chosen by validation AUC; the test subset is never looked at.
 Early stopping on running averages of validation loss and accuracy, decaying the learning
-rate when only the loss stalls (seed document 002).
+rate when only the loss stalls (``training.fit``).
 
 Outputs in ``WORK/classification/<model>/fold<k>/``: ``best.keras``, ``last.keras``,
 ``history.csv``, ``config.json``, ``state.json``, ``summary.json``, TensorBoard logs in
@@ -34,6 +34,7 @@ import pandas as pd
 
 import cache
 import config as config_lib
+import paths
 import training
 from tables import TableError
 
@@ -85,8 +86,8 @@ def build_and_compile(name: str, cfg: config_lib.Config):
     if cls.loss == "focal":
         # Batches are already resampled to ``positive_fraction`` positives, so alpha only
         # has to even out what is left: alpha = 1 - f gives both classes the same weight.
-        # RetinaNet's 0.25 assumes no resampling; here it made the 1:3 batches count 1:9,
-        # and short runs learned to call everything negative.
+        # RetinaNet's alpha = 0.25 (Lin et al. 2017) assumes no resampling: on batches of
+        # one positive to three negatives it would weigh the negatives nine to one.
         loss = models.binary_focal_loss(alpha=1.0 - cls.positive_fraction)
     else:
         # Balanced batches still hold (1 - f) / f negatives per positive.
@@ -136,7 +137,7 @@ def train(name: str, cfg: config_lib.Config, cache_dir: Path, work_dir: Path,
     import generators
 
     cls, tr = cfg.classification, cfg.training
-    folder = training.RunFolder(work_dir / "classification" / name / f"fold{tr.fold}")
+    folder = training.RunFolder(paths.WorkPaths(work_dir).classification_run(name, tr.fold))
     folder.root.mkdir(parents=True, exist_ok=True)
     state = folder.read_state() if resume else None
     epoch_offset = int(state["epoch"]) + 1 if state else 0

@@ -7,15 +7,17 @@
 Folds follow the LUNA16 subsets: subset ``k`` is held out for testing, the next subset
 validates, the rest trains (``cache.split_by_subset``). Patches come from
 ``generators.segmentation_dataset`` (nodule-centred positives with size-weighted sampling,
-30% lung negatives, augmentation); the loss is the dice coefficient loss (``--segmentation.
-loss=dice_bce`` adds cross-entropy); Adam at ``segmentation.lr`` (3e-5, source document).
+30% lung negatives, augmentation); the loss is the soft Dice loss (``models.dice_loss``:
+the Dice loss of V-Net, Milletari et al. 2016, with plain rather than squared sums;
+``--segmentation.loss=dice_bce`` adds cross-entropy); Adam at ``segmentation.lr``.
 
 Outputs in ``WORK/segmentation/fold<k>/``: ``last.keras`` (every epoch, optimizer state
 included: ``--resume`` continues a killed run from it), ``best.keras`` (best validation
 dice), ``history.csv``, ``config.json`` and TensorBoard logs in
 ``logs/<model>-run-<date>-<hour>-<minute>``. Every ``segmentation.validation_scans_every``
 epochs a callback segments the whole validation scans and logs voxel dice, precision and
-recall (``val_scan_*``).
+recall (``val_scan_*``), predicting with the same sliding windows as detect.py
+(``sliding_window.lung_box_probability``, without flips).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ import numpy as np
 
 import cache
 import config as config_lib
+import paths
+import sliding_window
 import training
 
 
@@ -50,23 +54,19 @@ def whole_scan_callback(cache_dir, seriesuids, cfg: config_lib.Config, every: in
     """A Keras callback logging voxel dice / precision / recall on whole validation scans."""
     import keras
 
-    import detect
-
     annotations = cache.load_table(cache_dir, "annotations")
 
     class WholeScanValidation(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
             if logs is None or (epoch + 1) % every:
                 return
-            predict = detect.keras_predict_fn(self.model, cfg.inference.batch_size,
-                                              cfg.segmentation.patch_size)
+            patch = cfg.segmentation.patch_size
+            predict = sliding_window.keras_predict_fn(self.model, cfg.inference.batch_size, patch)
             tp = fp = fn = 0
             for uid in seriesuids:
                 scan = cache.open_scan(cache_dir, uid)
-                bbox = tuple(int(v) for v in scan.meta.lung_bbox_zyx_vox)
-                prob = detect.sliding_window_probability(
-                    scan.volume, scan.mask, bbox, predict, cfg.segmentation.patch_size,
-                    cfg.inference.window_overlap, cfg.inference.batch_size)
+                prob, bbox = sliding_window.lung_box_probability(scan, predict, patch, cfg.inference,
+                                                                 flip_tta=False)
                 found = prob >= cfg.inference.threshold
                 target = scan_target(scan, annotations, bbox)
                 tp += int(np.count_nonzero(found & target))
@@ -136,7 +136,7 @@ def train(cfg: config_lib.Config, cache_dir: Path, work_dir: Path, split: dict, 
     import generators
 
     seg, tr = cfg.segmentation, cfg.training
-    folder = training.RunFolder(work_dir / "segmentation" / f"fold{tr.fold}")
+    folder = training.RunFolder(paths.WorkPaths(work_dir).segmentation_run(tr.fold))
     folder.root.mkdir(parents=True, exist_ok=True)
     state = folder.read_state() if resume else None
     epoch_offset = int(state["epoch"]) + 1 if state else 0
