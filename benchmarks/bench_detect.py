@@ -19,7 +19,7 @@ candidate count only shows that both methods do the same work.
 
 Methods (both on the same scan, model and window grid: stride = patch * (1 - overlap)):
 
-* ``ours``: ``detect.sliding_window_probability`` + ``detect.extract_candidates`` (what
+* ``ours``: ``sliding_window.sliding_window_probability`` + ``detect.extract_candidates`` (what
   ``detect.detect_scan`` runs) with the quick profile's inference settings: windows over the
   lung box only, windows without lung skipped, a ``tf.function`` with a fixed batch shape,
   Gaussian blending into a float32 map of the box, volume read window by window from the
@@ -126,12 +126,13 @@ def build_and_save_model(path: Path) -> dict:
 def naive_detect(volume_path: Path, model, geometry, patch: int, overlap: float, inference):
     """The common recipe (see the module docstring); returns (frame, inference seconds, windows)."""
     import detect
+    import sliding_window
 
     started = time.perf_counter()
     volume = np.load(volume_path).astype(np.float32) / 255.0
     prob = np.zeros(volume.shape, dtype=np.float32)
     stride = max(1, int(np.floor(patch * (1.0 - overlap) + 1e-9)))
-    starts = [detect.window_starts(0, n, n, patch, stride) for n in volume.shape]
+    starts = [sliding_window.window_starts(0, n, n, patch, stride) for n in volume.shape]
     windows = 0
     for z in starts[0]:
         for y in starts[1]:
@@ -152,12 +153,13 @@ def measure(method: str, cache_dir: str, model_path: str, repeats: int, batch_si
     import cache
     import config as config_lib
     import detect
+    import sliding_window
 
     cfg = config_lib.load_profile("quick", {"inference.batch_size": batch_size}, environ={})
     model = detect.load_segmenter(model_path)
-    patch = detect.model_patch_shape(model)
+    patch = sliding_window.model_patch_shape(model)
     if method == "ours":
-        predict_fn = detect.keras_predict_fn(model, batch_size, patch)
+        predict_fn = sliding_window.keras_predict_fn(model, batch_size, patch)
         predict_fn(np.zeros((batch_size, *patch, 1), np.float32))  # trace before the clock
     elif method == "naive":
         model.predict(np.zeros((1, *patch, 1), np.float32), verbose=0)
@@ -171,7 +173,7 @@ def measure(method: str, cache_dir: str, model_path: str, repeats: int, batch_si
         if method == "ours":
             stats: dict = {}
             bbox = scan.meta.lung_bbox_zyx_vox
-            prob = detect.sliding_window_probability(
+            prob = sliding_window.sliding_window_probability(
                 scan.volume, scan.mask, bbox, predict_fn, patch, cfg.inference.window_overlap,
                 batch_size, cfg.inference.flip_tta, stats)
             inference_seconds = time.perf_counter() - started

@@ -126,7 +126,7 @@ def rows_detect(report: dict) -> list[dict]:
     return [_row(f"cached scan {'x'.join(map(str, scan['shape_zyx']))}", "s / scan",
                  ours and ours["median_seconds"], naive and naive["median_seconds"],
                  ours and ours["peak_rss_gib"], naive and naive["peak_rss_gib"],
-                 fast_path=f"detect.sliding_window_probability, batch {ours and ours['batch_size']}",
+                 fast_path=f"sliding_window.sliding_window_probability, batch {ours and ours['batch_size']}",
                  naive_path="every window, batch 1, model.predict")]
 
 
