@@ -1,19 +1,42 @@
-"""Merge per-model prediction files into one submission CSV.
+"""Merge per-model prediction files into one submission CSV; optionally choose the members,
+their weights and the candidate list on validation scans first.
 
     python ensemble.py work/predictions/densenet.csv work/predictions/resnet.csv --out submission.csv
     python ensemble.py A.csv B.csv C.csv --out submission.csv --method weighted --weights 2,1,1
     python ensemble.py A.csv B.csv --out submission.csv --method rank
+    python ensemble.py test/densenet.csv test/resnet.csv test/unet.csv --out submission.csv \\
+        --select-on val/ --annotations annotations.csv --excluded annotations_excluded.csv \\
+        --seriesuids val_seriesuids.csv \\
+        --given test/given/densenet.csv test/given/resnet.csv test/given/unet.csv
 
-Every input must score exactly the same candidates (``seriesuid`` and world coordinates,
-in any row order); otherwise nothing is written and the command exits 2 naming the file
-and the first difference. Methods:
+Every input must score exactly the same candidates (``seriesuid`` and world coordinates
+equal within 0.001 mm, in any row order) and at least one; otherwise nothing is written
+and the command exits 2 naming the file and the first difference. Methods:
 
 * ``mean``      arithmetic mean of the probabilities;
-* ``weighted``  weighted mean, weights from ``--weights`` or ``ensemble.weights`` in the config;
+* ``weighted``  weighted mean, weights from ``--weights`` or ``ensemble.weights`` in the
+                config (finite, non-negative, not all zero);
 * ``rank``      mean of each model's rank of the candidate among all candidates, scaled to
                 (0, 1]: models with different calibration count equally (the FROC only
                 uses the order of the probabilities);
 * ``geometric`` geometric mean (a candidate needs every model's support).
+
+Selection on validation scans (``--select-on FOLDER``; run_pipeline.py does the same with
+``select_members`` on ``WORK/predictions/fold<k>/validation``): FOLDER holds each input's
+scores of the validation scans under the input's file name (``FOLDER/densenet.csv`` for
+``test/densenet.csv``); with ``--given`` (each input's scores of the data set's own
+candidate list alone, in the same order) also ``FOLDER/given_candidates/<name>.csv``.
+``--annotations``, ``--excluded`` and ``--seriesuids`` (the validation scans) give the
+official LUNA16 FROC (``evaluate.py``) of each choice. The ``ensemble.*`` settings decide:
+
+* ``weigh_by_validation``: each member weighs its own validation CPM (normalised);
+* ``select_by_validation``: of every non-empty subset of the members, the one whose
+  weighted mean has the best validation CPM, averaged over both candidate lists; ties keep
+  more members, then the earlier subset in input order (Caruana et al. 2004, "Ensemble
+  selection from libraries of models");
+* ``candidate_list``: ``validation`` submits the inputs (given + detected candidates) or
+  the ``--given`` files, whichever the chosen ensemble ranks better on the validation
+  scans; ``all`` / ``given`` fix the list.
 
 Reads CSVs only: no model code is imported.
 """
@@ -21,59 +44,134 @@ Reads CSVs only: no model code is imported.
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy.spatial import cKDTree
 
 import config as config_lib
-from tables import PREDICTION_COLUMNS, TableError, read_predictions, write_csv_atomic
+import evaluate
+from tables import (PREDICTION_COLUMNS, WORLD_COLUMNS, InputError, check_output_path,
+                    read_annotations, read_predictions, read_seriesuids, write_csv_atomic)
 
-KEY = ["seriesuid", "coordX", "coordY", "coordZ"]
-# Coordinates are compared at this precision (mm): CSV round trips change the last digits.
-COORD_DECIMALS = 3
+KEY = ["seriesuid", *WORLD_COLUMNS]
+# Two files score the same candidate when its world coordinates agree within this (mm, in
+# each axis): CSV round trips and float arithmetic change the last digits. Values are
+# matched with a tolerance, never compared after rounding: rounding splits values that lie
+# on either side of a rounding boundary (-44.9915 and -44.99149999999).
+COORD_TOLERANCE_MM = 1e-3
 GEOMETRIC_FLOOR = 1e-7
+METHODS = ("mean", "weighted", "rank", "geometric")
+CANDIDATE_LISTS = {"all": "given + detected candidates", "given": "given candidates only"}
+GIVEN_FOLDER = "given_candidates"  # scores of the given list, as paths.WorkPaths lays them out
 
 
-class EnsembleError(ValueError):
+class EnsembleError(InputError):
     """Inputs that cannot be merged; the message names the file."""
 
 
-def _keyed(frame: pd.DataFrame, path) -> pd.Series:
-    key = frame[KEY].copy()
-    key[KEY[1:]] = key[KEY[1:]].round(COORD_DECIMALS)
-    index = pd.MultiIndex.from_frame(key)
-    if index.has_duplicates:
-        first = index[index.duplicated()][0]
-        raise EnsembleError(f"{path}: candidate {_describe(first)} appears more than once")
-    probabilities = frame["probability"].to_numpy(np.float64)
-    if ((probabilities < 0) | (probabilities > 1)).any():
-        raise EnsembleError(f"{path}: probabilities must lie in [0, 1]")
-    return pd.Series(probabilities, index=index)
+# --------------------------------------------------------------------------- aligning inputs
 
 
-def _describe(key) -> str:
-    uid, x, y, z = key
+def _describe(frame: pd.DataFrame, row: int) -> str:
+    uid, x, y, z = frame[KEY].iloc[row]
     return f"{uid} at x, y, z = {x:g}, {y:g}, {z:g} mm"
 
 
+def _points(frame: pd.DataFrame, uids: pd.Index) -> np.ndarray:
+    """Candidates as points: a seriesuid code (scans lie 1 apart, far beyond the tolerance)
+    and the world coordinates. ``uids`` must hold every seriesuid of ``frame``."""
+    codes = uids.get_indexer(frame["seriesuid"]).astype(np.float64)
+    return np.column_stack([codes, frame[WORLD_COLUMNS].to_numpy(np.float64)])
+
+
+def _checked_points(frame: pd.DataFrame, path, uids: pd.Index) -> np.ndarray:
+    """``_points`` of one input after its own checks: no candidate twice, probabilities in
+    [0, 1]."""
+    points = _points(frame, uids)
+    pairs = cKDTree(points).query_pairs(COORD_TOLERANCE_MM, p=np.inf, output_type="ndarray")
+    if len(pairs):
+        repeat = int(pairs.max(axis=1).min())  # the first row that repeats an earlier one
+        raise EnsembleError(f"{path}: candidate {_describe(frame, repeat)} appears more than once")
+    probabilities = frame["probability"].to_numpy(np.float64)
+    if ((probabilities < 0) | (probabilities > 1)).any():
+        raise EnsembleError(f"{path}: probabilities must lie in [0, 1]")
+    return points
+
+
+def _matching_rows(tree: cKDTree, points: np.ndarray) -> np.ndarray:
+    """For each point, the row of the reference tree within the tolerance, or -1."""
+    bound = np.nextafter(COORD_TOLERANCE_MM, np.inf)  # query's bound is strict; ours is not
+    distance, rows = tree.query(points, p=np.inf, distance_upper_bound=bound)
+    return np.where(np.isfinite(distance), rows, -1)
+
+
+def _require_same_candidates(rows: np.ndarray, reference: pd.DataFrame, frame: pd.DataFrame,
+                             reference_path, path) -> None:
+    """``rows`` (``_matching_rows`` of ``frame``) pair every candidate one to one."""
+    missing = np.setdiff1d(np.arange(len(reference)), rows)
+    extra = np.flatnonzero(rows < 0)
+    if len(missing):
+        what = (f"lacks {len(missing)} candidate(s) of {reference_path}, "
+                f"e.g. {_describe(reference, int(missing[0]))}")
+    elif len(extra):
+        what = (f"has {len(extra)} candidate(s) not in {reference_path}, "
+                f"e.g. {_describe(frame, int(extra[0]))}")
+    elif len(np.unique(rows)) < len(rows):
+        shared = int(rows[np.flatnonzero(pd.Series(rows).duplicated())[0]])
+        what = (f"has more than one candidate within {COORD_TOLERANCE_MM} mm of "
+                f"{_describe(reference, shared)} of {reference_path}")
+    else:
+        return
+    raise EnsembleError(f"{path}: does not score the same candidates: {what}")
+
+
 def align(frames: list[pd.DataFrame], paths: list) -> tuple[pd.DataFrame, np.ndarray]:
-    """Check that all inputs score the same candidates; return the candidates (first file's
-    order and coordinates) and a ``(n_candidates, n_models)`` probability matrix."""
-    reference = _keyed(frames[0], paths[0])
-    columns = [reference.to_numpy()]
+    """Check that all inputs score the same, non-empty, candidates; return the candidates
+    (first file's order and coordinates) and a ``(n_candidates, n_models)`` probability
+    matrix."""
+    for i, (frame, path) in enumerate(zip(frames, paths)):
+        if frame.empty:  # a submission without candidates is never what a user wants
+            raise EnsembleError(f"{path}: no candidates (a header without rows)" + (
+                f": does not score the same candidates as {paths[0]}" if i
+                else ": nothing to merge"))
+    reference = frames[0]
+    reference_uids = pd.Index(pd.unique(reference["seriesuid"]))
+    tree = cKDTree(_checked_points(reference, paths[0], reference_uids))
+    columns = [reference["probability"].to_numpy(np.float64)]
     for frame, path in zip(frames[1:], paths[1:]):
-        series = _keyed(frame, path)
-        missing = reference.index.difference(series.index)
-        extra = series.index.difference(reference.index)
-        if len(missing) or len(extra):
-            what = (f"lacks {len(missing)} candidate(s) of {paths[0]}, e.g. {_describe(missing[0])}"
-                    if len(missing) else
-                    f"has {len(extra)} candidate(s) not in {paths[0]}, e.g. {_describe(extra[0])}")
-            raise EnsembleError(f"{path}: does not score the same candidates: {what}")
-        columns.append(series.reindex(reference.index).to_numpy())
-    return frames[0][KEY].reset_index(drop=True), np.stack(columns, axis=1)
+        uids = reference_uids.append(pd.Index(pd.unique(frame["seriesuid"]))).unique()
+        rows = _matching_rows(tree, _checked_points(frame, path, uids))
+        _require_same_candidates(rows, reference, frame, paths[0], path)
+        column = np.empty(len(reference))
+        column[rows] = frame["probability"].to_numpy(np.float64)
+        columns.append(column)
+    return reference[KEY].reset_index(drop=True), np.stack(columns, axis=1)
+
+
+# --------------------------------------------------------------------------- merging
+
+
+def check_weights(weights, n_models: int) -> np.ndarray:
+    """``weights`` (empty: equal weights) as an array when the weighted mean of
+    ``n_models`` inputs is defined: one finite, non-negative weight per input, not all zero,
+    with a finite sum."""
+    if weights is None or not len(weights):
+        return np.ones(n_models)
+    weights = np.asarray(weights, dtype=np.float64)
+    if weights.shape != (n_models,):
+        raise EnsembleError(f"{len(weights)} weight(s) given for {n_models} input file(s)")
+    with np.errstate(over="ignore"):
+        total = weights.sum()
+    if not (np.isfinite(weights).all() and (weights >= 0).all() and 0 < total < np.inf):
+        listed = ",".join(f"{w:g}" for w in weights)
+        raise EnsembleError(f"weights {listed}: each must be a finite number >= 0, not all "
+                            "zero, with a finite sum")
+    return weights
 
 
 def combine(probabilities: np.ndarray, method: str, weights=None) -> np.ndarray:
@@ -82,12 +180,7 @@ def combine(probabilities: np.ndarray, method: str, weights=None) -> np.ndarray:
     if method == "mean":
         return probabilities.mean(axis=1)
     if method == "weighted":
-        weights = np.asarray(weights if weights is not None and len(weights) else np.ones(n_models),
-                             dtype=np.float64)
-        if weights.shape != (n_models,):
-            raise EnsembleError(f"{len(weights)} weight(s) given for {n_models} input file(s)")
-        if (weights < 0).any() or weights.sum() <= 0:
-            raise EnsembleError("weights must be non-negative and not all zero")
+        weights = check_weights(weights, n_models)
         return probabilities @ (weights / weights.sum())
     if method == "rank":
         n = len(probabilities)
@@ -98,38 +191,264 @@ def combine(probabilities: np.ndarray, method: str, weights=None) -> np.ndarray:
     raise EnsembleError(f"unknown method {method!r}; choose mean, weighted, rank or geometric")
 
 
-def main(argv=None) -> int:
+# --------------------------------------------------------------------------- selection
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What ``select_members`` chose on the validation scans."""
+
+    members: list[str]
+    weights: list[float] | None  # None: the members are merged with ensemble.method
+    candidate_list: str  # a key of CANDIDATE_LISTS
+    why: str  # why that candidate list
+    members_line: str | None  # how the members were chosen; None where they were not
+
+    @property
+    def weight_option(self) -> str | None:
+        """The weights as ``--weights`` takes them (what the merge uses: six decimals)."""
+        return None if self.weights is None else ",".join(f"{w:.6f}" for w in self.weights)
+
+    @property
+    def submitting_line(self) -> str:
+        return f"submitting the {CANDIDATE_LISTS[self.candidate_list]} ({self.why})"
+
+
+class ValidationScores:
+    """The members' scores of the validation scans, each file read once, and the
+    validation CPM (official LUNA16 FROC) of any merge of them."""
+
+    def __init__(self, members: list[str], lists: dict[str, list], annotations: pd.DataFrame,
+                 excluded: pd.DataFrame | None, seriesuids: list[str]):
+        self.members, self.lists = list(members), lists
+        self.annotations, self.excluded, self.seriesuids = annotations, excluded, list(seriesuids)
+        self.has_nodules = bool(annotations["seriesuid"].isin(self.seriesuids).any())
+        self._frames: dict[str, pd.DataFrame] = {}
+
+    def _read(self, path) -> pd.DataFrame:
+        if str(path) not in self._frames:
+            frame = read_predictions(path)
+            unknown = evaluate.unknown_seriesuids(frame, self.seriesuids)
+            if unknown:
+                raise EnsembleError(f"{path}: {len(unknown)} seriesuid(s) not among the "
+                                    f"validation scans, e.g. {unknown[0]}")
+            self._frames[str(path)] = frame
+        return self._frames[str(path)]
+
+    def aligned(self, candidate_list: str, members: list[str]) -> tuple[pd.DataFrame, np.ndarray]:
+        """``align`` of the ``members``' scores of ``candidate_list``, in that order."""
+        paths = [self.lists[candidate_list][self.members.index(m)] for m in members]
+        return align([self._read(p) for p in paths], paths)
+
+    def cpm(self, keys: pd.DataFrame, scores: np.ndarray) -> float:
+        return float(evaluate.compute_froc(keys.assign(probability=scores), self.annotations,
+                                           self.excluded, self.seriesuids).cpm)
+
+
+def pick_members(lists, cpm, weigh: bool, select: bool):
+    """Ensemble selection on validation data.
+
+    ``lists``: ``(keys, probabilities (n_candidates, n_members))`` per candidate list (the
+    first is given + detected candidates); ``cpm(keys, scores)``: the validation CPM.
+    Weights (``weigh``): each member's own CPM on the first list, normalised; else equal.
+    Selection (``select``): of every non-empty subset of members (weights renormalised
+    within it), the one whose weighted mean has the highest CPM averaged over the lists;
+    ties keep the larger subset, then the earlier one in member order. Without ``select``
+    every member. Returns ``(member indices, their weights, its CPM, every member's CPM)``.
+    """
+    keys, probabilities = lists[0]
+    n = probabilities.shape[1]
+    own = np.array([cpm(keys, probabilities[:, i]) for i in range(n)])
+    base = own if weigh and own.sum() > 0 else np.ones(n)
+
+    def score(subset) -> tuple[float, np.ndarray]:
+        weights = base[list(subset)]
+        weights = weights / weights.sum() if weights.sum() > 0 else np.full(len(subset), 1 / len(subset))
+        return float(np.mean([cpm(k, p[:, list(subset)] @ weights) for k, p in lists])), weights
+
+    everyone = tuple(range(n))
+    subsets = ([c for size in range(n, 0, -1) for c in itertools.combinations(everyone, size)]
+               if select else [everyone])
+    scored = [(*score(c), c) for c in subsets]  # subsets[0] is every member
+    best = max(range(len(scored)), key=lambda i: scored[i][0])  # the first of ties
+    value, weights, chosen = scored[best]
+    return list(chosen), weights, value, scored[0][0]
+
+
+def _choose_members(scores: ValidationScores, weigh: bool,
+                    select: bool) -> tuple[list[str], list[float] | None, str]:
+    """The members to merge, their weights (None without ``weigh``) and a line saying so;
+    every member with equal weights when the validation scans hold no nodule."""
+    members = scores.members
+    if not scores.has_nodules:
+        return members, None, "no nodule on the validation scans: every member, equal weights"
+    lists = [scores.aligned(name, members) for name in CANDIDATE_LISTS if name in scores.lists]
+    chosen, weights, best, everyone = pick_members(lists, scores.cpm, weigh, select)
+    names = [members[i] for i in chosen]
+    line = ("ensemble from the validation subset: "
+            + ", ".join(f"{m} {w:.3f}" for m, w in zip(names, weights))
+            + f" (validation CPM {best:.3f}")
+    if len(chosen) < len(members):
+        line += (f"; all members {everyone:.3f}; left out: "
+                 + ", ".join(m for m in members if m not in names))
+    return names, [float(w) for w in weights] if weigh else None, line + ")"
+
+
+def _choose_candidate_list(scores: ValidationScores, members: list[str],
+                           weights: list[float] | None) -> tuple[str, str]:
+    """``"given"`` when the ensemble of ``members`` ranks the data set's own candidate list
+    alone better than given + detected candidates on the validation scans (CPM), else
+    ``"all"``; and why. Detected candidates add nodules the list misses, but also false
+    positives that the UNet member, which found them, scores high: which wins depends on
+    the data, so the validation scans decide (never the test scans)."""
+    if "given" not in scores.lists:
+        return "all", "the data set has no candidate list"
+    if not scores.has_nodules:
+        return "all", "no nodule on the validation scans to decide with"
+    cpm = {}
+    for name in ("all", "given"):
+        keys, probabilities = scores.aligned(name, members)
+        cpm[name] = scores.cpm(keys, combine(probabilities, "weighted" if weights else "mean",
+                                             weights))
+    choice = "given" if cpm["given"] > cpm["all"] else "all"
+    return choice, (f"validation CPM {cpm['given']:.3f} for given candidates only, "
+                    f"{cpm['all']:.3f} for given + detected")
+
+
+def select_members(members: list[str], validation: dict[str, list], annotations: pd.DataFrame,
+                   excluded: pd.DataFrame | None, seriesuids: list[str], *, weigh: bool,
+                   select: bool, candidate_list: str = "validation") -> Selection:
+    """Choose the ensemble on validation scans, never on the test scans.
+
+    ``validation``: per candidate list (``"all"``: given + detected candidates, and
+    ``"given"`` where the data set has its own list) the members' prediction files of the
+    validation scans ``seriesuids``, in ``members`` order. ``weigh`` / ``select`` /
+    ``candidate_list``: the ``ensemble.*`` settings (see the module docstring). A file is
+    read only when a choice needs it, and then once.
+    """
+    scores = ValidationScores(members, validation, annotations, excluded, seriesuids)
+    chosen, weights, line = list(members), None, None
+    if weigh or select:
+        chosen, weights, line = _choose_members(scores, weigh, select)
+    choice, why = candidate_list, "ensemble.candidate_list"
+    if choice == "validation" or choice not in validation:
+        choice, why = _choose_candidate_list(scores, chosen, weights)
+    return Selection(chosen, weights, choice, why, line)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("predictions", nargs="+", help="per-model CSVs (seriesuid,coordX,coordY,coordZ,probability)")
     parser.add_argument("--out", required=True, help="submission CSV to write")
-    parser.add_argument("--method", choices=["mean", "weighted", "rank", "geometric"],
-                        help="default: ensemble.method of the config")
+    parser.add_argument("--method", choices=METHODS, help="default: ensemble.method of the config")
     parser.add_argument("--weights", help="comma-separated, one per input (method weighted)")
+    choose = parser.add_argument_group("selection on validation scans")
+    choose.add_argument("--select-on", metavar="FOLDER",
+                        help="each input's validation scores, FOLDER/<input file name>")
+    choose.add_argument("--annotations", help="LUNA16 annotations.csv (with --select-on)")
+    choose.add_argument("--excluded", help="LUNA16 annotations_excluded.csv (optional)")
+    choose.add_argument("--seriesuids", help="the validation scans, one seriesuid a line")
+    choose.add_argument("--given", nargs="+", metavar="CSV",
+                        help="each input's scores of the given candidate list alone, same "
+                             "order; validation scores in FOLDER/given_candidates/")
     config_lib.add_config_arguments(parser)
-    args, cfg = config_lib.parse_args(parser, argv)
-    method = args.method or cfg.ensemble.method
+    return parser
+
+
+def _check_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.select_on is None:
+        used = [o for o in ("annotations", "excluded", "seriesuids", "given") if getattr(args, o)]
+        if used:
+            parser.error(f"--{used[0]} needs --select-on")
+        return
+    if not (args.annotations and args.seriesuids):
+        parser.error("--select-on needs --annotations and --seriesuids")
+    if args.given and len(args.given) != len(args.predictions):
+        parser.error(f"--given: {len(args.given)} file(s) for {len(args.predictions)} input(s)")
+
+
+def _weights(parser: argparse.ArgumentParser, args: argparse.Namespace, cfg) -> list[float]:
     try:
-        weights = ([float(w) for w in args.weights.split(",")] if args.weights
-                   else list(cfg.ensemble.weights))
+        return ([float(w) for w in args.weights.split(",")] if args.weights
+                else list(cfg.ensemble.weights))
     except ValueError:
         parser.error(f"--weights {args.weights!r}: expected comma-separated numbers")
-    out = Path(args.out)
-    if out.resolve() in {Path(p).resolve() for p in args.predictions}:
-        print(f"error: {out}: --out is one of the inputs; choose another file", file=sys.stderr)
-        return 2
+
+
+def _member_names(paths: list[str]) -> list[str]:
+    """Each input's name (its file name without ``.csv``): where --select-on finds it."""
+    names = [Path(p).stem for p in paths]
+    for path, name in zip(paths, names):
+        if names.count(name) > 1:
+            raise EnsembleError(f"{path}: another input is also named {name}: --select-on "
+                                "finds each input's validation scores by file name")
+    return names
+
+
+def _validation_files(args: argparse.Namespace, names: list[str]) -> dict[str, list[Path]]:
+    folder = Path(args.select_on)
+    files = {"all": [folder / f"{n}.csv" for n in names]}
+    if args.given:
+        files["given"] = [folder / GIVEN_FOLDER / f"{n}.csv" for n in names]
+    return files
+
+
+def _select(args: argparse.Namespace, cfg, names: list[str],
+            validation: dict[str, list[Path]]) -> Selection:
+    """``select_members`` on the command line's files, printing what it chose."""
+    annotations = read_annotations(args.annotations)
+    excluded = (read_annotations(args.excluded, kind="excluded findings")
+                if args.excluded else None)
+    selection = select_members(names, validation, annotations, excluded,
+                               read_seriesuids(args.seriesuids),
+                               weigh=cfg.ensemble.weigh_by_validation,
+                               select=cfg.ensemble.select_by_validation,
+                               candidate_list=cfg.ensemble.candidate_list)
+    if selection.members_line:
+        print(selection.members_line, flush=True)
+    print(selection.submitting_line, flush=True)
+    return selection
+
+
+def main(argv=None) -> int:
+    parser = _parser()
+    args, cfg = config_lib.parse_args(parser, argv)
+    _check_options(parser, args)
+    method, weights = args.method or cfg.ensemble.method, _weights(parser, args, cfg)
+    inputs = {"all": list(args.predictions), "given": list(args.given or [])}
     try:
-        frames = [read_predictions(p) for p in args.predictions]
-        candidates, probabilities = align(frames, args.predictions)
+        names = _member_names(args.predictions) if args.select_on else []
+        validation = _validation_files(args, names) if args.select_on else {}
+        read = [*inputs["all"], *inputs["given"], *(f for v in validation.values() for f in v),
+                args.annotations, args.excluded, args.seriesuids]
+        out = check_output_path(args.out, read, kind="--out")
+        selection = None
+        if args.select_on:
+            selection = _select(args, cfg, names, validation)
+            if selection.weights is not None:
+                method, weights = "weighted", [float(w) for w in selection.weight_option.split(",")]
+        files = inputs["all"]
+        if selection is not None:
+            files = [inputs[selection.candidate_list][names.index(m)] for m in selection.members]
+        if method == "weighted":
+            check_weights(weights, len(files))
+        candidates, probabilities = align([read_predictions(p) for p in files], files)
         merged = combine(probabilities, method, weights)
-    except (TableError, EnsembleError) as err:
+    except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     submission = candidates.assign(probability=merged)[PREDICTION_COLUMNS]
     write_csv_atomic(submission, out)
+    extra = {} if selection is None else {"selection": {
+        "members": selection.members, "candidate_list": selection.candidate_list,
+        "why": selection.why, "validation": {k: list(map(str, v)) for k, v in validation.items()}}}
     config_lib.save_config(cfg, out.with_name(out.name + ".config.json"),
-                           {"inputs": list(args.predictions), "method": method, "weights": weights})
-    print(f"wrote {out}: {len(submission)} candidates, {len(args.predictions)} model(s), method {method}")
+                           {"inputs": list(files), "method": method, "weights": weights, **extra})
+    print(f"wrote {out}: {len(submission)} candidates, {len(files)} model(s), method {method}")
     return 0
 
 

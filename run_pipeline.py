@@ -5,11 +5,14 @@
     python run_pipeline.py --data-dir /data/luna16 --work-dir runs/luna --profile full --fold 3
 
 With no ``--data-dir`` it first writes the built-in synthetic data set to
-``WORK/sample_data``. Stages, each skipped when its outputs exist, are newer than its
-inputs and were made with the same settings (the config sections it reads, recorded in
-``WORK/stages/<stage>.json``): a changed setting reruns its stage and every later one. An
-interrupted training stage resumes from its last epoch if its settings are unchanged, so
-rerunning the same command after a crash continues where it stopped:
+``WORK/sample_data`` (the layout of the work folder is ``paths.WorkPaths``). ``--fold K``
+holds out subset K (it must exist, beside another subset to validate on). Stages, each
+skipped when its outputs exist, are newer than its inputs and were made with the same
+settings (the config sections it reads, recorded in ``WORK/stages/<stage>.json``): a
+changed setting reruns its stage and every later one. An interrupted training stage
+resumes from its last epoch if its settings are unchanged, so rerunning the same command
+after a crash continues where it stopped. ``--section.key=value`` and ``--section.key
+value`` overrides reach every stage:
 
 1. ``sample_data``   synthetic LUNA16-layout data set (only without ``--data-dir``)
 2. ``preprocess``    lung-masked cache (``preprocess.py``)
@@ -20,10 +23,12 @@ rerunning the same command after a crash continues where it stopped:
 6. ``predict``       each model, and the UNet (``ensemble.segmenter``), scores the test
                      subset's candidates (``predict.py``): given + detected, and the given
                      list alone (LUNA16's false-positive-reduction setting)
-7. ``ensemble``      ``WORK/submission.csv`` (``ensemble.py``)
+7. ``ensemble``      members, weights and candidate list chosen on the validation subset
+                     (``ensemble.select_members``), merged into ``WORK/submission.csv``
+                     (``ensemble.py``)
 8. ``evaluate``      LUNA16 FROC on the held-out subset (``evaluate.py``): the seven
                      sensitivities and ``CPM: 0.xxxxxx``, plot and metrics in ``WORK/evaluation``
-9. ``report``        figures and ``WORK/report/report.md`` (``visual_utils.py``; always rebuilt,
+9. ``report``        figures and ``WORK/report/report.md`` (``report.py``; always rebuilt,
                      a failing figure is a warning, never a failed run)
 """
 
@@ -32,17 +37,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import re
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
 
 import cache
 import config as config_lib
+import ensemble
 import sample_data
-from tables import InputError, atomic_open, atomic_write_text, require_folder
+from paths import BEST_MODEL, WorkPaths
+from tables import (InputError, atomic_open, atomic_write_text, read_annotations,
+                    read_predictions, read_seriesuids, require_folder, write_text_if_changed)
 
 # The built-in set is denser in nodules than LUNA16 (2-5 a scan, one scan in seven
 # without any): the quick profile's classifiers need tens of training nodules, and the
@@ -52,6 +60,13 @@ SAMPLE_SEED = 0
 SAMPLE_NODULE_RANGE = (2, 5)
 SAMPLE_EMPTY_EVERY = 7
 SEGMENTER_MEMBER = "unet"  # the UNet's own score of each candidate (predict.py --segmenter)
+ENSEMBLE_MEMBER = "ensemble"  # the merged scores, beside the members' own
+MODELS_TABLE = "models.json"  # CPM of each member, in WORK/evaluation (report.py reads it)
+GIVEN_CANDIDATES = "candidates"  # predict.py's name of the cache's own candidate list
+# Files of a training run folder (next to paths.BEST_MODEL): the summary train_*.py write
+# when a run finishes, and training.RunFolder's state of the last finished epoch.
+RUN_SUMMARY = "summary.json"
+RUN_STATE = "state.json"
 
 
 def _fresh(outputs: list[Path], inputs: list[Path]) -> bool:
@@ -84,7 +99,7 @@ class Stages:
     SHARED = ("sample_data", "preprocess")
 
     def __init__(self, work: Path, fold: int):
-        self.folder = work / "stages"
+        self.folder = WorkPaths(work).stages
         self.fold = fold
 
     def _stamp(self, name: str) -> Path:
@@ -127,8 +142,10 @@ class Stages:
         print(f"[{name}] done in {time.perf_counter() - started:.1f} s", flush=True)
 
 
-def main(argv=None) -> int:
-    config_lib.setup_tensorflow_environment()  # before TensorFlow is imported
+# --------------------------------------------------------------------------- command line
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", help="LUNA16-layout data (default: generate sample data)")
@@ -137,293 +154,323 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, help="preprocessing processes")
     config_lib.add_config_arguments(parser)
     parser.set_defaults(profile="quick")
+    return parser
+
+
+def main(argv=None) -> int:
+    config_lib.setup_tensorflow_environment()  # before TensorFlow is imported
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = _parser()
     args, cfg = config_lib.parse_args(parser, argv)
-    overrides = [a for a in (sys.argv[1:] if argv is None else argv) if a.startswith("--") and "." in a.split("=")[0]]
-    work = Path(args.work_dir)
-    try:  # bad paths are refused before anything is written
-        if args.data_dir:
-            require_folder(args.data_dir, "data folder", nonempty=True)
-        if work.exists() and not work.is_dir():
-            raise InputError(f"{work}: --work-dir is not a folder")
+    work = WorkPaths(args.work_dir)
+    try:  # bad paths and folds are refused before anything is written
+        data_dir = check_inputs(args, work)
     except (FileNotFoundError, InputError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    work.mkdir(parents=True, exist_ok=True)
-    config_lib.save_config(cfg, work / "config.json", {"argv": sys.argv[1:] if argv is None else list(argv)})
-    settings = ["--profile", cfg.profile, *overrides]
+    work.root.mkdir(parents=True, exist_ok=True)
+    config_lib.save_config(cfg, work.config, {"argv": argv})
+    settings = ["--profile", cfg.profile, *config_overrides(parser, argv)]
     try:
-        run(cfg, args, work, settings)
+        Pipeline(cfg, work, args.fold, settings, args.workers).run(data_dir)
     except StageFailed as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    print("[evaluate] LUNA16 FROC of the submission on the held-out subset", flush=True)
-    import evaluate
-
-    cache_dir = work / "cache"
-    excluded = cache_dir / "annotations_excluded.csv"
-    code = evaluate.main([
-        "--annotations", str(cache_dir / "annotations.csv"),
-        *(["--excluded", str(excluded)] if excluded.exists() else []),
-        "--seriesuids", str(work / f"test_seriesuids_fold{args.fold}.csv"),
-        "--submission", str(work / "submission.csv"), "--out", str(work / "evaluation")])
+    code = evaluate_submission(work, args.fold)
     if code == 0:
         rows = model_table(work, args.fold, ensemble_members(cfg))
         print("\n" + format_model_table(rows), flush=True)
-        atomic_write_text(work / "evaluation" / "models.json", json.dumps(rows, indent=1) + "\n")
-    import visual_utils
+        atomic_write_text(work.evaluation / MODELS_TABLE, json.dumps(rows, indent=1) + "\n")
+    import report
 
-    visual_utils.pipeline_report(work, args.fold)  # warns on failures, never changes the exit code
+    report.write_report(work.root, args.fold)  # warns on failures, never changes the exit code
     return code
 
 
-def run(cfg, args, work: Path, settings: list[str]) -> None:
-    """Stages 1-7 (see the module docstring); ``settings`` = profile and config overrides."""
-    import preprocess
+def config_overrides(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """The ``--section.key`` overrides of ``argv``, each as one ``--section.key=value``
+    token, paired as ``config.parse_args`` pairs them (``--section.key value`` too): every
+    stage then reads the same values, whatever follows the overrides on its command line."""
+    _, rest = parser.parse_known_args(argv)  # what parse_args read as overrides
+    tokens, i = [], 0
+    while i < len(rest):
+        if "=" in rest[i]:
+            tokens.append(rest[i])
+            i += 1
+        else:
+            tokens.append(f"{rest[i]}={rest[i + 1]}")
+            i += 2
+    return tokens
 
-    stages = Stages(work, args.fold)
-    if args.data_dir:
-        data_dir = Path(args.data_dir)
+
+def check_inputs(args: argparse.Namespace, work: WorkPaths) -> Path | None:
+    """The data folder (None: the built-in sample data) once the paths and the fold are
+    usable; else ``FileNotFoundError`` / ``InputError``."""
+    data_dir = require_folder(args.data_dir, "data folder", nonempty=True) if args.data_dir else None
+    if work.root.exists() and not work.root.is_dir():
+        raise InputError(f"{work.root}: --work-dir is not a folder")
+    check_fold(args.fold, data_dir, work)
+    return data_dir
+
+
+def check_fold(fold: int, data_dir: Path | None, work: WorkPaths) -> None:
+    """Refuse a fold the data cannot split as ``cache.split_by_subset`` does: subset
+    ``fold`` is the test set and another subset the validation set."""
+    if data_dir is None:
+        where, present = work.sample_data, list(range(sample_data.default_subsets(SAMPLE_SCANS)))
     else:
-        data_dir = work / "sample_data"
+        where, present = data_dir, data_subsets(data_dir)
+    listed = ", ".join(map(str, present)) or "none"
+    if fold not in present:
+        raise InputError(f"{where}: --fold {fold} holds out subset{fold}, which the data does "
+                         f"not have (subsets present: {listed})")
+    if len(present) < 2:
+        raise InputError(f"{where}: only subset{fold}: a run needs another subset to validate on")
 
-        def make_sample():
+
+def _subset_number(name: str) -> int | None:
+    match = re.fullmatch(r"subset(\d+)", name)
+    return int(match.group(1)) if match else None
+
+
+def data_subsets(data_dir: Path) -> list[int]:
+    """The LUNA16 subsets of a data folder: its ``subsetK`` folders, or the one it lies in
+    (``cache.subset_of`` reads the same names from the scans' paths)."""
+    found = set()
+    for _, folders, _ in os.walk(data_dir):
+        for name in list(folders):
+            number = _subset_number(name)
+            if number is not None:
+                found.add(number)
+                folders.remove(name)  # the scans lie inside; no subset below them
+    if not found:  # the data folder may lie inside one
+        for part in reversed(data_dir.resolve().parts):
+            if _subset_number(part) is not None:
+                return [_subset_number(part)]
+    return sorted(found)
+
+
+# --------------------------------------------------------------------------- the stages
+
+
+@dataclass
+class Pipeline:
+    """Stages 1-7 of one run (see the module docstring)."""
+
+    cfg: config_lib.Config
+    work: WorkPaths
+    fold: int
+    settings: list[str]  # the profile and the config overrides, forwarded to every stage
+    workers: int | None = None  # preprocessing processes
+
+    def __post_init__(self):
+        self.stages = Stages(self.work.root, self.fold)
+        self.members = ensemble_members(self.cfg)
+
+    @property
+    def common(self) -> list[str]:
+        """The arguments of every stage after preprocessing."""
+        return [*self.settings, "--cache-dir", str(self.work.cache), "--work-dir",
+                str(self.work.root), "--fold", str(self.fold)]
+
+    @property
+    def use_validation(self) -> bool:
+        """Whether the ensemble is chosen on the validation scans (which are then scored)."""
+        ens = self.cfg.ensemble
+        return ens.weigh_by_validation or ens.select_by_validation or ens.candidate_list == "validation"
+
+    def run(self, data_dir: Path | None) -> None:
+        split = self.prepare_data(data_dir)
+        detections = self.segment_and_detect()
+        sources = [*([GIVEN_CANDIDATES] if cached_table(self.work, "candidates").exists() else []),
+                   str(detections)]
+        given = GIVEN_CANDIDATES in sources  # also score the given list alone (LUNA16 FP reduction)
+        self.train_and_score_members(sources, detections, given)
+        selection = self.select_members(split["val"], given)
+        if selection.members_line:
+            print(selection.members_line, flush=True)
+        merged = self.merge_members(selection, given)
+        self.submit(selection, merged)
+
+    def stamped(self, files) -> list[str]:
+        """Candidate sources and prediction files as the stamps record them."""
+        return [f if f == GIVEN_CANDIDATES else _portable(Path(f), self.work.root)
+                for f in map(str, files)]
+
+    # -- 1-2: data and cache
+    def prepare_data(self, data_dir: Path | None) -> dict[str, list[str]]:
+        """The (sample) data preprocessed into the cache; the fold's split of its scans, the
+        held-out ones listed in ``WORK/test_seriesuids_fold<k>.csv``."""
+        import preprocess
+
+        if data_dir is None:
+            data_dir = self.make_sample_data()
+        options = ["--data-dir", str(data_dir), "--cache-dir", str(self.work.cache), *self.settings,
+                   *(["--workers", str(self.workers)] if self.workers else [])]
+        self.stages.run("preprocess", [self.work.cache / cache.META_TABLE],
+                        list(data_dir.glob("*.csv")), lambda _: preprocess.main(options),
+                        {"data_dir": _portable(data_dir, self.work.root),
+                         **sections(self.cfg, "preprocess", "debug")})
+        try:
+            split = cache.split_by_subset(cache.load_scan_metas(self.work.cache), self.fold)
+        except ValueError as err:  # every scan of a subset failed preprocessing
+            raise StageFailed(f"{self.work.cache}: {err}") from None
+        write_text_if_changed(self.work.test_seriesuids(self.fold),
+                              "".join(f"{u}\n" for u in split["test"]))
+        return split
+
+    def make_sample_data(self) -> Path:
+        data_dir = self.work.sample_data
+
+        def generate(_):
             sample_data.generate_dataset(data_dir, SAMPLE_SCANS, SAMPLE_SEED,
                                          nodule_range=SAMPLE_NODULE_RANGE,
                                          empty_every=SAMPLE_EMPTY_EVERY)
 
-        stages.run("sample_data", [data_dir / "seriesuids.csv"], [], lambda _: make_sample(),
-                   {"scans": SAMPLE_SCANS, "seed": SAMPLE_SEED, "nodules": SAMPLE_NODULE_RANGE,
-                    "empty_every": SAMPLE_EMPTY_EVERY})
-    cache_dir = work / "cache"
-    meta = cache_dir / cache.META_TABLE
-    preprocess_args = ["--data-dir", str(data_dir), "--cache-dir", str(cache_dir), *settings,
-                       *(["--workers", str(args.workers)] if args.workers else [])]
-    stages.run("preprocess", [meta], list(data_dir.glob("*.csv")),
-               lambda _: preprocess.main(preprocess_args),
-               {"data_dir": _portable(data_dir, work), **sections(cfg, "preprocess", "debug")})
+        self.stages.run("sample_data", [data_dir / "seriesuids.csv"], [], generate,
+                        {"scans": SAMPLE_SCANS, "seed": SAMPLE_SEED, "nodules": SAMPLE_NODULE_RANGE,
+                         "empty_every": SAMPLE_EMPTY_EVERY})
+        return data_dir
 
-    metas = cache.load_scan_metas(cache_dir)
-    test_uids = cache.split_by_subset(metas, args.fold)["test"]
-    test_list = work / f"test_seriesuids_fold{args.fold}.csv"
-    if not test_list.exists() or test_list.read_text().split() != test_uids:
-        test_list.write_text("".join(f"{u}\n" for u in test_uids))
+    # -- 3-4: UNet and candidates
+    def segment_and_detect(self) -> Path:
+        """Train the fold's UNet, detect candidates on every scan; the detections file."""
+        import detect
+        import train_segmentation
 
-    import detect
-    import ensemble
-    import predict
-    import train_classification
-    import train_segmentation
+        run_dir = self.work.segmentation_run(self.fold)
+        self.stages.run("segmentation", [run_dir / RUN_SUMMARY],
+                        [self.work.cache / cache.META_TABLE],
+                        lambda resume: train_segmentation.main([*self.common, *_resume(run_dir, resume)]),
+                        sections(self.cfg, "segmentation", "training"))
+        detections = self.work.detections(self.fold)
+        self.stages.run("detect", [detections], [run_dir / BEST_MODEL],
+                        lambda _: detect.main([*self.common, "--scans", "all", "--out", str(detections)]),
+                        sections(self.cfg, "segmentation", "inference"))
+        return detections
 
-    common = [*settings, "--cache-dir", str(cache_dir), "--work-dir", str(work)]
-    fold = ["--fold", str(args.fold)]
-    seg_dir = work / "segmentation" / f"fold{args.fold}"
-    stages.run("segmentation", [seg_dir / "summary.json"], [meta],
-               lambda resume: train_segmentation.main([*common, *fold, *_resume(seg_dir, resume)]),
-               sections(cfg, "segmentation", "training"))
-    detections = work / "detections" / f"fold{args.fold}_all.csv"
-    stages.run("detect", [detections], [seg_dir / "best.keras"],
-               lambda _: detect.main([*common, *fold, "--scans", "all", "--out", str(detections)]),
-               sections(cfg, "segmentation", "inference"))
+    # -- 5-6: classifiers and member scores
+    def train_and_score_members(self, sources: list[str], detections: Path, given: bool) -> None:
+        """Each classifier trained, then its scores; the UNet's scores last."""
+        import train_classification
 
-    sources = [*(["candidates"] if (cache_dir / "candidates.csv").exists() else []), str(detections)]
+        for name in self.cfg.ensemble.models:
+            run_dir = self.work.classification_run(name, self.fold)
+            self.stages.run(f"classify {name}", [run_dir / RUN_SUMMARY], [detections],
+                            lambda resume: train_classification.main(
+                                [*self.common, "--model", name, "--candidates", *sources,
+                                 *_resume(run_dir, resume)]),
+                            {**sections(self.cfg, "classification", "training"),
+                             "candidates": self.stamped(sources)})
+            self.score_member(name, run_dir / BEST_MODEL, ["--model", name], sources,
+                              detections, given)
+        if self.cfg.ensemble.segmenter:
+            self.score_member(SEGMENTER_MEMBER, self.work.segmentation_run(self.fold) / BEST_MODEL,
+                              ["--segmenter"], sources, detections, given)
 
-    def stamped(files) -> list[str]:
-        """Candidate sources and prediction files as the stamps record them."""
-        return [f if f == "candidates" else _portable(Path(f), work) for f in map(str, files)]
-    given_only = "candidates" in sources  # also score the given list alone (LUNA16 FP reduction)
-    use_validation = (cfg.ensemble.weigh_by_validation or cfg.ensemble.select_by_validation
-                      or cfg.ensemble.candidate_list == "validation")
-    predictions, given = [], []
+    def score_member(self, name: str, model_file: Path, how: list[str], sources: list[str],
+                     detections: Path, given: bool) -> None:
+        """One member's scores of the held-out scans (and of the validation scans where the
+        ensemble is chosen there): given + detected candidates, and the given list alone."""
+        import predict
 
-    def score(name: str, model_file: Path, how: list[str]) -> None:
         # Scoring reads the inference options and the cube size, never the training ones
         # (a retrained model is newer than its scores).
-        reads = {**sections(cfg, "inference"), "cube_size": cfg.classification.cube_size,
+        reads = {**sections(self.cfg, "inference"), "cube_size": self.cfg.classification.cube_size,
                  "how": how}
+        lists = [(False, sources, [model_file, detections]),
+                 *([(True, [GIVEN_CANDIDATES], [model_file])] if given else [])]
+        for given_list, candidates, inputs in lists:
+            for validation in (False, True) if self.use_validation else (False,):
+                out = self.work.predictions(self.fold, name, given=given_list, validation=validation)
+                argv = [*self.common, *how, "--candidates", *candidates,
+                        "--scans", "val" if validation else "test", "--out", str(out)]
+                self.stages.run(_predict_title(name, given_list, validation), [out], inputs,
+                                lambda _, argv=argv: predict.main(argv),
+                                {**reads, "candidates": self.stamped(candidates)})
 
-        def predict_stage(title: str, out: Path, inputs: list[Path], candidates: list[str],
-                          scans: str) -> None:
-            stages.run(title, [out], inputs,
-                       lambda _: predict.main([*common, *fold, *how, "--candidates",
-                                               *candidates, "--scans", scans, "--out", str(out)]),
-                       {**reads, "candidates": stamped(candidates)})
+    # -- 7: ensemble and submission
+    def select_members(self, validation_uids: list[str], given: bool) -> ensemble.Selection:
+        """Members, weights and candidate list chosen on the validation scans."""
+        lists = {"all": [self.work.predictions(self.fold, m, validation=True) for m in self.members]}
+        if given:
+            lists["given"] = [self.work.predictions(self.fold, m, given=True, validation=True)
+                              for m in self.members]
+        ens = self.cfg.ensemble
+        try:
+            annotations, excluded = _reference_tables(self.work)
+            return ensemble.select_members(self.members, lists, annotations, excluded,
+                                           validation_uids, weigh=ens.weigh_by_validation,
+                                           select=ens.select_by_validation,
+                                           candidate_list=ens.candidate_list)
+        except InputError as err:
+            raise StageFailed(str(err)) from None
 
-        out = work / "predictions" / f"fold{args.fold}" / f"{name}.csv"
-        predict_stage(f"predict {name}", out, [model_file, detections], sources, "test")
-        predictions.append(out)
-        if use_validation:
-            predict_stage(f"predict {name} (validation scans)",
-                          validation_prediction_path(work, args.fold, name),
-                          [model_file, detections], sources, "val")
-        if given_only:
-            path = given_prediction_path(work, args.fold, name)
-            predict_stage(f"predict {name} (given candidates)", path, [model_file],
-                          ["candidates"], "test")
-            given.append(path)
-            if use_validation:
-                predict_stage(f"predict {name} (validation scans, given candidates)",
-                              validation_prediction_path(work, args.fold, name, given=True),
-                              [model_file], ["candidates"], "val")
+    def merge_members(self, selection: ensemble.Selection, given: bool) -> dict[str, Path]:
+        """The chosen members merged (``ensemble.py``), per candidate list: its file."""
+        merging = {**sections(self.cfg, "ensemble"), "weighting": _weighting(selection)}
+        merged = {}
+        for given_list in (False, True) if given else (False,):
+            inputs = [self.work.predictions(self.fold, m, given=given_list) for m in selection.members]
+            out = self.work.predictions(self.fold, ENSEMBLE_MEMBER, given=given_list)
+            argv = [*map(str, inputs), "--out", str(out), *self.settings, *_weighting(selection)]
+            self.stages.run("ensemble (given candidates)" if given_list else "ensemble", [out],
+                            inputs, lambda _, argv=argv: ensemble.main(argv),
+                            {**merging, "members": self.stamped(inputs)})
+            merged["given" if given_list else "all"] = out
+        return merged
 
-    for name in cfg.ensemble.models:
-        model_dir = work / "classification" / name / f"fold{args.fold}"
-        stages.run(f"classify {name}", [model_dir / "summary.json"], [detections],
-                   lambda resume: train_classification.main(
-                       [*common, *fold, "--model", name, "--candidates", *sources,
-                        *_resume(model_dir, resume)]),
-                   {**sections(cfg, "classification", "training"),
-                    "candidates": stamped(sources)})
-        score(name, model_dir / "best.keras", ["--model", name])
-    if cfg.ensemble.segmenter:
-        score(SEGMENTER_MEMBER, seg_dir / "best.keras", ["--segmenter"])
-    members, weights = ensemble_members(cfg), None
-    if cfg.ensemble.weigh_by_validation or cfg.ensemble.select_by_validation:
-        members, weights, why = validation_ensemble(work, args.fold, members, cfg.ensemble,
-                                                    given_only)
-        print(why, flush=True)
-    weighting = []
-    if weights is not None:
-        weighting = ["--method", "weighted", "--weights", ",".join(f"{w:.6f}" for w in weights)]
-    chosen = [ensemble_members(cfg).index(m) for m in members]
-    predictions = [predictions[i] for i in chosen]
-    given = [given[i] for i in chosen] if given_only else []
-    merged = {"all": work / "predictions" / f"fold{args.fold}" / "ensemble.csv"}
-    merging = {**sections(cfg, "ensemble"), "weighting": weighting}
-    stages.run("ensemble", [merged["all"]], predictions,
-               lambda _: ensemble.main([*map(str, predictions), "--out", str(merged["all"]),
-                                        *settings, *weighting]),
-               {**merging, "members": stamped(predictions)})
-    if given_only:
-        merged["given"] = given_prediction_path(work, args.fold, "ensemble")
-        stages.run("ensemble (given candidates)", [merged["given"]], given,
-                   lambda _: ensemble.main([*map(str, given), "--out", str(merged["given"]),
-                                            *settings, *weighting]),
-                   {**merging, "members": stamped(given)})
-    choice, why = cfg.ensemble.candidate_list, "ensemble.candidate_list"
-    if choice == "validation" or choice not in merged:
-        choice, why = choose_candidate_list(work, args.fold, members, weights,
-                                            "given" in merged)
-    print(f"submitting the {CANDIDATE_LISTS[choice]} ({why})", flush=True)
-    submission = work / "submission.csv"
-    with atomic_open(submission, "wb") as handle:  # the chosen list, always rewritten
-        handle.write(merged[choice].read_bytes())
-    config_lib.save_config(cfg, submission.with_name(submission.name + ".config.json"),
-                           {"candidate_list": choice, "why": why, "from": str(merged[choice]),
-                            "members": members, "weighting": weighting})
+    def submit(self, selection: ensemble.Selection, merged: dict[str, Path]) -> None:
+        """The chosen list's ensemble as ``WORK/submission.csv`` (always rewritten), with
+        what was chosen and why beside it."""
+        print(selection.submitting_line, flush=True)
+        chosen, submission = merged[selection.candidate_list], self.work.submission
+        with atomic_open(submission, "wb") as handle:
+            handle.write(chosen.read_bytes())
+        config_lib.save_config(self.cfg, submission.with_name(submission.name + ".config.json"),
+                               {"candidate_list": selection.candidate_list, "why": selection.why,
+                                "from": str(chosen), "members": selection.members,
+                                "weighting": _weighting(selection)})
 
 
-def validation_prediction_path(work: Path, fold: int, name: str, given: bool = False) -> Path:
-    """Scores of the fold's validation scans: given + detected candidates, or ``given``
-    candidates only."""
-    folder = work / "predictions" / f"fold{fold}" / "validation"
-    return (folder / "given_candidates" if given else folder) / f"{name}.csv"
+def _predict_title(name: str, given: bool, validation: bool) -> str:
+    notes = [*(["validation scans"] if validation else []), *(["given candidates"] if given else [])]
+    return f"predict {name}" + (f" ({', '.join(notes)})" if notes else "")
 
 
-CANDIDATE_LISTS = {"all": "given + detected candidates", "given": "given candidates only"}
+def _weighting(selection: ensemble.Selection) -> list[str]:
+    """``ensemble.py`` options of the validation weights (none: ``ensemble.method``)."""
+    if selection.weights is None:
+        return []
+    return ["--method", "weighted", "--weights", selection.weight_option]
 
 
-def choose_candidate_list(work: Path, fold: int, members: list[str], weights,
-                          have_given: bool) -> tuple[str, str]:
-    """``"given"`` when the ensemble ranks the data set's own candidate list alone better
-    than given + detected candidates on the validation subset (CPM), else ``"all"``; and
-    why. Detected candidates add nodules the list misses, but also false positives that the
-    UNet member, which found them, scores high: which wins depends on the data, so the
-    validation subset decides (never the test subset)."""
-    if not have_given:
-        return "all", "the data set has no candidate list"
-    import ensemble
+# --------------------------------------------------------------------------- 8: evaluation
+
+
+def evaluate_submission(work: WorkPaths, fold: int) -> int:
+    """``evaluate.py`` on the submission and the held-out scans; its exit code."""
+    print("[evaluate] LUNA16 FROC of the submission on the held-out subset", flush=True)
     import evaluate
-    from tables import read_predictions
 
-    annotations, excluded = _reference_tables(work / "cache")
-    val = cache.split_by_subset(cache.load_scan_metas(work / "cache"), fold)["val"]
-    if not annotations["seriesuid"].isin(val).any():
-        return "all", "no nodule on the validation scans to decide with"
-    cpm = {}
-    for name, given in (("all", False), ("given", True)):
-        paths = [validation_prediction_path(work, fold, m, given) for m in members]
-        keys, probabilities = ensemble.align([read_predictions(p) for p in paths], paths)
-        scores = ensemble.combine(probabilities, "weighted" if weights else "mean", weights)
-        cpm[name] = evaluate.compute_froc(keys.assign(probability=scores), annotations,
-                                          excluded, val).cpm
-    choice = "given" if cpm["given"] > cpm["all"] else "all"
-    return choice, (f"validation CPM {cpm['given']:.3f} for given candidates only, "
-                    f"{cpm['all']:.3f} for given + detected")
+    excluded = cached_table(work, "annotations_excluded")
+    return evaluate.main([
+        "--annotations", str(cached_table(work, "annotations")),
+        *(["--excluded", str(excluded)] if excluded.exists() else []),
+        "--seriesuids", str(work.test_seriesuids(fold)),
+        "--submission", str(work.submission), "--out", str(work.evaluation)])
 
 
-def validation_ensemble(work: Path, fold: int, members: list[str], ensemble_cfg,
-                        have_given: bool) -> tuple[list[str], list[float] | None, str]:
-    """The members to merge and their weights, chosen on the validation subset (never the
-    test subset; ``pick_members``), and a line saying so. Weights are None (``ensemble.
-    method`` merges the chosen members) without ``weigh_by_validation``. All members with
-    equal weights when the validation scans hold no nodule."""
-    import ensemble
-    import evaluate
-    from tables import read_predictions
-
-    annotations, excluded = _reference_tables(work / "cache")
-    val = cache.split_by_subset(cache.load_scan_metas(work / "cache"), fold)["val"]
-    if not annotations["seriesuid"].isin(val).any():
-        return members, None, "no nodule on the validation scans: every member, equal weights"
-
-    def cpm(keys, scores) -> float:
-        return float(evaluate.compute_froc(keys.assign(probability=scores), annotations,
-                                           excluded, val).cpm)
-
-    lists = []
-    for given in (False, True) if have_given else (False,):
-        paths = [validation_prediction_path(work, fold, m, given) for m in members]
-        lists.append(ensemble.align([read_predictions(p) for p in paths], paths))
-    chosen, weights, best, everyone = pick_members(lists, cpm, ensemble_cfg.weigh_by_validation,
-                                                   ensemble_cfg.select_by_validation)
-    names = [members[i] for i in chosen]
-    line = ("ensemble from the validation subset: "
-            + ", ".join(f"{m} {w:.3f}" for m, w in zip(names, weights))
-            + f" (validation CPM {best:.3f}")
-    if len(chosen) < len(members):
-        line += (f"; all members {everyone:.3f}; left out: "
-                 + ", ".join(m for m in members if m not in names))
-    return names, [float(w) for w in weights] if ensemble_cfg.weigh_by_validation else None, \
-        line + ")"
+def cached_table(work: WorkPaths, name: str) -> Path:
+    """A LUNA16 table of the work folder's cache (``cache.CACHED_TABLES``, as
+    ``cache.load_table`` finds it)."""
+    return work.cache / f"{name}.csv"
 
 
-def pick_members(lists, cpm, weigh: bool, select: bool):
-    """Ensemble selection on validation data.
-
-    ``lists``: ``(keys, probabilities (n_candidates, n_members))`` per candidate list (the
-    first is given + detected candidates); ``cpm(keys, scores)``: the validation CPM.
-    Weights (``weigh``): each member's own CPM on the first list, normalised; else equal.
-    Selection (``select``): of every non-empty subset of members (weights renormalised
-    within it), the one whose weighted mean has the highest CPM averaged over the lists;
-    ties keep the larger subset, then the earlier one in member order. Without ``select``
-    every member. Returns ``(member indices, their weights, its CPM, every member's CPM)``.
-    """
-    import itertools
-
-    keys, probabilities = lists[0]
-    n = probabilities.shape[1]
-    own = np.array([cpm(keys, probabilities[:, i]) for i in range(n)])
-    base = own if weigh and own.sum() > 0 else np.ones(n)
-
-    def score(subset) -> tuple[float, np.ndarray]:
-        weights = base[list(subset)]
-        weights = weights / weights.sum() if weights.sum() > 0 else np.full(len(subset), 1 / len(subset))
-        return float(np.mean([cpm(k, p[:, list(subset)] @ weights) for k, p in lists])), weights
-
-    everyone = tuple(range(n))
-    subsets = ([c for size in range(n, 0, -1) for c in itertools.combinations(everyone, size)]
-               if select else [everyone])
-    scored = [(*score(c), c) for c in subsets]  # subsets[0] is every member
-    best = max(range(len(scored)), key=lambda i: scored[i][0])  # the first of ties
-    value, weights, chosen = scored[best]
-    return list(chosen), weights, value, scored[0][0]
-
-
-def _reference_tables(cache_dir: Path):
-    from tables import read_annotations
-
-    annotations = read_annotations(cache_dir / "annotations.csv")
-    excluded_path = cache_dir / "annotations_excluded.csv"
+def _reference_tables(work: WorkPaths):
+    """The cached annotations and excluded findings (None where the data had none)."""
+    annotations = read_annotations(cached_table(work, "annotations"))
+    excluded_path = cached_table(work, "annotations_excluded")
     excluded = (read_annotations(excluded_path, kind="excluded findings")
                 if excluded_path.exists() else None)
     return annotations, excluded
@@ -434,28 +481,22 @@ def ensemble_members(cfg) -> list[str]:
     return [*cfg.ensemble.models, *([SEGMENTER_MEMBER] if cfg.ensemble.segmenter else [])]
 
 
-def given_prediction_path(work: Path, fold: int, name: str) -> Path:
-    """Scores of the data set's own candidate list alone (LUNA16 false-positive reduction)."""
-    return work / "predictions" / f"fold{fold}" / "given_candidates" / f"{name}.csv"
-
-
-def model_table(work: Path, fold: int, models) -> list[dict]:
+def model_table(work: WorkPaths, fold: int, models) -> list[dict]:
     """CPM of each ensemble member and of the ensemble on the held-out subset: on given +
     detected candidates (key ``cpm_all``) and on the given candidates alone (LUNA16's
     false-positive-reduction track); and on the validation subset (what weighs the members).
     Figures whose file is missing are left out."""
     import evaluate
-    from tables import read_predictions, read_seriesuids
 
-    annotations, excluded = _reference_tables(work / "cache")
-    test = read_seriesuids(work / f"test_seriesuids_fold{fold}.csv")
-    val = cache.split_by_subset(cache.load_scan_metas(work / "cache"), fold)["val"]
+    annotations, excluded = _reference_tables(work)
+    test = read_seriesuids(work.test_seriesuids(fold))
+    val = cache.split_by_subset(cache.load_scan_metas(work.cache), fold)["val"]
     val_has_nodules = annotations["seriesuid"].isin(val).any()
     rows = []
-    for name in [*models, "ensemble"]:
-        files = {"all": (work / "predictions" / f"fold{fold}" / f"{name}.csv", test),
-                 "given": (given_prediction_path(work, fold, name), test),
-                 "validation": (validation_prediction_path(work, fold, name), val)}
+    for name in [*models, ENSEMBLE_MEMBER]:
+        files = {"all": (work.predictions(fold, name), test),
+                 "given": (work.predictions(fold, name, given=True), test),
+                 "validation": (work.predictions(fold, name, validation=True), val)}
         row = {"model": name}
         for key, (path, scans) in files.items():
             if path.exists() and (key != "validation" or val_has_nodules):
@@ -488,7 +529,7 @@ def _portable(path: Path, work: Path) -> str:
 def _resume(folder: Path, same_settings: bool) -> list[str]:
     """``--resume`` when a run killed with the same settings left its state behind (a
     finished, outdated or differently configured run starts afresh)."""
-    killed = (folder / "state.json").exists() and not (folder / "summary.json").exists()
+    killed = (folder / RUN_STATE).exists() and not (folder / RUN_SUMMARY).exists()
     return ["--resume"] if killed and same_settings else []
 
 

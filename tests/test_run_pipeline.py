@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+import ensemble
 import run_pipeline
 import sample_data
 
@@ -47,7 +48,7 @@ def test_pipeline_runs_every_stage_then_skips_them(tmp_path, capsys):
     chosen = json.loads((work / "submission.csv.config.json").read_text())
     assert chosen["candidate_list"] in ("all", "given") and "validation CPM" in chosen["why"]
     assert (work / "submission.csv").read_bytes() == Path(chosen["from"]).read_bytes()
-    assert f"submitting the {run_pipeline.CANDIDATE_LISTS[chosen['candidate_list']]}" in out
+    assert f"submitting the {ensemble.CANDIDATE_LISTS[chosen['candidate_list']]}" in out
     rows = json.loads((work / "evaluation" / "models.json").read_text())
     assert [r["model"] for r in rows] == ["vgg_simple", "resnet", "unet", "ensemble"]
     assert all(0.0 <= r["cpm_all"] <= 1.0 and "cpm_given" in r for r in rows)
@@ -122,54 +123,6 @@ def test_stage_skips_only_when_finished_with_the_same_settings(tmp_path, capsys)
               lambda _: (tmp_path / "fold1.txt").write_text("y") and None, {"epochs": 2})
     stages.run("train", [out], [], action, {"epochs": 6})
     assert calls[-1] is False and len(calls) == 6  # skipped
-
-
-def _froc_case():
-    """Two scans, three nodules, six candidates: three hits, three false positives."""
-    import pandas as pd
-
-    import evaluate
-
-    annotations = pd.DataFrame({"seriesuid": ["a", "a", "b"], "coordX": [0.0, 50.0, 0.0],
-                                "coordY": 0.0, "coordZ": 0.0, "diameter_mm": 10.0})
-    keys = pd.DataFrame({"seriesuid": ["a", "a", "b", "a", "b", "b"],
-                         "coordX": [0.0, 50.0, 0.0, 100.0, 100.0, 150.0],
-                         "coordY": 0.0, "coordZ": 0.0})
-
-    def cpm(k, scores):
-        return float(evaluate.compute_froc(k.assign(probability=scores), annotations, None,
-                                           ["a", "b"]).cpm)
-
-    return keys, cpm
-
-
-def test_pick_members_leaves_out_a_member_that_makes_the_ensemble_worse():
-    import numpy as np
-
-    keys, cpm = _froc_case()
-    strong = [0.99, 0.98, 0.97, 0.60, 0.50, 0.40]  # every nodule above every false positive
-    weak = [0.10, 0.20, 0.30, 0.90, 0.80, 0.70]  # the reverse
-    probabilities = np.array([strong, weak]).T
-    chosen, weights, best, everyone = run_pipeline.pick_members([(keys, probabilities)], cpm,
-                                                                weigh=False, select=True)
-    assert chosen == [0] and list(weights) == [1.0]
-    assert best == 1.0 and everyone < best
-    # Without selection every member stays; with weights, each counts by its own CPM.
-    chosen, weights, best, everyone = run_pipeline.pick_members([(keys, probabilities)], cpm,
-                                                                weigh=True, select=False)
-    assert chosen == [0, 1] and best == everyone
-    assert weights[0] > weights[1] and abs(sum(weights) - 1.0) < 1e-12
-
-
-def test_pick_members_keeps_every_member_on_a_tie():
-    import numpy as np
-
-    keys, cpm = _froc_case()
-    one = [0.99, 0.98, 0.97, 0.60, 0.50, 0.40]
-    other = [0.95, 0.96, 0.94, 0.30, 0.20, 0.10]  # the same verdicts, another calibration
-    chosen, _, best, everyone = run_pipeline.pick_members(
-        [(keys, np.array([one, other]).T)] * 2, cpm, weigh=True, select=True)
-    assert chosen == [0, 1] and best == everyone == 1.0
 
 
 def test_sample_data_inside_the_work_folder_is_stamped_relative_to_it(tmp_path):
