@@ -9,14 +9,9 @@ import pytest
 import ensemble
 import run_pipeline
 import sample_data
+from conftest import TINY_PIPELINE
 
-TINY = ["--preprocess.min_lung_volume_ml=20", "--segmentation.patch_size=16", "--segmentation.depth=2",
-        "--segmentation.base_filters=4", "--segmentation.batch_size=2", "--segmentation.epochs=1",
-        "--segmentation.steps_per_epoch=2", "--segmentation.validation_scans_every=1",
-        "--inference.batch_size=4", "--inference.threshold=0.3", "--classification.cube_size=16",
-        "--classification.batch_size=4", "--classification.epochs=1",
-        "--classification.steps_per_epoch=2", "--ensemble.models=vgg_simple,resnet",
-        "--training.workers=1"]
+TINY = TINY_PIPELINE
 
 
 @pytest.mark.slow
