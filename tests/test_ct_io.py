@@ -7,7 +7,7 @@ import pytest
 import SimpleITK as sitk
 
 from ct_io import (Geometry, ScanError, ScanSource, check_seriesuid, find_scans, read_image,
-                   read_scan, voxel_to_world, world_to_voxel)
+                   voxel_to_world, world_to_voxel)
 
 FLIP_Z = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, -1.0)
 
@@ -25,6 +25,12 @@ GEOMETRIES = {
     "flipped_z": Geometry((-150.0, -160.0, 10.0), (0.8, 0.8, 1.25), FLIP_Z),
     "oblique_flipped": Geometry((12.5, -3.0, 100.0), (0.6, 0.9, 2.0), _rotation(17.0)),
 }
+
+
+def read_scan(source: ScanSource) -> tuple[np.ndarray, Geometry]:
+    """The checked scan (``read_image``) as a HU array (z, y, x) and its geometry."""
+    image = read_image(source)
+    return sitk.GetArrayFromImage(image), Geometry.from_image(image)
 
 
 def _image(shape_zyx, geometry: Geometry, dtype=np.int16, fill=-1000) -> sitk.Image:
