@@ -584,48 +584,65 @@ def candidate_table(cache_dir, seriesuids=None, source="candidates") -> pd.DataF
     if isinstance(source, (list, tuple)):
         return pd.concat([candidate_table(cache_dir, seriesuids, s) for s in source],
                          ignore_index=True)
-    import evaluate  # pandas-heavy; only this function needs the hit rule
-    from tables import PREDICTION_COLUMNS, read_table
-
     metas = cache.load_scan_metas(cache_dir)
     keep = set(metas) if seriesuids is None else {str(u) for u in seriesuids} & set(metas)
-    annotations = cache.load_table(cache_dir, "annotations")
-    excluded = cache.load_table(cache_dir, "annotations_excluded")
-    annotations = annotations[annotations["seriesuid"].isin(keep)].reset_index(drop=True)
-    excluded = excluded[excluded["seriesuid"].isin(keep)].reset_index(drop=True)
-    for frame in (annotations, excluded):
-        if "diameter_mm" not in frame:
-            frame["diameter_mm"] = pd.Series(dtype=np.float64)
-
+    annotations = _cached_findings(cache_dir, "annotations", keep)
+    excluded = _cached_findings(cache_dir, "annotations_excluded", keep)
     if isinstance(source, str) and source == "candidates":
-        frame = cache.load_table(cache_dir, "candidates")
-        if "class" not in frame:
-            frame["class"] = pd.Series(dtype=np.int64)
-        frame = frame[frame["seriesuid"].isin(keep)].reset_index(drop=True)
-        hits = evaluate.hit_labels(frame, annotations, excluded)
-        labels = frame["class"].to_numpy(np.int64)
-        labels = np.where((labels == 0) & (hits == evaluate.IGNORED_LABEL),
-                          evaluate.IGNORED_LABEL, labels)
+        frame, labels = _given_candidates(cache_dir, keep, annotations, excluded)
         columns = ["seriesuid", *WORLD_COLUMNS, *VOXEL_COLUMNS]
     else:
-        frame = read_table(source, PREDICTION_COLUMNS, kind="detections")
-        outside = ~frame["seriesuid"].isin(metas)
-        if outside.any():
-            warnings.warn(f"{source}: {int(outside.sum())} detection(s) of scans that are not "
-                          f"in the cache {cache_dir} are left out", stacklevel=2)
-        frame = frame[frame["seriesuid"].isin(keep)].reset_index(drop=True)
-        vox = np.zeros((len(frame), 3))
-        for uid, rows in frame.groupby("seriesuid", sort=False).indices.items():
-            vox[rows] = world_to_voxel(frame.loc[rows, WORLD_COLUMNS].to_numpy(np.float64),
-                                       metas[uid].geometry)
-        for axis, column in enumerate(VOXEL_COLUMNS):
-            frame[column] = vox[:, axis]
-        labels = evaluate.hit_labels(frame, annotations, excluded)
+        frame, labels = _detected_candidates(cache_dir, source, metas, keep, annotations,
+                                             excluded)
         columns = ["seriesuid", *WORLD_COLUMNS, *VOXEL_COLUMNS, "probability"]
     out = frame[columns].copy()
     out["label"] = labels.astype(np.int64)
     out["diameter_mm"] = _matched_diameters(frame, annotations, labels)
     return out
+
+
+def _cached_findings(cache_dir, name: str, keep: set) -> pd.DataFrame:
+    """The cache's annotations or excluded findings of the scans in ``keep``."""
+    frame = cache.load_table(cache_dir, name)
+    frame = frame[frame["seriesuid"].isin(keep)].reset_index(drop=True)
+    if "diameter_mm" not in frame:
+        frame["diameter_mm"] = pd.Series(dtype=np.float64)
+    return frame
+
+
+def _given_candidates(cache_dir, keep, annotations, excluded):
+    """The cache's candidate list and its labels: the ``class``, or -1 for a class-0
+    candidate that lies only inside an excluded finding."""
+    import evaluate  # pandas-heavy; only the candidate tables need the hit rule
+
+    frame = cache.load_table(cache_dir, "candidates")
+    if "class" not in frame:
+        frame["class"] = pd.Series(dtype=np.int64)
+    frame = frame[frame["seriesuid"].isin(keep)].reset_index(drop=True)
+    hits = evaluate.hit_labels(frame, annotations, excluded)
+    labels = frame["class"].to_numpy(np.int64)
+    return frame, np.where((labels == 0) & (hits == evaluate.IGNORED_LABEL),
+                           evaluate.IGNORED_LABEL, labels)
+
+
+def _detected_candidates(cache_dir, source, metas, keep, annotations, excluded):
+    """A detection CSV with cache-voxel coordinates, labelled by the LUNA16 hit rule."""
+    import evaluate
+    from tables import PREDICTION_COLUMNS, read_table
+
+    frame = read_table(source, PREDICTION_COLUMNS, kind="detections")
+    outside = ~frame["seriesuid"].isin(metas)
+    if outside.any():
+        warnings.warn(f"{source}: {int(outside.sum())} detection(s) of scans that are not "
+                      f"in the cache {cache_dir} are left out", stacklevel=3)
+    frame = frame[frame["seriesuid"].isin(keep)].reset_index(drop=True)
+    vox = np.zeros((len(frame), 3))
+    for uid, rows in frame.groupby("seriesuid", sort=False).indices.items():
+        vox[rows] = world_to_voxel(frame.loc[rows, WORLD_COLUMNS].to_numpy(np.float64),
+                                   metas[uid].geometry)
+    for axis, column in enumerate(VOXEL_COLUMNS):
+        frame[column] = vox[:, axis]
+    return frame, evaluate.hit_labels(frame, annotations, excluded)
 
 
 class ClassificationSampler:
