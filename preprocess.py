@@ -22,6 +22,7 @@ cannot be used are reported with their file and the reason, listed in
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -221,8 +222,8 @@ def segment_lungs(hu: np.ndarray, voxel_mm: float, head_first: bool,
     lungs = _large_components(air, cfg.min_lung_component_ml / voxel_ml)
     if not lungs.any():
         return LungSegmentation(lungs, lungs, lungs, hu.shape[2] / 2.0)
-    xs = np.flatnonzero(lungs.any(axis=(0, 1)))
-    midline_x = (xs[0] + xs[-1]) / 2.0
+    x_extent = _bbox(lungs)[2]
+    midline_x = (x_extent.start + x_extent.stop - 1) / 2.0
     airway = _track_airways(lungs, hu, voxel_mm, head_first, midline_x, cfg.airway_max_hu)
     # Two voxels more take the airway wall's partial-volume rim with the lumen.
     airway = ndimage.binary_dilation(airway, iterations=2) & lungs
@@ -626,32 +627,49 @@ def _summary(sources, todo, failures, metas, cache_dir: Path, tables, elapsed: f
     return summary
 
 
+class CacheWriteError(Exception):
+    """The cache folder, or a file in it, cannot be written; the message is
+    ``"<cache>: cannot write (<reason>)"``."""
+
+
+@contextlib.contextmanager
+def _writing_to(cache_dir: Path):
+    """Turn an ``OSError`` of the block into a ``CacheWriteError`` naming the cache."""
+    try:
+        yield
+    except OSError as err:
+        where = f": {err.filename}" if err.filename else ""
+        raise CacheWriteError(f"{cache_dir}: cannot write ({err.strerror or err}{where})") \
+            from err
+
+
 def run(cfg: config_lib.Config, data_dir: Path, cache_dir: Path, *, workers: int,
         shard: tuple[int, int] = (0, 1), force: bool = False,
         table_paths: dict[str, str | None] | None = None, progress: bool = True) -> dict:
     """Preprocess every scan under ``data_dir`` into ``cache_dir``; returns a summary.
 
-    Writes only what changes, so a rerun on a finished cache writes nothing; an ``OSError``
-    from a write that is needed and fails is raised."""
+    Writes only what changes, so a rerun on a finished cache writes nothing (a read-only
+    copy works); a write that is needed and fails raises ``CacheWriteError``."""
     require_folder(data_dir, "data folder")
     if cache_dir.exists() and not cache_dir.is_dir():
         raise InputError(f"{cache_dir}: --cache-dir is not a folder")
     tables = read_input_tables(data_dir, table_paths or {})
     sources, problems = _find_sources(cfg, data_dir, shard)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    cache.clean_temporary_files(cache_dir)
-    todo = _scans_to_do(sources, cache_dir, cfg.preprocess, force)
-    _write_run_config(cfg, cache_dir, data_dir, shard)
+    with _writing_to(cache_dir):
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        cache.clean_temporary_files(cache_dir)
+        todo = _scans_to_do(sources, cache_dir, cfg.preprocess, force)
+        _write_run_config(cfg, cache_dir, data_dir, shard)
 
-    failures = [{"seriesuid": "", "path": path, "reason": reason} for path, reason in problems]
-    for path, reason in problems:
-        tqdm.write(f"skipped {path}: {reason}", file=sys.stderr)
-    started = time.perf_counter()
-    _process_all(todo, cfg, cache_dir, workers, failures, progress)
-    elapsed = time.perf_counter() - started
-    failures_frame = pd.DataFrame(failures, columns=["seriesuid", "path", "reason"])
-    write_csv_atomic(failures_frame, cache_dir / cache.FAILURES, if_changed=True)
-    metas = write_tables(cache_dir, tables)
+        failures = [{"seriesuid": "", "path": path, "reason": reason} for path, reason in problems]
+        for path, reason in problems:
+            tqdm.write(f"skipped {path}: {reason}", file=sys.stderr)
+        started = time.perf_counter()
+        _process_all(todo, cfg, cache_dir, workers, failures, progress)
+        elapsed = time.perf_counter() - started
+        failures_frame = pd.DataFrame(failures, columns=["seriesuid", "path", "reason"])
+        write_csv_atomic(failures_frame, cache_dir / cache.FAILURES, if_changed=True)
+        metas = write_tables(cache_dir, tables)
     return _summary(sources, todo, failures, metas, cache_dir, tables, elapsed)
 
 
@@ -683,10 +701,8 @@ def main(argv=None) -> int:
     except (FileNotFoundError, NotADirectoryError, InputError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except OSError as err:  # the cache folder (or a file in it) cannot be written
-        where = f": {err.filename}" if err.filename else ""
-        print(f"error: {cfg.paths.cache_dir}: cannot write ({err.strerror or err}{where})",
-              file=sys.stderr)
+    except CacheWriteError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     print(json.dumps(summary))
     if summary["cached_total"] == 0:

@@ -4,7 +4,9 @@ with a leading space. Each is refused (or handled) with a message naming the fil
 
 from __future__ import annotations
 
+import contextlib
 import json
+import locale
 import shutil
 import tempfile
 from pathlib import Path
@@ -38,8 +40,25 @@ def _mhd(folder: Path, name: str, *, dim_size: str | None = None,
     return path
 
 
+@contextlib.contextmanager
+def keep_locale():
+    """GDCM's DICOM writer switches the process to the C locale (Python then reads text
+    files as ASCII); put the locale back."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        yield
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
 def _dicom_series(folder: Path, positions_mm, series_uid: str = "1.2.826.0.9.1") -> Path:
     """One axial DICOM slice per position (mm along z), written by SimpleITK."""
+    with keep_locale():
+        _write_slices(folder, positions_mm, series_uid)
+    return folder
+
+
+def _write_slices(folder: Path, positions_mm, series_uid: str) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
@@ -62,7 +81,6 @@ def _dicom_series(folder: Path, positions_mm, series_uid: str = "1.2.826.0.9.1")
             image.SetMetaData(tag, value)
         writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
         writer.Execute(image)
-    return folder
 
 
 def _dicom_source(folder: Path) -> ScanSource:

@@ -1,5 +1,7 @@
 """Scan reading and the world <-> voxel conversions (the project's coordinate contract)."""
 
+import contextlib
+import locale
 from pathlib import Path
 
 import numpy as np
@@ -75,8 +77,25 @@ def test_shifted_geometry_matches_a_simpleitk_crop():
     np.testing.assert_allclose(geometry.shifted((2, 4, 3)).origin_xyz_mm, crop.GetOrigin(), atol=1e-9)
 
 
+@contextlib.contextmanager
+def keep_locale():
+    """GDCM's DICOM writer switches the process to the C locale (Python then reads text
+    files as ASCII); put the locale back."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        yield
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
 def _write_dicom_series(folder: Path, array: np.ndarray, spacing_xyz, origin_xyz, series_uid: str,
                         prefix: str = "slice") -> None:
+    with keep_locale():
+        _write_dicom_slices(folder, array, spacing_xyz, origin_xyz, series_uid, prefix)
+
+
+def _write_dicom_slices(folder: Path, array: np.ndarray, spacing_xyz, origin_xyz, series_uid: str,
+                        prefix: str) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
