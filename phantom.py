@@ -118,6 +118,10 @@ class _NoduleSites:
     def far_from_others(self, centre, radius) -> bool:
         return all(np.linalg.norm(centre - c) > radius + r + 4.0 for c, r in self.placed)
 
+    def _free(self, centre, radius) -> bool:
+        """In the lung and away from what is placed."""
+        return bool(self.grid.lookup(self.lung, centre)[0]) and self.far_from_others(centre, radius)
+
     def find(self, mode: str, radius: float):
         """A centre for a nodule of ``radius`` placed by ``mode``, or None."""
         if mode == "juxta":
@@ -128,41 +132,42 @@ class _NoduleSites:
 
     def interior(self, radius, margin):
         for _ in range(300):
-            c = self.sampler.point()
-            if not self.far_from_others(c, radius):
+            centre = self.sampler.point()
+            if not self.far_from_others(centre, radius):
                 continue
-            frac, air = _ball_stats(self.grid, self.lung, self.airway, c, radius + margin,
+            frac, air = _ball_stats(self.grid, self.lung, self.airway, centre, radius + margin,
                                     need_full=True)
             if frac >= 0.999 and not air:
-                return c
+                return centre
         return None
 
     def juxta_pleural(self, radius):
         for _ in range(300):
             _, direction, boundary = self.sampler.wall_point((self.anat.centre_x,
                                                               self.anat.centre_y))
-            c = boundary - direction * radius * self.rng.uniform(0.2, 0.55)
-            if not self.grid.lookup(self.lung, c)[0] or not self.far_from_others(c, radius):
+            centre = boundary - direction * radius * self.rng.uniform(0.2, 0.55)
+            if not self._free(centre, radius):
                 continue
-            frac, air = _ball_stats(self.grid, self.lung, self.airway, c, radius)
+            frac, air = _ball_stats(self.grid, self.lung, self.airway, centre, radius)
             if 0.45 <= frac <= 0.93 and not air:
-                return c
+                return centre
         return None
 
     def on_vessel(self, radius):
         for _ in range(300):
             if not self.vessel_pool:
                 return None
-            p0, p1, vessel_radius, _ = self.vessel_pool[int(self.rng.integers(len(self.vessel_pool)))]
-            q = p0 + (p1 - p0) * self.rng.uniform(0.2, 0.8)
+            pick = int(self.rng.integers(len(self.vessel_pool)))
+            p0, p1, vessel_radius, _ = self.vessel_pool[pick]
+            foot = p0 + (p1 - p0) * self.rng.uniform(0.2, 0.8)
             normal = turned(self.rng, p1 - p0, math.pi / 2)
-            c = q + normal * (radius + 0.5 * vessel_radius)
-            if not self.grid.lookup(self.lung, c)[0] or not self.far_from_others(c, radius):
+            centre = foot + normal * (radius + 0.5 * vessel_radius)
+            if not self._free(centre, radius):
                 continue
-            frac, air = _ball_stats(self.grid, self.lung, self.airway, c, radius + 1.5,
+            frac, air = _ball_stats(self.grid, self.lung, self.airway, centre, radius + 1.5,
                                     need_full=True)
             if frac >= 0.999 and not air:
-                return c
+                return centre
         return None
 
 

@@ -277,11 +277,11 @@ def lung_mask_and_fill(vol, grid, anat: Anatomy):
     margin = 2.0 * anat.body_scale
     lung_section = ((u / (anat.cavity_half_width - margin)) ** 2
                     + (v / (anat.cavity_half_depth - margin)) ** 2 <= 1) & ~excluded
-    zc = z[:, 0, 0]
+    slice_z = z[:, 0, 0]
     shoulder = anat.lung_apex_z - 0.3 * (anat.lung_apex_z - anat.lung_base_z)
-    apex_limit = np.where(zc > shoulder,
-                          1.0 - ((zc - shoulder) / (anat.lung_apex_z - shoulder)) ** 2, np.inf)
-    heart_z = ((zc - anat.heart_centre_uvz[2]) / anat.heart_semi_axes[2]) ** 2
+    apex_limit = np.where(slice_z > shoulder,
+                          1.0 - ((slice_z - shoulder) / (anat.lung_apex_z - shoulder)) ** 2, np.inf)
+    heart_z = ((slice_z - anat.heart_centre_uvz[2]) / anat.heart_semi_axes[2]) ** 2
     heart_uv = ((u - anat.heart_centre_uvz[0]) / anat.heart_semi_axes[0]) ** 2 \
         + ((v - anat.heart_centre_uvz[1]) / anat.heart_semi_axes[1]) ** 2
     view = vol[box]
@@ -293,7 +293,8 @@ def lung_mask_and_fill(vol, grid, anat: Anatomy):
     # Heart with a few mm of pericardial margin, so lungs do not touch the myocardium.
     heart_margin = heart_uv[None] + heart_z[:, None, None] <= 1.12
     mask = (lung_section[None] & (apex_shape[None] <= apex_limit[:, None, None])
-            & (z > z_diaphragm[None]) & ~heart_margin & (zc <= anat.lung_apex_z)[:, None, None])
+            & (z > z_diaphragm[None]) & ~heart_margin
+            & (slice_z <= anat.lung_apex_z)[:, None, None])
     lung_hu = (anat.lung_hu + anat.lung_hu_gradient * np.clip(v / anat.cavity_half_depth, -1, 1))
     np.copyto(view, np.broadcast_to(lung_hu.astype(np.float32)[None], view.shape),
               where=mask)
@@ -348,20 +349,20 @@ def _paint_ribs(vol, grid, anat: Anatomy, rng, u, v, ring, depth):
     body_scale = anat.body_scale
     rib_zone = ring & ~((np.abs(u) < 0.28 * anat.cavity_half_width) & (v < 0)) \
         & ~((np.abs(u) < anat.spine_radius + 6 * body_scale) & (v > 0))
-    jj, ii = np.nonzero(rib_zone)
-    zc = grid.zs[:, None]
+    rows, cols = np.nonzero(rib_zone)
+    slice_z = grid.zs[:, None]
     period = rng.uniform(22.0, 27.0) * max(body_scale, 0.55)
     width = rng.uniform(8.0, 10.0) * max(body_scale, 0.55)
     slope = rng.uniform(0.35, 0.6)
     phase0 = rng.uniform(0, period)
     # Ribs run lower at the front than at the back.
-    phase = np.mod(zc - slope * v[jj, 0][None, :] - phase0, period)
-    radial = depth[jj, ii][None, :]
+    phase = np.mod(slice_z - slope * v[rows, 0][None, :] - phase0, period)
+    radial = depth[rows, cols][None, :]
     rib = ((phase - 0.5 * width) / (0.5 * width)) ** 2 + ((radial - 0.5) / 0.5) ** 2 <= 1.0
     rib_hu = rng.uniform(450.0, 700.0)
-    column = vol[:, jj, ii]
+    column = vol[:, rows, cols]
     column[rib] = rib_hu
-    vol[:, jj, ii] = column
+    vol[:, rows, cols] = column
 
 
 def _paint_spine(vol, grid, anat: Anatomy, rng, u, v):
@@ -448,19 +449,22 @@ LOBAR_DIRECTIONS = {"right": ([-0.75, 0.1, 0.65], [-0.4, -0.7, -0.4], [-0.35, 0.
 def _lobar_bronchi(grid, lung, rng, ends, body_scale) -> list:
     """Three right and two left lobar bronchi, each forking once, kept inside the lung."""
     tubes = []
-    for name, (end, _, radius) in ends.items():
-        for lobe_direction in LOBAR_DIRECTIONS[name]:
-            d1 = turned(rng, lobe_direction, math.radians(rng.uniform(0, 12)))
-            r1 = radius * rng.uniform(0.55, 0.65)
-            p1 = _grow_inside(grid, lung, end, d1, rng.uniform(16, 24) * body_scale)
-            if p1 is None:
+    for name, (hilum, _, main_radius) in ends.items():
+        for nominal_direction in LOBAR_DIRECTIONS[name]:
+            lobar_direction = turned(rng, nominal_direction, math.radians(rng.uniform(0, 12)))
+            lobar_radius = main_radius * rng.uniform(0.55, 0.65)
+            lobar_end = _grow_inside(grid, lung, hilum, lobar_direction,
+                                     rng.uniform(16, 24) * body_scale)
+            if lobar_end is None:
                 continue
-            tubes.append((end, p1, r1))
-            for turn in (1.0, -1.0):
-                d2 = turned(rng, d1, math.radians(turn * rng.uniform(20, 35)))
-                p2 = _grow_inside(grid, lung, p1, d2, rng.uniform(12, 18) * body_scale)
-                if p2 is not None:
-                    tubes.append((p1, p2, r1 * rng.uniform(0.6, 0.7)))
+            tubes.append((hilum, lobar_end, lobar_radius))
+            for side in (1.0, -1.0):
+                fork_direction = turned(rng, lobar_direction,
+                                        math.radians(side * rng.uniform(20, 35)))
+                fork_end = _grow_inside(grid, lung, lobar_end, fork_direction,
+                                        rng.uniform(12, 18) * body_scale)
+                if fork_end is not None:
+                    tubes.append((lobar_end, fork_end, lobar_radius * rng.uniform(0.6, 0.7)))
     return tubes
 
 
