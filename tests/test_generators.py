@@ -357,7 +357,12 @@ def test_crops_pad_with_the_value_the_meta_records(cache_dir, tmp_path):
 
 
 def test_meta_without_a_pad_value_falls_back_to_the_cache_config(tmp_path):
-    legacy = dataclasses.replace(_meta("1.2.840.9", _geometry(IDENTITY)), pad_value=None)
+    """A cache written before the meta recorded the pad value still loads and crops."""
+    row = _meta("1.2.840.9", _geometry(IDENTITY)).to_row()
+    del row["pad_value"]
+    pd.DataFrame([row]).to_csv(tmp_path / cache.META_TABLE, index=False)
+    legacy = cache.load_scan_metas(tmp_path)["1.2.840.9"]
+    assert legacy.pad_value is None
     assert gen.cache_pad_value(tmp_path, legacy) == 170  # default pad_hu 0 HU in the window
     (tmp_path / "config.json").write_text(json.dumps(
         {"config": {"preprocess": {"pad_hu": -1200.0}}}))
