@@ -10,18 +10,22 @@
       candidates.csv                 x_vox) and diameter_vox
       seriesuids.csv               the cached scans, one per line (LUNA16 style)
       failures.csv                 scans the last run could not use, with the reason
-      config.json                  the resolved config of the last run
+      config.json                  the resolved config of the last run (rewritten only
+                                     when it changes, so a finished cache may be read-only)
 
 The cached volume is an image in its own right: ``ScanMeta.geometry`` (origin of its first
 voxel, spacing, direction) maps its voxels to the world, so ``ct_io.world_to_voxel`` and
-``ct_io.voxel_to_world`` apply to it unchanged.
+``ct_io.voxel_to_world`` apply to it unchanged. ``ScanMeta.pad_value`` is the uint8 value
+written outside the lung mask, so that crops can pad with it; a cache written before the
+meta recorded it has ``None`` there (``generators.cache_pad_value`` then falls back to
+computing it from the last run's ``config.json``).
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from functools import cached_property
 from pathlib import Path
 
@@ -62,6 +66,9 @@ class ScanMeta:
     airway_removed_ml: float  # trachea and main bronchi cut out of the mask
     window_hu: tuple[float, float]
     settings_hash: str  # of the preprocessing settings; a change redoes the scan
+    # uint8 value outside the lung mask (``pad_hu`` windowed); None in caches written
+    # before it was recorded
+    pad_value: int | None = None
 
     @property
     def geometry(self) -> Geometry:
@@ -76,14 +83,20 @@ class ScanMeta:
 
     @classmethod
     def from_row(cls, row: dict) -> "ScanMeta":
+        """Inverse of ``to_row`` (also of a meta.csv row); a field with a default may be
+        missing (a cache written before the field existed)."""
         values = {}
         for f in fields(cls):
+            if f.name not in row and f.default is not MISSING:
+                continue
             value = row[f.name]
             if str(f.type).startswith("tuple"):
                 cast = int if "int" in str(f.type) else float
                 value = tuple(cast(float(v)) for v in str(value).split())
             elif f.type == "float":
                 value = float(value)
+            elif f.type == "int | None":
+                value = None if value is None or pd.isna(value) else int(float(value))
             else:
                 value = str(value)
             values[f.name] = value
@@ -162,8 +175,8 @@ def load_meta(cache_dir) -> pd.DataFrame:
     """The meta table, one row per cached scan (tuples as space-separated numbers); checked
     like every input table (``tables.read_table``: columns, safe seriesuids)."""
     path = check_cache_dir(cache_dir) / META_TABLE
-    return read_table(path, [f.name for f in fields(ScanMeta)], kind="cache meta table",
-                      finite=())
+    required = [f.name for f in fields(ScanMeta) if f.default is MISSING]
+    return read_table(path, required, kind="cache meta table", finite=())
 
 
 def load_scan_metas(cache_dir) -> dict[str, ScanMeta]:
@@ -200,6 +213,8 @@ def _check_meta_numbers(meta: ScanMeta) -> None:
                 raise ValueError(f"{f.name} {value} is not finite")
         elif isinstance(value, float) and not np.isfinite(value):
             raise ValueError(f"{f.name} is {value}")
+    if meta.pad_value is not None and not 0 <= meta.pad_value <= 255:
+        raise ValueError(f"pad_value {meta.pad_value} is not a uint8 value")
 
 
 def load_table(cache_dir, name: str) -> pd.DataFrame:
@@ -250,10 +265,11 @@ def hu_to_uint8(window_hu: tuple[float, float]):
     return scale, -low * scale
 
 
-def uint8_to_hu(values, window_hu: tuple[float, float]) -> np.ndarray:
-    """Inverse of the cache's windowing (exact inside the window)."""
+def pad_to_uint8(pad_hu: float, window_hu: tuple[float, float]) -> int:
+    """The uint8 value that ``pad_hu`` becomes in the window (what preprocessing writes
+    outside the lung mask)."""
     scale, offset = hu_to_uint8(window_hu)
-    return (np.asarray(values, dtype=np.float32) - offset) / scale
+    return int(np.clip(round(pad_hu * scale + offset), 0, 255))
 
 
 def subset_of(meta: ScanMeta) -> int | None:

@@ -16,7 +16,8 @@ two; every stage calls them.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -149,7 +150,9 @@ def find_scans(data_dir) -> tuple[list[ScanSource], list[tuple[str, str]]]:
 
     def add(source: ScanSource):
         try:
-            check_seriesuid(source.seriesuid, source.path)
+            # Stripped, as the tables' seriesuids are: a file named " 1.2.3.mhd" is scan
+            # 1.2.3, so the annotations of 1.2.3 find it.
+            source = replace(source, seriesuid=check_seriesuid(source.seriesuid, source.path))
         except ScanError as err:
             problems.append((source.path, str(err)))
             return
@@ -196,15 +199,14 @@ def _dicom_series_in(folder: Path, problems) -> list[ScanSource]:
 def read_image(source: ScanSource) -> sitk.Image:
     """Read a scan as a SimpleITK image, checked to be a usable 3D grey-value CT.
 
-    Raises ``ScanError`` naming the file when it is missing, truncated, not 3D or has an
-    absurd voxel size.
+    Raises ``ScanError`` naming the file when it is missing, truncated or larger than its
+    header says, not 3D, has an absurd voxel size, or (a DICOM series) has missing or
+    unevenly spaced slices.
     """
     path = source.path
     try:
         if source.is_dicom:
-            reader = sitk.ImageSeriesReader()
-            reader.SetFileNames(list(source.dicom_files))
-            image = reader.Execute()
+            image = _read_dicom_series(source)
         else:
             if path.lower().endswith(".mhd"):
                 _check_mhd_data_file(Path(path))
@@ -221,10 +223,68 @@ def read_image(source: ScanSource) -> sitk.Image:
     return image
 
 
-def read_scan(source: ScanSource) -> tuple[np.ndarray, Geometry]:
-    """Read a scan as a HU array ``(z, y, x)`` and its geometry (see ``read_image``)."""
-    image = read_image(source)
-    return sitk.GetArrayFromImage(image), Geometry.from_image(image)
+def _read_dicom_series(source: ScanSource) -> sitk.Image:
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(list(source.dicom_files))
+    reader.MetaDataDictionaryArrayUpdateOn()  # per-slice tags, for the position check
+    image = reader.Execute()
+    positions = _slice_positions_mm(reader, len(source.dicom_files))
+    if positions is not None:
+        check_slice_positions(positions, source.path)
+    return image
+
+
+def _slice_positions_mm(reader: sitk.ImageSeriesReader, n_slices: int) -> np.ndarray | None:
+    """Each slice's ImagePositionPatient (0020,0032) projected on the slice normal (the
+    cross product of the ImageOrientationPatient (0020,0037) row and column directions,
+    DICOM PS3.3 C.7.6.2.1.1), in mm; None when the tags are missing."""
+    position_tag, orientation_tag = "0020|0032", "0020|0037"
+    if n_slices < 2 or not all(reader.HasMetaDataKey(i, position_tag) for i in range(n_slices)) \
+            or not reader.HasMetaDataKey(0, orientation_tag):
+        return None
+    try:
+        orientation = [float(v) for v in reader.GetMetaData(0, orientation_tag).split("\\")]
+        positions = np.array([[float(v) for v in reader.GetMetaData(i, position_tag).split("\\")]
+                              for i in range(n_slices)])
+    except ValueError:
+        return None
+    if len(orientation) != 6 or positions.shape[1] != 3:
+        return None
+    normal = np.cross(orientation[:3], orientation[3:])
+    if not np.isclose(np.linalg.norm(normal), 1.0, atol=1e-3):
+        return None  # not two orthonormal directions: no normal to measure along
+    return positions @ normal
+
+
+def check_slice_positions(positions_mm, path: str) -> None:
+    """Raise ``ScanError`` when the slices of a series are not evenly spaced: a missing
+    slice, two slices at one position, or steps that differ by more than 1% (at least
+    0.01 mm). SimpleITK would only warn and stack the slices at their average spacing,
+    which puts every slice past the gap at the wrong place."""
+    positions = np.sort(np.asarray(positions_mm, dtype=np.float64))
+    if len(positions) < 3:
+        return
+    steps = np.diff(positions)
+    step = float(np.median(steps))
+    tolerance = max(0.01 * step, 0.01)
+    if step <= tolerance:
+        raise ScanError(f"{path}: most slices share a position along the slice normal; "
+                        "not one series of slices")
+    for k in np.flatnonzero(np.abs(steps - step) > tolerance):
+        low, high = positions[k], positions[k + 1]
+        missing = round((high - low) / step) - 1
+        where = f"between the slices at {low:.2f} and {high:.2f} mm along the slice normal"
+        if missing >= 1 and abs(high - low - (missing + 1) * step) <= tolerance:
+            lost = ", ".join(f"{low + j * step:.2f}" for j in range(1, missing + 1))
+            what = (f"slice position {lost} mm is missing" if missing == 1 else
+                    f"{missing} slices are missing, at positions {lost} mm")
+            raise ScanError(f"{path}: {what} ({where}; the other slices are {step:g} mm "
+                            "apart)")
+        if high - low <= tolerance:
+            raise ScanError(f"{path}: two slices at position {low:.2f} mm along the slice "
+                            "normal (a duplicate slice, or two series mixed)")
+        raise ScanError(f"{path}: uneven slice spacing: {high - low:.3f} mm {where}, the "
+                        f"other slices are {step:g} mm apart")
 
 
 def check_geometry(geometry: Geometry, shape_zyx, path: str) -> None:
@@ -242,8 +302,13 @@ def check_geometry(geometry: Geometry, shape_zyx, path: str) -> None:
                         f"(fewer than {MIN_SLICES} voxels along an axis)")
 
 
-def _check_mhd_data_file(mhd_path: Path) -> None:
-    # ITK's own message for a missing or short .raw is cryptic; say which file is wrong.
+# Bytes per voxel of the MetaImage element types (ITK's MetaIO).
+MET_ELEMENT_BYTES = {"MET_UCHAR": 1, "MET_CHAR": 1, "MET_USHORT": 2, "MET_SHORT": 2,
+                     "MET_UINT": 4, "MET_INT": 4, "MET_FLOAT": 4, "MET_DOUBLE": 8,
+                     "MET_LONG": 8, "MET_ULONG": 8, "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8}
+
+
+def _read_mhd_header(mhd_path: Path) -> dict[str, str]:
     header = {}
     try:
         for line in mhd_path.read_text(errors="replace").splitlines():
@@ -252,27 +317,56 @@ def _check_mhd_data_file(mhd_path: Path) -> None:
                 header[key.strip()] = value.strip()
     except OSError as err:
         raise ScanError(f"{mhd_path}: cannot be read ({err})") from None
+    return header
+
+
+def _check_mhd_data_file(mhd_path: Path) -> None:
+    """The ``.raw`` holds exactly what the header describes. ITK reads a data file larger
+    than ``DimSize`` says without complaint (a wrong DimSize shears or cuts the image) and
+    fills a ``CompressedData`` file that is not zlib data with zeros; its message for a
+    missing or short file is cryptic. Here each names the file and the sizes."""
+    header = _read_mhd_header(mhd_path)
     data_file = header.get("ElementDataFile")
     if data_file is None:
         raise ScanError(f"{mhd_path}: header has no ElementDataFile")
-    if data_file == "LOCAL" or data_file.startswith("LIST"):
+    if data_file == "LOCAL" or data_file.startswith("LIST") or "%" in data_file:
         return
     raw = mhd_path.parent / data_file
     if not raw.exists():
         raise ScanError(f"{mhd_path}: its data file {raw} is missing")
-    compressed = header.get("CompressedData", "False").lower() == "true"
+    if header.get("CompressedData", "False").lower() == "true":
+        _check_zlib_stream(mhd_path, raw)  # the inflated size is only known after inflating
+        return
     try:
         dims = [int(v) for v in header["DimSize"].split()]
         n_channels = int(header.get("ElementNumberOfChannels", "1"))
+        header_bytes = int(header.get("HeaderSize", "0"))
     except (KeyError, ValueError):
         raise ScanError(f"{mhd_path}: header has no valid DimSize") from None
-    sizes = {"MET_UCHAR": 1, "MET_CHAR": 1, "MET_USHORT": 2, "MET_SHORT": 2, "MET_UINT": 4,
-             "MET_INT": 4, "MET_FLOAT": 4, "MET_DOUBLE": 8, "MET_LONG": 8, "MET_ULONG": 8}
-    element = sizes.get(header.get("ElementType", ""))
-    if compressed or element is None:
+    element = MET_ELEMENT_BYTES.get(header.get("ElementType", ""))
+    if element is None:
         return
     expected = int(np.prod(dims)) * element * n_channels
     actual = raw.stat().st_size
-    if actual < expected:
-        raise ScanError(f"{mhd_path}: data file {raw} is truncated "
-                        f"({actual} bytes, header needs {expected})")
+    described = (f"DimSize {' '.join(map(str, dims))} x {element} bytes"
+                 + (f" x {n_channels} channels" if n_channels != 1 else ""))
+    if header_bytes == -1:  # MetaIO: the data are the last bytes of the file
+        header_bytes = max(actual - expected, 0)
+    if actual < expected + header_bytes:
+        raise ScanError(f"{mhd_path}: data file {raw} is truncated ({actual} bytes, header "
+                        f"needs {expected + header_bytes}: {described})")
+    if actual > expected + header_bytes:
+        raise ScanError(f"{mhd_path}: data file {raw} has {actual} bytes, more than the "
+                        f"header describes ({expected + header_bytes}: {described}); "
+                        "the header does not match its data")
+
+
+def _check_zlib_stream(mhd_path: Path, raw: Path) -> None:
+    try:
+        with open(raw, "rb") as handle:
+            zlib.decompressobj().decompress(handle.read(1 << 16), 1 << 16)
+    except zlib.error as err:
+        raise ScanError(f"{mhd_path}: header says CompressedData = True but {raw} is not "
+                        f"zlib-compressed data ({err}); corrupt data or a wrong header") from None
+    except OSError as err:
+        raise ScanError(f"{mhd_path}: its data file {raw} cannot be read ({err})") from None

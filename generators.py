@@ -14,8 +14,8 @@ Layers, bottom up:
   on where a run was resumed;
 * ``tf.data`` wrappers (TensorFlow is imported inside them, so ``import generators`` is
   cheap): ``segmentation_dataset``, ``segmentation_validation_dataset``,
-  ``classification_dataset``, ``classification_eval_dataset``; ``cube_batches`` for
-  inference.
+  ``classification_dataset``; ``cube_batches`` for inference (and the classifier's
+  validation).
 
 Images are float32 ``(z, y, x, 1)`` in [0, 1] (the cache's uint8 / 255); targets are
 float32 ``(z, y, x, 1)`` masks for the segmenter and float32 ``(1,)`` labels for the
@@ -37,9 +37,9 @@ import pandas as pd
 import cache
 from config import ClassificationConfig, PreprocessConfig, SegmentationConfig, TrainingConfig
 from ct_io import world_to_voxel
+from tables import WORLD_COLUMNS
 
 VOXEL_COLUMNS = ["z_vox", "y_vox", "x_vox"]
-WORLD_COLUMNS = ["coordX", "coordY", "coordZ"]
 # A sphere thinner than this marks no voxel at all when its centre falls between voxels.
 MIN_TARGET_RADIUS_VOX = 1.0
 ROTATION_PLANES = ((1, 2), (0, 1), (0, 2))  # axial (y, x) first
@@ -206,9 +206,11 @@ def rotate_nearest(mask: np.ndarray, angle_deg: float, plane) -> np.ndarray:
     neighbour, zero outside: the same mapping as ``scipy.ndimage.rotate(mask, angle,
     axes=plane, reshape=False, order=0)``, but computed only around the non-zero voxels
     (a nodule fills ~1% of a patch, so this is ~50x cheaper)."""
+    from scipy import ndimage
+
     out = np.zeros_like(mask)
-    found = np.argwhere(mask)
-    if len(found) == 0:
+    boxes = ndimage.find_objects((mask != 0).view(np.uint8))
+    if not boxes:
         return out
     a, b = sorted(int(p) for p in plane)
     shape = np.asarray(mask.shape[:3])
@@ -216,7 +218,8 @@ def rotate_nearest(mask: np.ndarray, angle_deg: float, plane) -> np.ndarray:
     # ndimage maps an output voxel o to the input voxel R (o - c) + c in the plane.
     rotation = np.array([[cos, sin], [-sin, cos]])
     center = (shape[[a, b]] - 1) / 2.0
-    lo, hi = found.min(axis=0)[:3], found.max(axis=0)[:3]
+    lo = np.array([s.start for s in boxes[0][:3]], dtype=np.int64)
+    hi = np.array([s.stop - 1 for s in boxes[0][:3]], dtype=np.int64)
     corners = np.array([[u, v] for u in (lo[a] - 1, hi[a] + 1) for v in (lo[b] - 1, hi[b] + 1)])
     mapped = (corners - center) @ rotation + center  # inverse map: R^T (i - c) + c
     out_lo, out_hi = lo.copy(), hi.copy()
@@ -276,8 +279,16 @@ def to_unit(patch_uint8: np.ndarray) -> np.ndarray:
 
 
 def cache_pad_value(cache_dir, meta: cache.ScanMeta) -> int:
-    """The uint8 value preprocessing wrote outside the lung mask (``pad_hu`` windowed):
-    crops pad with it, so the border of a scan looks like the rest of its outside."""
+    """The uint8 value preprocessing wrote outside the lung mask (``meta.pad_value``): crops
+    pad with it, so the border of a scan looks like the rest of its outside.
+
+    A meta without it (a cache written before preprocessing recorded it, or one built by
+    hand) falls back to the value preprocessing wrote then: ``pad_hu`` of the cache's
+    ``config.json`` (the default when there is none) in the scan's window. Rerunning
+    ``preprocess.py --force`` records it.
+    """
+    if meta.pad_value is not None:
+        return int(meta.pad_value)
     pad_hu = PreprocessConfig().pad_hu
     path = Path(cache_dir) / "config.json"
     if path.exists():
@@ -285,8 +296,7 @@ def cache_pad_value(cache_dir, meta: cache.ScanMeta) -> int:
             pad_hu = float(json.loads(path.read_text())["config"]["preprocess"]["pad_hu"])
         except (ValueError, KeyError, TypeError):
             pass
-    scale, offset = cache.hu_to_uint8(meta.window_hu)
-    return int(np.clip(round(pad_hu * scale + offset), 0, 255))
+    return cache.pad_to_uint8(pad_hu, meta.window_hu)
 
 
 class ScanPool:
@@ -346,10 +356,6 @@ class ScanPool:
         if np.all((moved >= 0) & (moved < mask.shape)) and mask[tuple(moved)]:
             return moved
         return point
-
-    @property
-    def open_count(self) -> int:
-        return len(self._open)
 
 
 def _check_seriesuids(cache_dir, seriesuids) -> tuple[dict[str, cache.ScanMeta], list[str]]:
@@ -528,8 +534,12 @@ class SegmentationSampler:
 
 def _matched_diameters(frame: pd.DataFrame, annotations: pd.DataFrame,
                        labels: np.ndarray) -> np.ndarray:
-    """Diameter of the annotated nodule each row lies in (nearest one); for positives
-    outside every sphere, of the scan's nearest nodule; NaN otherwise."""
+    """Diameter of the annotated nodule each row lies in (by the LUNA16 hit rule,
+    ``evaluate.inside_nodules``: a negative diameter counts as 10 mm; the nearest of
+    several); for positives outside every sphere, of the scan's nearest nodule; NaN
+    otherwise. The diameter is the annotation's, as written."""
+    import evaluate
+
     out = np.full(len(frame), np.nan)
     if len(frame) == 0 or len(annotations) == 0:
         return out
@@ -537,13 +547,13 @@ def _matched_diameters(frame: pd.DataFrame, annotations: pd.DataFrame,
     ann_groups = annotations.groupby("seriesuid").indices
     ann_xyz = annotations[WORLD_COLUMNS].to_numpy(np.float64)
     ann_d = annotations["diameter_mm"].to_numpy(np.float64)
+    ann_radius2 = evaluate.nodule_radius2(ann_d)
     for uid, rows in frame.groupby("seriesuid", sort=False).indices.items():
         nodules = ann_groups.get(uid)
         if nodules is None:
             continue
-        diff = xyz[rows][:, None, :] - ann_xyz[nodules][None, :, :]
-        dist2 = (diff ** 2).sum(axis=2)
-        inside = dist2 < (ann_d[nodules][None, :] / 2.0) ** 2
+        inside = evaluate.inside_nodules(xyz[rows], ann_xyz[nodules], ann_radius2[nodules])
+        dist2 = ((xyz[rows][:, None, :] - ann_xyz[nodules][None, :, :]) ** 2).sum(axis=2)
         nearest = np.argmin(np.where(inside, dist2, np.inf), axis=1)
         hit = inside.any(axis=1)
         fallback = np.argmin(dist2, axis=1)
@@ -574,48 +584,65 @@ def candidate_table(cache_dir, seriesuids=None, source="candidates") -> pd.DataF
     if isinstance(source, (list, tuple)):
         return pd.concat([candidate_table(cache_dir, seriesuids, s) for s in source],
                          ignore_index=True)
-    import evaluate  # pandas-heavy; only this function needs the hit rule
-    from tables import PREDICTION_COLUMNS, read_table
-
     metas = cache.load_scan_metas(cache_dir)
     keep = set(metas) if seriesuids is None else {str(u) for u in seriesuids} & set(metas)
-    annotations = cache.load_table(cache_dir, "annotations")
-    excluded = cache.load_table(cache_dir, "annotations_excluded")
-    annotations = annotations[annotations["seriesuid"].isin(keep)].reset_index(drop=True)
-    excluded = excluded[excluded["seriesuid"].isin(keep)].reset_index(drop=True)
-    for frame in (annotations, excluded):
-        if "diameter_mm" not in frame:
-            frame["diameter_mm"] = pd.Series(dtype=np.float64)
-
+    annotations = _cached_findings(cache_dir, "annotations", keep)
+    excluded = _cached_findings(cache_dir, "annotations_excluded", keep)
     if isinstance(source, str) and source == "candidates":
-        frame = cache.load_table(cache_dir, "candidates")
-        if "class" not in frame:
-            frame["class"] = pd.Series(dtype=np.int64)
-        frame = frame[frame["seriesuid"].isin(keep)].reset_index(drop=True)
-        hits = evaluate.hit_labels(frame, annotations, excluded)
-        labels = frame["class"].to_numpy(np.int64)
-        labels = np.where((labels == 0) & (hits == evaluate.IGNORED_LABEL),
-                          evaluate.IGNORED_LABEL, labels)
+        frame, labels = _given_candidates(cache_dir, keep, annotations, excluded)
         columns = ["seriesuid", *WORLD_COLUMNS, *VOXEL_COLUMNS]
     else:
-        frame = read_table(source, PREDICTION_COLUMNS, kind="detections")
-        outside = ~frame["seriesuid"].isin(metas)
-        if outside.any():
-            warnings.warn(f"{source}: {int(outside.sum())} detection(s) of scans that are not "
-                          f"in the cache {cache_dir} are left out", stacklevel=2)
-        frame = frame[frame["seriesuid"].isin(keep)].reset_index(drop=True)
-        vox = np.zeros((len(frame), 3))
-        for uid, rows in frame.groupby("seriesuid", sort=False).indices.items():
-            vox[rows] = world_to_voxel(frame.loc[rows, WORLD_COLUMNS].to_numpy(np.float64),
-                                       metas[uid].geometry)
-        for axis, column in enumerate(VOXEL_COLUMNS):
-            frame[column] = vox[:, axis]
-        labels = evaluate.hit_labels(frame, annotations, excluded)
+        frame, labels = _detected_candidates(cache_dir, source, metas, keep, annotations,
+                                             excluded)
         columns = ["seriesuid", *WORLD_COLUMNS, *VOXEL_COLUMNS, "probability"]
     out = frame[columns].copy()
     out["label"] = labels.astype(np.int64)
     out["diameter_mm"] = _matched_diameters(frame, annotations, labels)
     return out
+
+
+def _cached_findings(cache_dir, name: str, keep: set) -> pd.DataFrame:
+    """The cache's annotations or excluded findings of the scans in ``keep``."""
+    frame = cache.load_table(cache_dir, name)
+    frame = frame[frame["seriesuid"].isin(keep)].reset_index(drop=True)
+    if "diameter_mm" not in frame:
+        frame["diameter_mm"] = pd.Series(dtype=np.float64)
+    return frame
+
+
+def _given_candidates(cache_dir, keep, annotations, excluded):
+    """The cache's candidate list and its labels: the ``class``, or -1 for a class-0
+    candidate that lies only inside an excluded finding."""
+    import evaluate  # pandas-heavy; only the candidate tables need the hit rule
+
+    frame = cache.load_table(cache_dir, "candidates")
+    if "class" not in frame:
+        frame["class"] = pd.Series(dtype=np.int64)
+    frame = frame[frame["seriesuid"].isin(keep)].reset_index(drop=True)
+    hits = evaluate.hit_labels(frame, annotations, excluded)
+    labels = frame["class"].to_numpy(np.int64)
+    return frame, np.where((labels == 0) & (hits == evaluate.IGNORED_LABEL),
+                           evaluate.IGNORED_LABEL, labels)
+
+
+def _detected_candidates(cache_dir, source, metas, keep, annotations, excluded):
+    """A detection CSV with cache-voxel coordinates, labelled by the LUNA16 hit rule."""
+    import evaluate
+    from tables import PREDICTION_COLUMNS, read_table
+
+    frame = read_table(source, PREDICTION_COLUMNS, kind="detections")
+    outside = ~frame["seriesuid"].isin(metas)
+    if outside.any():
+        warnings.warn(f"{source}: {int(outside.sum())} detection(s) of scans that are not "
+                      f"in the cache {cache_dir} are left out", stacklevel=3)
+    frame = frame[frame["seriesuid"].isin(keep)].reset_index(drop=True)
+    vox = np.zeros((len(frame), 3))
+    for uid, rows in frame.groupby("seriesuid", sort=False).indices.items():
+        vox[rows] = world_to_voxel(frame.loc[rows, WORLD_COLUMNS].to_numpy(np.float64),
+                                   metas[uid].geometry)
+    for axis, column in enumerate(VOXEL_COLUMNS):
+        frame[column] = vox[:, axis]
+    return frame, evaluate.hit_labels(frame, annotations, excluded)
 
 
 class ClassificationSampler:
@@ -754,8 +781,8 @@ def segmentation_dataset(cache_dir, seriesuids, cfg: SegmentationConfig = Segmen
 
     Batch ``b`` of epoch ``e`` holds samples ``b * batch_size ...`` of epoch ``e`` (see
     ``SegmentationSampler``); start a resumed run with ``epoch_offset`` = epochs done.
-    ``workers`` parallel numpy calls in threads (on 2 cores, threads measured ~2x faster
-    than ``PyDataset`` worker processes, which pickle every patch).
+    ``workers`` parallel numpy calls in threads (``PyDataset`` worker processes would
+    pickle every patch).
     """
     batch_size = batch_size or cfg.batch_size
     per_epoch = (steps_per_epoch or cfg.steps_per_epoch) * batch_size
@@ -766,10 +793,8 @@ def segmentation_dataset(cache_dir, seriesuids, cfg: SegmentationConfig = Segmen
         return sampler.sample(k // per_epoch, k % per_epoch)
 
     shape = (sampler.size,) * 3 + (1,)
-    dataset = _pair_dataset(fetch, shape, shape, _counter(epoch_offset, per_epoch),
-                            batch_size, workers, True)
-    dataset.sampler = sampler
-    return dataset
+    return _pair_dataset(fetch, shape, shape, _counter(epoch_offset, per_epoch),
+                         batch_size, workers, True)
 
 
 def segmentation_validation_dataset(cache_dir, seriesuids,
@@ -785,11 +810,9 @@ def segmentation_validation_dataset(cache_dir, seriesuids,
                                   **sampler_options)
     plans = sampler.validation_plans(n_negatives)
     shape = (sampler.size,) * 3 + (1,)
-    dataset = _pair_dataset(lambda k: sampler.render(plans[k]), shape, shape,
-                            tf.data.Dataset.range(len(plans)), batch_size or cfg.batch_size,
-                            workers, False)
-    dataset.sampler, dataset.plans = sampler, plans
-    return dataset
+    return _pair_dataset(lambda k: sampler.render(plans[k]), shape, shape,
+                         tf.data.Dataset.range(len(plans)), batch_size or cfg.batch_size,
+                         workers, False)
 
 
 def classification_dataset(cache_dir, table: pd.DataFrame,
@@ -807,29 +830,5 @@ def classification_dataset(cache_dir, table: pd.DataFrame,
     def fetch(k):
         return sampler.sample(k // per_epoch, k % per_epoch)
 
-    dataset = _pair_dataset(fetch, (sampler.size,) * 3 + (1,), (1,),
-                            _counter(epoch_offset, per_epoch), batch_size, workers, True)
-    dataset.sampler = sampler
-    return dataset
-
-
-def classification_eval_dataset(cache_dir, table: pd.DataFrame, cube_size: int,
-                                batch_size: int = 64):
-    """Finite ``tf.data`` of ``(cubes, labels (n, 1))`` over the rows with label >= 0, in
-    ``cube_batches`` order, for validation during ``fit``."""
-    import tensorflow as tf
-
-    table = table[table["label"] >= 0].reset_index(drop=True)
-    labels = table["label"].to_numpy(np.float32)
-
-    def generate():
-        for cubes, positions in cube_batches(cache_dir, table, cube_size, batch_size):
-            yield cubes, labels[positions][:, None]
-
-    signature = (tf.TensorSpec((None, cube_size, cube_size, cube_size, 1), tf.float32),
-                 tf.TensorSpec((None, 1), tf.float32))
-    # A known length lets Keras end validation without an "ran out of data" warning.
-    n_batches = -(-len(table) // batch_size)
-    return (tf.data.Dataset.from_generator(generate, output_signature=signature)
-            .apply(tf.data.experimental.assert_cardinality(n_batches))
-            .prefetch(tf.data.AUTOTUNE))
+    return _pair_dataset(fetch, (sampler.size,) * 3 + (1,), (1,),
+                         _counter(epoch_offset, per_epoch), batch_size, workers, True)

@@ -8,10 +8,10 @@
 Reads ``.mhd``/``.raw``, NIfTI, NRRD and folders of DICOM series (one scan per
 SeriesInstanceUID) anywhere under ``--data-dir``, plus the LUNA16 CSVs at its top level
 (or in ``CSVFILES/``). Each scan is resampled to isotropic voxels with SimpleITK, its lungs
-are segmented with scikit-image/scipy after the source document's recipe (binarize, clear
-border, label, keep the lung regions, closing, dilation) with the trachea and main
-bronchi cut out, and the HU-windowed volume and mask are cached as ``.npy`` for
-memory-mapping (layout in ``cache.py``).
+are segmented with scipy after the recipe of the LUNA16 preprocessing tutorials and the
+DSB2017 winner's solution (binarize, clear border, label, keep the lung regions, closing,
+convex hull, dilation) with the trachea and main bronchi cut out, and the HU-windowed
+volume and mask are cached as ``.npy`` for memory-mapping (layout in ``cache.py``).
 
 A rerun skips finished scans (atomic writes; a scan counts as finished once its meta
 file exists), so a killed run is resumed by running the same command again. Scans that
@@ -22,6 +22,7 @@ cannot be used are reported with their file and the reason, listed in
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -211,21 +212,24 @@ def segment_lungs(hu: np.ndarray, voxel_mm: float, head_first: bool,
                   cfg: PreprocessConfig) -> LungSegmentation:
     """Segment the lungs of an isotropic HU volume ``(z, y, x)``.
 
-    Source-document recipe in 3D: binarize below ``lung_threshold_hu``, clear air touching
-    each slice's border (outside the body), label, keep the large regions, cut out the
-    trachea and main bronchi, close (keeps pleural nodules), fill holes, dilate.
+    The LUNA16 tutorials' slice-wise recipe, done in 3D: binarize below
+    ``lung_threshold_hu``, clear air touching each slice's border (outside the body), label,
+    keep the large regions, cut out the trachea and main bronchi, close (keeps pleural
+    nodules), fill holes, add the DSB2017 winner's convex hulls, dilate.
     """
     voxel_ml = voxel_mm ** 3 / 1000.0
     air = _clear_slice_borders(hu < cfg.lung_threshold_hu)
     lungs = _large_components(air, cfg.min_lung_component_ml / voxel_ml)
     if not lungs.any():
         return LungSegmentation(lungs, lungs, lungs, hu.shape[2] / 2.0)
-    xs = np.flatnonzero(lungs.any(axis=(0, 1)))
-    midline_x = (xs[0] + xs[-1]) / 2.0
+    x_extent = _bbox(lungs)[2]
+    midline_x = (x_extent.start + x_extent.stop - 1) / 2.0
     airway = _track_airways(lungs, hu, voxel_mm, head_first, midline_x, cfg.airway_max_hu)
     # Two voxels more take the airway wall's partial-volume rim with the lumen.
     airway = ndimage.binary_dilation(airway, iterations=2) & lungs
     lungs = _large_components(lungs & ~airway, cfg.min_lung_component_ml / voxel_ml)
+    if not lungs.any():
+        return LungSegmentation(lungs, lungs, airway, midline_x)
 
     closing = int(round(cfg.closing_radius_mm / voxel_mm))
     dilation = int(round(cfg.dilation_mm / voxel_mm))
@@ -246,12 +250,9 @@ def segment_lungs(hu: np.ndarray, voxel_mm: float, head_first: bool,
 
 
 def _bbox(mask: np.ndarray, pad: int = 0) -> tuple[slice, slice, slice]:
-    slices = []
-    for axis in range(mask.ndim):
-        other = tuple(a for a in range(mask.ndim) if a != axis)
-        idx = np.flatnonzero(mask.any(axis=other))
-        slices.append(slice(max(0, idx[0] - pad), min(mask.shape[axis], idx[-1] + 1 + pad)))
-    return tuple(slices)
+    """Bounding box of a non-empty boolean mask, grown by ``pad`` voxels within the array."""
+    box = ndimage.find_objects(mask.view(np.uint8))[0]
+    return tuple(slice(max(0, s.start - pad), min(n, s.stop + pad)) for s, n in zip(box, mask.shape))
 
 
 # --------------------------------------------------------------------------- one scan
@@ -277,6 +278,83 @@ def resample(image: sitk.Image, grid: Geometry, shape_zyx, pixel_type=sitk.sitkI
                          AIR_HU, pixel_type)
 
 
+@dataclass(frozen=True)
+class CoarseGrid:
+    """The segmentation grid: cubes of ``factor`` fine voxels a side, aligned with the fine
+    grid (coarse voxel i covers fine voxels factor*i .. factor*i+factor-1). Lung outlines
+    need no 1 mm detail."""
+
+    factor: int
+    spacing_mm: float
+    geometry: Geometry
+    shape: tuple[int, int, int]
+
+    @classmethod
+    def over(cls, grid: Geometry, shape_zyx, cfg: PreprocessConfig) -> "CoarseGrid":
+        factor = max(1, int(round(cfg.mask_spacing_mm / cfg.spacing_mm)))
+        spacing = cfg.spacing_mm * factor
+        geometry = Geometry(tuple(voxel_to_world(np.full(3, (factor - 1) / 2.0), grid)),
+                            (spacing,) * 3, grid.direction)
+        return cls(factor, spacing, geometry, tuple(-(-n // factor) for n in shape_zyx))
+
+    @property
+    def voxel_ml(self) -> float:
+        return self.spacing_mm ** 3 / 1000.0
+
+
+def coarse_hu(image: sitk.Image, coarse: CoarseGrid) -> np.ndarray:
+    """The scan resampled onto the coarse grid (float32 HU). Averaging blocks of the
+    original first keeps thin-slice noise out of the airway lumen threshold."""
+    shrink = [max(1, int(coarse.spacing_mm // s)) for s in image.GetSpacing()]
+    smoothed = sitk.BinShrink(image, shrink) if max(shrink) > 1 else image
+    return sitk.GetArrayFromImage(resample(smoothed, coarse.geometry, coarse.shape, sitk.sitkFloat32))
+
+
+def _check_lungs_found(seg: LungSegmentation, coarse: CoarseGrid, source: ScanSource,
+                       cfg: PreprocessConfig) -> float:
+    """The lung volume (ml); ``ScanError`` when it is below ``min_lung_volume_ml``."""
+    lung_ml = float(seg.lungs.sum() * coarse.voxel_ml)
+    if lung_ml < cfg.min_lung_volume_ml or not seg.region.any():
+        raise ScanError(f"{source.path}: no lungs found (lung volume {lung_ml:.0f} ml < "
+                        f"{cfg.min_lung_volume_ml:.0f} ml); not a chest CT, or the HU values "
+                        "are not calibrated")
+    return lung_ml
+
+
+def _crop_box(region: np.ndarray, factor: int, shape_zyx, margin_vox: int) -> tuple[slice, ...]:
+    """The fine-grid box of the coarse ``region`` plus ``margin_vox``, within the scan."""
+    return tuple(slice(max(0, s.start * factor - margin_vox), min(n, s.stop * factor + margin_vox))
+                 for s, n in zip(_bbox(region), shape_zyx))
+
+
+def _upsample_mask(region: np.ndarray, box: tuple[slice, ...], factor: int) -> np.ndarray:
+    """Nearest-neighbour upsampling of the coarse mask, only inside the fine ``box``."""
+    index = np.ix_(*[np.minimum(np.arange(s.start, s.stop) // factor, region.shape[a] - 1)
+                     for a, s in enumerate(box)])
+    return region[index]
+
+
+def window_volume(hu: np.ndarray, mask: np.ndarray, cfg: PreprocessConfig) -> tuple[np.ndarray, int]:
+    """HU -> uint8 in ``window_hu``, ``pad_hu`` (windowed) outside ``mask``; returns the
+    volume and that pad value."""
+    scale, shift = cache.hu_to_uint8(cfg.window_hu)
+    windowed = hu.astype(np.float32)
+    windowed *= scale
+    windowed += shift
+    np.clip(windowed, 0, 255, out=windowed)
+    pad_value = cache.pad_to_uint8(cfg.pad_hu, cfg.window_hu)
+    return np.where(mask, np.rint(windowed).astype(np.uint8), np.uint8(pad_value)), pad_value
+
+
+def _left_lung_ml(seg: LungSegmentation, coarse: CoarseGrid) -> float:
+    """Lung volume on the patient's left (+x in LPS world coordinates) of the midline."""
+    columns = np.arange(seg.lungs.shape[2])
+    x_world = voxel_to_world(np.stack([0 * columns, 0 * columns, columns], axis=1), coarse.geometry)[:, 0]
+    lung_columns = seg.lungs.sum(axis=(0, 1))
+    midline_world = np.interp(seg.midline_x, columns, x_world)
+    return float(lung_columns[x_world > midline_world].sum() * coarse.voxel_ml)
+
+
 def preprocess_scan(source: ScanSource, cfg: PreprocessConfig):
     """Read, resample, segment and window one scan.
 
@@ -289,58 +367,23 @@ def preprocess_scan(source: ScanSource, cfg: PreprocessConfig):
     # FOV padding (-2048, -3024) would bleed into the lungs when interpolated.
     image = sitk.Clamp(image, sitk.sitkInt16, AIR_HU, MAX_HU)
     grid, shape = isotropic_grid(image, cfg.spacing_mm)
-
-    # Segment on a coarse grid aligned with the fine one (coarse voxel i covers fine voxels
-    # factor*i .. factor*i+factor-1): lung outlines need no 1 mm detail. Averaging blocks
-    # of the original first keeps thin-slice noise out of the airway lumen threshold.
-    factor = max(1, int(round(cfg.mask_spacing_mm / cfg.spacing_mm)))
-    coarse_mm = cfg.spacing_mm * factor
-    coarse_grid = Geometry(tuple(voxel_to_world(np.full(3, (factor - 1) / 2.0), grid)),
-                           (coarse_mm,) * 3, grid.direction)
-    coarse_shape = tuple(-(-n // factor) for n in shape)
-    shrink = [max(1, int(coarse_mm // s)) for s in image.GetSpacing()]
-    smoothed = sitk.BinShrink(image, shrink) if max(shrink) > 1 else image
-    coarse = sitk.GetArrayFromImage(resample(smoothed, coarse_grid, coarse_shape, sitk.sitkFloat32))
-    del smoothed
+    coarse = CoarseGrid.over(grid, shape, cfg)
     # World z grows towards the head (LPS); a flipped z axis puts the head at index 0.
     head_first = original.direction_matrix[2, 2] < 0
-    seg = segment_lungs(coarse, coarse_mm, head_first, cfg)
-    coarse_ml = coarse_mm ** 3 / 1000.0
-    lung_ml = float(seg.lungs.sum() * coarse_ml)
-    if lung_ml < cfg.min_lung_volume_ml:
-        raise ScanError(f"{source.path}: no lungs found (lung volume {lung_ml:.0f} ml < "
-                        f"{cfg.min_lung_volume_ml:.0f} ml); not a chest CT, or the HU values "
-                        "are not calibrated")
+    seg = segment_lungs(coarse_hu(image, coarse), coarse.spacing_mm, head_first, cfg)
+    lung_ml = _check_lungs_found(seg, coarse, source, cfg)
 
-    margin = int(round(cfg.crop_margin_mm / cfg.spacing_mm))
-    coarse_box = _bbox(seg.region)
-    box = tuple(slice(max(0, s.start * factor - margin), min(n, s.stop * factor + margin))
-                for s, n in zip(coarse_box, shape))
-    offset = tuple(s.start for s in box)
+    box = _crop_box(seg.region, coarse.factor, shape, int(round(cfg.crop_margin_mm / cfg.spacing_mm)))
+    cache_geometry = grid.shifted(tuple(s.start for s in box))
     # Only the lung box is resampled at full resolution: the slow step, done on ~half the voxels.
-    cache_geometry = grid.shifted(offset)
     fine = resample(image, cache_geometry, tuple(s.stop - s.start for s in box))
     del image
-    hu = sitk.GetArrayViewFromImage(fine)
-    # Nearest-neighbour upsampling of the coarse mask, only inside the crop.
-    index = np.ix_(*[np.minimum(np.arange(s.start, s.stop) // factor, seg.region.shape[a] - 1)
-                     for a, s in enumerate(box)])
-    mask = seg.region[index]
-    scale, shift = cache.hu_to_uint8(cfg.window_hu)
-    windowed = hu.astype(np.float32)
-    windowed *= scale
-    windowed += shift
-    np.clip(windowed, 0, 255, out=windowed)
-    pad_value = np.uint8(np.clip(round(cfg.pad_hu * scale + shift), 0, 255))
-    volume = np.where(mask, np.rint(windowed).astype(np.uint8), pad_value)
-    del windowed
+    mask = _upsample_mask(seg.region, box, coarse.factor)
+    volume, pad_value = window_volume(sitk.GetArrayViewFromImage(fine), mask, cfg)
+    del fine
 
     mask_box = _bbox(mask)
-    columns = np.arange(seg.lungs.shape[2])
-    x_world = voxel_to_world(np.stack([0 * columns, 0 * columns, columns], axis=1), coarse_grid)[:, 0]
-    lung_columns = seg.lungs.sum(axis=(0, 1))
-    midline_world = np.interp(seg.midline_x, columns, x_world)
-    left_ml = float(lung_columns[x_world > midline_world].sum() * coarse_ml)
+    left_ml = _left_lung_ml(seg, coarse)
     total_ml = float(np.prod(shape)) * cfg.spacing_mm ** 3 / 1000.0
     meta = cache.ScanMeta(
         seriesuid=source.seriesuid,
@@ -351,7 +394,7 @@ def preprocess_scan(source: ScanSource, cfg: PreprocessConfig):
         direction=original.direction,
         resampled_shape_zyx=tuple(int(n) for n in shape),
         resampled_spacing_xyz_mm=grid.spacing_xyz_mm,
-        crop_offset_zyx_vox=tuple(int(v) for v in offset),
+        crop_offset_zyx_vox=tuple(int(s.start) for s in box),
         cache_shape_zyx=tuple(int(n) for n in mask.shape),
         cache_origin_xyz_mm=cache_geometry.origin_xyz_mm,
         lung_bbox_zyx_vox=tuple(int(s.start) for s in mask_box) + tuple(int(s.stop) for s in mask_box),
@@ -359,9 +402,10 @@ def preprocess_scan(source: ScanSource, cfg: PreprocessConfig):
         lung_cover_ratio=round(lung_ml / total_ml, 6),
         left_lung_ml=round(left_ml, 3),
         right_lung_ml=round(lung_ml - left_ml, 3),
-        airway_removed_ml=round(float(seg.airway.sum() * coarse_ml), 3),
+        airway_removed_ml=round(float(seg.airway.sum() * coarse.voxel_ml), 3),
         window_hu=tuple(float(v) for v in cfg.window_hu),
         settings_hash=settings_hash(cfg),
+        pad_value=pad_value,
     )
     return volume, mask.astype(np.uint8), meta
 
@@ -393,23 +437,31 @@ def save_mask_overlay(volume: np.ndarray, mask: np.ndarray, path: Path, title: s
 
 def _process_one(source: ScanSource, cfg: PreprocessConfig, cache_dir: str, threads: int,
                  save_images: bool = False):
-    """Worker: preprocess one scan and write it to the cache. Returns (uid, path, error)."""
+    """Worker: preprocess one scan and write it to the cache. Returns (uid, path, error)
+    for a scan that cannot be used; an ``OSError`` writing the cache is raised, as no other
+    scan could be written either."""
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(max(1, threads))
     try:
         volume, mask, meta = preprocess_scan(source, cfg)
-        cache.save_array_atomic(cache.volume_path(cache_dir, meta.seriesuid), volume)
-        cache.save_array_atomic(cache.mask_path(cache_dir, meta.seriesuid), mask)
-        if save_images:
-            save_mask_overlay(volume, mask, Path(cache_dir) / "debug" / f"{meta.seriesuid}.png",
-                              f"{meta.seriesuid}: lungs {meta.lung_volume_ml / 1000:.2f} L")
-        cache.write_scan_meta(cache_dir, meta)  # last: marks the scan as finished
-        return source.seriesuid, source.path, None
     except ScanError as err:
         return source.seriesuid, source.path, str(err)
     except MemoryError:
         return source.seriesuid, source.path, f"{source.path}: out of memory while preprocessing"
     except Exception as err:  # noqa: BLE001 - batch work: report the scan, keep the others
         return source.seriesuid, source.path, f"{source.path}: {type(err).__name__}: {err}"
+    write_scan(cache_dir, volume, mask, meta, save_images)
+    return source.seriesuid, source.path, None
+
+
+def write_scan(cache_dir, volume: np.ndarray, mask: np.ndarray, meta: cache.ScanMeta,
+               save_images: bool = False) -> None:
+    """Volume, mask (and the debug overlay), then the meta file that marks the scan finished."""
+    cache.save_array_atomic(cache.volume_path(cache_dir, meta.seriesuid), volume)
+    cache.save_array_atomic(cache.mask_path(cache_dir, meta.seriesuid), mask)
+    if save_images:
+        save_mask_overlay(volume, mask, Path(cache_dir) / "debug" / f"{meta.seriesuid}.png",
+                          f"{meta.seriesuid}: lungs {meta.lung_volume_ml / 1000:.2f} L")
+    cache.write_scan_meta(cache_dir, meta)
 
 
 # --------------------------------------------------------------------------- tables
@@ -492,38 +544,47 @@ def parse_shard(text: str | None) -> tuple[int, int]:
     return index, count
 
 
-def run(cfg: config_lib.Config, data_dir: Path, cache_dir: Path, *, workers: int,
-        shard: tuple[int, int] = (0, 1), force: bool = False,
-        table_paths: dict[str, str | None] | None = None, progress: bool = True) -> dict:
-    """Preprocess every scan under ``data_dir`` into ``cache_dir``; returns a summary."""
-    require_folder(data_dir, "data folder")
-    if cache_dir.exists() and not cache_dir.is_dir():
-        raise InputError(f"{cache_dir}: --cache-dir is not a folder")
-    tables = read_input_tables(data_dir, table_paths or {})
+def _find_sources(cfg: config_lib.Config, data_dir: Path, shard: tuple[int, int]):
+    """This shard's scans under ``data_dir`` and the things that looked like scans but
+    could not be listed (``ct_io.find_scans``)."""
     sources, problems = find_scans(data_dir)
     if not sources and not problems:
         raise InputError(f"{data_dir}: no scans (.mhd, .nii, .nii.gz, .nrrd or DICOM series) "
                          "found in this data folder")
     if cfg.debug.max_scans > 0:
         sources = sources[: cfg.debug.max_scans]
-    sources = sources[shard[0]::shard[1]]
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    cache.clean_temporary_files(cache_dir)
-    wanted_hash = settings_hash(cfg.preprocess)
+    return sources[shard[0]::shard[1]], problems
+
+
+def _scans_to_do(sources: list[ScanSource], cache_dir: Path, cfg: PreprocessConfig,
+                 force: bool) -> list[ScanSource]:
+    """The scans not yet cached with these settings (all of them with ``force``)."""
+    wanted_hash = settings_hash(cfg)
     todo = []
     for source in sources:
         meta = None if force else cache.read_scan_meta(cache_dir, source.seriesuid)
         if meta is None or meta.settings_hash != wanted_hash:
             todo.append(source)
-    config_lib.save_config(cfg, cache_dir / "config.json",
-                           {"data_dir": str(data_dir), "shard": f"{shard[0]}/{shard[1]}"})
+    return todo
 
-    failures = [{"seriesuid": "", "path": path, "reason": reason} for path, reason in problems]
-    for path, reason in problems:
-        tqdm.write(f"skipped {path}: {reason}", file=sys.stderr)
-    started = time.perf_counter()
+
+def _write_run_config(cfg: config_lib.Config, cache_dir: Path, data_dir: Path,
+                      shard: tuple[int, int]) -> None:
+    """``CACHE/config.json`` as ``config.save_config`` writes it, but only when it changes:
+    rerunning on a finished cache writes nothing, so it works on a read-only copy."""
+    payload = {"config": config_lib.to_dict(cfg), "data_dir": str(data_dir),
+               "shard": f"{shard[0]}/{shard[1]}"}
+    write_text_if_changed(cache_dir / "config.json",
+                          json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def _process_all(todo: list[ScanSource], cfg: config_lib.Config, cache_dir: Path,
+                 workers: int, failures: list[dict], progress: bool) -> None:
+    """Preprocess and cache ``todo`` in ``workers`` processes; each scan that cannot be used
+    is reported and appended to ``failures``."""
     workers = max(1, min(workers, len(todo))) if todo else 1
     threads = max(1, (os.cpu_count() or 1) // workers)
+    options = (cfg.preprocess, str(cache_dir), threads, cfg.debug.save_images)
     bar = tqdm(total=len(todo), desc="preprocess", unit="scan", disable=not progress,
                file=sys.stderr)
 
@@ -536,33 +597,80 @@ def run(cfg: config_lib.Config, data_dir: Path, cache_dir: Path, *, workers: int
 
     if workers == 1:
         for source in todo:
-            record(*_process_one(source, cfg.preprocess, str(cache_dir), threads, cfg.debug.save_images))
+            record(*_process_one(source, *options))
     else:
         with ProcessPoolExecutor(max_workers=workers) as pool:
-            futures = {pool.submit(_process_one, s, cfg.preprocess, str(cache_dir), threads,
-                                   cfg.debug.save_images): s
-                       for s in todo}
-            for future in as_completed(futures):
-                source = futures[future]
-                try:
-                    record(*future.result())
-                except BrokenProcessPool:
-                    record(source.seriesuid, source.path,
-                           f"{source.path}: worker process died (out of memory?); rerun to retry")
+            futures = {pool.submit(_process_one, s, *options): s for s in todo}
+            try:
+                for future in as_completed(futures):
+                    source = futures[future]
+                    try:
+                        record(*future.result())
+                    except BrokenProcessPool:
+                        record(source.seriesuid, source.path,
+                               f"{source.path}: worker process died (out of memory?); rerun to retry")
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)  # a write error stops the run
+                raise
     bar.close()
-    elapsed = time.perf_counter() - started
-    failures_frame = pd.DataFrame(failures, columns=["seriesuid", "path", "reason"])
-    write_csv_atomic(failures_frame, cache_dir / cache.FAILURES, if_changed=True)
-    metas = write_tables(cache_dir, tables)
+
+
+def _summary(sources, todo, failures, metas, cache_dir: Path, tables, elapsed: float) -> dict:
     summary = {"scans_found": len(sources), "processed": len(todo) - sum(bool(f["seriesuid"]) for f in failures),
                "skipped_cached": len(sources) - len(todo), "failed": len(failures),
                "cached_total": len(metas), "seconds": round(elapsed, 2)}
-    for name, frame in tables.items():
+    for name in tables:
         converted = pd.read_csv(cache_dir / f"{name}.csv")
         summary[f"{name}_rows"] = len(converted)
         if name == "annotations" and len(converted):
             summary["annotations_in_mask"] = round(float(converted["in_mask"].mean()), 4)
     return summary
+
+
+class CacheWriteError(Exception):
+    """The cache folder, or a file in it, cannot be written; the message is
+    ``"<cache>: cannot write (<reason>)"``."""
+
+
+@contextlib.contextmanager
+def _writing_to(cache_dir: Path):
+    """Turn an ``OSError`` of the block into a ``CacheWriteError`` naming the cache."""
+    try:
+        yield
+    except OSError as err:
+        where = f": {err.filename}" if err.filename else ""
+        raise CacheWriteError(f"{cache_dir}: cannot write ({err.strerror or err}{where})") \
+            from err
+
+
+def run(cfg: config_lib.Config, data_dir: Path, cache_dir: Path, *, workers: int,
+        shard: tuple[int, int] = (0, 1), force: bool = False,
+        table_paths: dict[str, str | None] | None = None, progress: bool = True) -> dict:
+    """Preprocess every scan under ``data_dir`` into ``cache_dir``; returns a summary.
+
+    Writes only what changes, so a rerun on a finished cache writes nothing (a read-only
+    copy works); a write that is needed and fails raises ``CacheWriteError``."""
+    require_folder(data_dir, "data folder")
+    if cache_dir.exists() and not cache_dir.is_dir():
+        raise InputError(f"{cache_dir}: --cache-dir is not a folder")
+    tables = read_input_tables(data_dir, table_paths or {})
+    sources, problems = _find_sources(cfg, data_dir, shard)
+    with _writing_to(cache_dir):
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        cache.clean_temporary_files(cache_dir)
+        todo = _scans_to_do(sources, cache_dir, cfg.preprocess, force)
+        _write_run_config(cfg, cache_dir, data_dir, shard)
+
+        failures = [{"seriesuid": "", "path": path, "reason": reason} for path, reason in problems]
+        for path, reason in problems:
+            tqdm.write(f"skipped {path}: {reason}", file=sys.stderr)
+        started = time.perf_counter()
+        _process_all(todo, cfg, cache_dir, workers, failures, progress)
+        elapsed = time.perf_counter() - started
+        failures_frame = pd.DataFrame(failures, columns=["seriesuid", "path", "reason"])
+        write_csv_atomic(failures_frame, cache_dir / cache.FAILURES, if_changed=True)
+        metas = write_tables(cache_dir, tables)
+    return _summary(sources, todo, failures, metas, cache_dir, tables, elapsed)
 
 
 def main(argv=None) -> int:
@@ -591,6 +699,9 @@ def main(argv=None) -> int:
                                    "candidates": args.candidates},
                       progress=not args.no_progress)
     except (FileNotFoundError, NotADirectoryError, InputError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except CacheWriteError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(json.dumps(summary))

@@ -1,5 +1,7 @@
 """Scan reading and the world <-> voxel conversions (the project's coordinate contract)."""
 
+import contextlib
+import locale
 from pathlib import Path
 
 import numpy as np
@@ -7,7 +9,7 @@ import pytest
 import SimpleITK as sitk
 
 from ct_io import (Geometry, ScanError, ScanSource, check_seriesuid, find_scans, read_image,
-                   read_scan, voxel_to_world, world_to_voxel)
+                   voxel_to_world, world_to_voxel)
 
 FLIP_Z = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, -1.0)
 
@@ -25,6 +27,12 @@ GEOMETRIES = {
     "flipped_z": Geometry((-150.0, -160.0, 10.0), (0.8, 0.8, 1.25), FLIP_Z),
     "oblique_flipped": Geometry((12.5, -3.0, 100.0), (0.6, 0.9, 2.0), _rotation(17.0)),
 }
+
+
+def read_scan(source: ScanSource) -> tuple[np.ndarray, Geometry]:
+    """The checked scan (``read_image``) as a HU array (z, y, x) and its geometry."""
+    image = read_image(source)
+    return sitk.GetArrayFromImage(image), Geometry.from_image(image)
 
 
 def _image(shape_zyx, geometry: Geometry, dtype=np.int16, fill=-1000) -> sitk.Image:
@@ -69,8 +77,25 @@ def test_shifted_geometry_matches_a_simpleitk_crop():
     np.testing.assert_allclose(geometry.shifted((2, 4, 3)).origin_xyz_mm, crop.GetOrigin(), atol=1e-9)
 
 
+@contextlib.contextmanager
+def keep_locale():
+    """GDCM's DICOM writer switches the process to the C locale (Python then reads text
+    files as ASCII); put the locale back."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        yield
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
 def _write_dicom_series(folder: Path, array: np.ndarray, spacing_xyz, origin_xyz, series_uid: str,
                         prefix: str = "slice") -> None:
+    with keep_locale():
+        _write_dicom_slices(folder, array, spacing_xyz, origin_xyz, series_uid, prefix)
+
+
+def _write_dicom_slices(folder: Path, array: np.ndarray, spacing_xyz, origin_xyz, series_uid: str,
+                        prefix: str) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()

@@ -30,6 +30,12 @@ def _run(data_dir, cache_dir, *extra) -> int:
                             "--workers", "1", "--no-progress", *map(str, extra)])
 
 
+def _uint8_to_hu(values, window_hu) -> np.ndarray:
+    """Inverse of the cache's windowing (exact inside the window)."""
+    scale, offset = cache.hu_to_uint8(window_hu)
+    return (np.asarray(values, dtype=np.float32) - offset) / scale
+
+
 def _cache_files(cache_dir: Path) -> dict[str, bytes]:
     """Every file a later stage reads (config.json records paths, so it is left out)."""
     names = [p for p in sorted(cache_dir.rglob("*")) if p.is_file() and p.name != "config.json"]
@@ -73,9 +79,18 @@ def test_cache_layout_and_meta_table(cached, sample):
         assert scan.mask[z0:z1, y0:y1, x0:x1].sum() == scan.mask.sum() > 0
         # Outside the mask the volume holds the padding (0 HU), nothing else.
         pad = np.unique(np.asarray(scan.volume)[np.asarray(scan.mask) == 0])
-        assert pad.size == 1 and cache.uint8_to_hu(pad, m.window_hu)[0] == pytest.approx(0, abs=4)
+        assert pad.size == 1 and _uint8_to_hu(pad, m.window_hu)[0] == pytest.approx(0, abs=4)
         assert 0 < m.lung_cover_ratio < 1
         assert m.left_lung_ml > 0.3 * m.lung_volume_ml and m.right_lung_ml > 0.3 * m.lung_volume_ml
+
+
+def test_meta_records_the_pad_value_written_outside_the_mask(cached):
+    table = pd.read_csv(cached / cache.META_TABLE, dtype={"seriesuid": str})
+    for uid, pad_value in zip(table["seriesuid"], table["pad_value"]):
+        assert json.loads(cache.scan_meta_path(cached, uid).read_text())["pad_value"] == pad_value
+        scan = cache.open_scan(cached, uid)
+        outside = np.asarray(scan.volume)[np.asarray(scan.mask) == 0]
+        assert scan.meta.pad_value == pad_value and set(np.unique(outside)) == {pad_value}
 
 
 def test_cached_voxels_sit_at_the_same_world_points_as_the_original(cached, sample):
@@ -93,7 +108,7 @@ def test_cached_voxels_sit_at_the_same_world_points_as_the_original(cached, samp
         # (up to the int16 / uint8 rounding of the cache: 1800 HU / 255 per step).
         centre = tuple(float(v) for v in voxel_to_world(zyx, meta.geometry))
         hu_original = original.EvaluateAtPhysicalPoint(centre, sitk.sitkLinear)
-        hu_cache = cache.uint8_to_hu(cache.open_scan(cached, row.seriesuid).volume[tuple(zyx)],
+        hu_cache = _uint8_to_hu(cache.open_scan(cached, row.seriesuid).volume[tuple(zyx)],
                                      meta.window_hu)
         assert abs(hu_cache - hu_original) < 6, (row.seriesuid, hu_cache, hu_original)
         checked += 1

@@ -1,4 +1,4 @@
-"""Tests of the synthetic LUNA16-style data set (sample_data.py)."""
+"""Tests of the synthetic LUNA16-style data set (sample_data.py, phantom.py)."""
 
 import json
 from pathlib import Path
@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+import phantom
 import sample_data
 from ct_io import Geometry, find_scans, world_to_voxel
 from tables import read_annotations, read_candidates, read_seriesuids
@@ -213,10 +214,10 @@ def test_slicewise_lung_recipe_separates_lungs_from_trachea(dataset):
 
 def test_default_size_phantom():
     rng = np.random.default_rng([0, 2])
-    volume, geometry, nodules, excluded, truth = sample_data.make_phantom(rng, flip_z=True)
+    volume, geometry, nodules, excluded, truth = phantom.make_phantom(rng, flip_z=True)
     assert volume.dtype == np.int16
-    assert volume.shape[0] <= sample_data.MAX_SLICES
-    assert volume.shape[1] == volume.shape[2] <= sample_data.MAX_INPLANE_VOXELS
+    assert volume.shape[0] <= phantom.MAX_SLICES
+    assert volume.shape[1] == volume.shape[2] <= phantom.MAX_INPLANE_VOXELS
     width = 2 * truth["body"]["semi_axes_xy_mm"][0]
     assert 180 <= width <= 255
     assert 150 <= volume.shape[0] * geometry.spacing_xyz_mm[2] <= 205
@@ -225,7 +226,7 @@ def test_default_size_phantom():
     assert top[0] == 0 and np.median(_patch(volume, top)) < -900
     for nodule in nodules:
         assert 3.0 <= nodule["diameter_mm"] <= 30.0
-        assert nodule["type"] in sample_data.NODULE_TYPES
+        assert nodule["type"] in phantom.NODULE_TYPES
         if nodule["type"] != "ground-glass":
             assert volume[_index(nodule["coord_xyz_mm"], geometry)] > -700
     assert all(e["diameter_mm"] < 3.0 for e in excluded)
