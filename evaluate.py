@@ -1,4 +1,4 @@
-"""LUNA16 FROC evaluation of a detection submission, plus per-candidate classification metrics.
+"""LUNA16 FROC / CPM of a detection submission by the official rules, with bootstrap intervals.
 
 Run (from the repository root)::
 
@@ -27,17 +27,18 @@ rule, so the figures it prints are the ones the challenge would report:
   10001-point interpolation of the curve; the CPM is their mean.
 
 With ``--out DIR`` it writes ``froc.png``, ``froc_curve.csv`` (fps, sensitivity, threshold:
-the rows of the official ``froc_*.txt``), ``froc_metrics.json``,
-``classification_metrics.json`` and ``roc.png``. Bad inputs give ``error: <file>: <problem>``
-and exit code 2, with nothing written; among them an output file that is one of the inputs,
-a submission without rows (the FROC of no marks says nothing) and annotations without a
-nodule on the listed scans (sensitivity is undefined). Options out of range (``--max-marks``
-below 0, ``--bootstrap`` other than 0 or 2 to 100,000) are argparse errors. What the
-official script scores silently but is most likely a mistake is scored the same and warned
-about on stderr (``warning: <file>: <problem>``): submission rows repeated with the same
-seriesuid and coordinates, and marks more than 10,000 mm from the scanner origin. The tables
-are read by ``tables.py``: a UTF-8 byte-order mark and whitespace around seriesuids are
-dropped.
+the rows of the official ``froc_*.txt``), ``froc_metrics.json`` and the per-candidate
+metrics of ``metrics.py``, which it also prints (marks labelled by ``hit_labels``):
+``classification_metrics.json`` and ``roc.png``. Bad inputs give
+``error: <file>: <problem>`` and exit code 2, with nothing written; among them an output
+file that is one of the inputs, a submission without rows (the FROC of no marks says
+nothing) and annotations without a nodule on the listed scans (sensitivity is undefined).
+Options out of range (``--max-marks`` below 0, ``--bootstrap`` other than 0 or 2 to
+100,000) are argparse errors. What the official script scores silently but is most likely
+a mistake is scored the same and warned about on stderr (``warning: <file>: <problem>``):
+rows repeated with the same seriesuid and coordinates, and marks more than 10,000 mm from
+the scanner origin. The tables are read by ``tables.py``: a UTF-8 byte-order mark and
+whitespace around seriesuids are dropped.
 """
 
 from __future__ import annotations
@@ -53,13 +54,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from metrics import (classification_metrics, format_classification, new_figure, plot_roc,
+                     save_figure)
 from tables import (
     ANNOTATION_COLUMNS,
     PREDICTION_COLUMNS,
     WORLD_COLUMNS,
     InputError,
     TableError,
-    atomic_open,
     atomic_write_text,
     check_output_path,
     read_annotations,
@@ -562,59 +564,6 @@ def hit_labels(predictions_df: pd.DataFrame, annotations_df: pd.DataFrame,
     return labels
 
 
-def _confusion_matrix(truth: np.ndarray, called: np.ndarray) -> np.ndarray:
-    """``[[tn, fp], [fn, tp]]`` (``sklearn.metrics.confusion_matrix``; zeros when empty)."""
-    from sklearn.metrics import confusion_matrix
-
-    if len(truth) == 0:
-        return np.zeros((2, 2), dtype=np.int64)
-    return confusion_matrix(truth, called, labels=[False, True])
-
-
-def classification_metrics(labels, probabilities, threshold: float = 0.5) -> dict:
-    """Binary metrics of ``probabilities`` against 0/1 ``labels``; a probability at or above
-    ``threshold`` is a positive call. Negative labels (hit_labels' -1) are left out and
-    counted in ``n_ignored``. Undefined ratios (no positives, one class for the AUC) are None.
-    """
-    labels = np.asarray(labels).reshape(-1)
-    probabilities = np.asarray(probabilities, dtype=np.float64).reshape(-1)
-    if labels.shape != probabilities.shape:
-        raise ValueError(f"{len(labels)} labels but {len(probabilities)} probabilities")
-    if not np.isfinite(probabilities).all():
-        raise ValueError("probabilities hold NaN or infinite values")
-    if not math.isfinite(threshold):
-        raise ValueError(f"threshold must be finite, got {threshold}")
-    used = labels >= 0
-    if not np.isin(labels[used], (0, 1)).all():
-        raise ValueError("labels must be 0, 1 (or negative for ignored)")
-    truth = labels[used].astype(bool)
-    called = probabilities[used] >= threshold
-    tn, fp, fn, tp = (int(v) for v in _confusion_matrix(truth, called).ravel())
-    n = tp + fn + fp + tn
-
-    def ratio(num, den):
-        return num / den if den else None
-
-    auc = None
-    if 0 < truth.sum() < n:
-        from sklearn.metrics import roc_auc_score
-        auc = float(roc_auc_score(truth, probabilities[used]))
-    return {
-        "threshold": float(threshold),
-        "n": n,
-        "n_positive": tp + fn,
-        "n_negative": tn + fp,
-        "n_ignored": int((~used).sum()),
-        "tn": tn, "fp": fp, "fn": fn, "tp": tp,
-        "confusion_matrix": [[tn, fp], [fn, tp]],
-        "accuracy": ratio(tp + tn, n),
-        "sensitivity": ratio(tp, tp + fn),
-        "specificity": ratio(tn, tn + fp),
-        "precision": ratio(tp, tp + fp),
-        "auc": auc,
-    }
-
-
 # ---------------------------------------------------------------- reporting and files
 
 def _format_count(key: str, value) -> str:
@@ -643,41 +592,8 @@ def format_report(result: FrocResult, name: str) -> str:
     return "\n".join(lines)
 
 
-def format_classification(metrics: dict) -> str:
-    def show(value):
-        return "undefined" if value is None else f"{value:.6f}"
-
-    return "\n".join([
-        f"Per-candidate classification (probability >= {metrics['threshold']:g} is positive; "
-        f"{metrics['n']} rows, {metrics['n_positive']} on nodules, "
-        f"{metrics['n_ignored']} on excluded findings left out):",
-        f"    accuracy: {show(metrics['accuracy'])}",
-        f"    sensitivity: {show(metrics['sensitivity'])}",
-        f"    specificity: {show(metrics['specificity'])}",
-        f"    ROC AUC: {show(metrics['auc'])}",
-        f"    confusion matrix: tn={metrics['tn']} fp={metrics['fp']} "
-        f"fn={metrics['fn']} tp={metrics['tp']}",
-    ])
-
-
-def _save_figure(figure, path: Path) -> None:
-    with atomic_open(path, "wb") as handle:
-        figure.savefig(handle, format="png", dpi=120)
-
-
-def _new_figure():
-    # The object API with the Agg canvas needs no display and leaves pyplot's global
-    # state (and whatever backend the caller chose) alone.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(7, 5))
-    FigureCanvasAgg(figure)
-    return figure, figure.add_subplot(1, 1, 1)
-
-
 def plot_froc(result: FrocResult, path: Path, name: str = "") -> None:
-    figure, ax = _new_figure()
+    figure, ax = new_figure()
     if result.ci is not None:
         ci = result.ci
         ax.fill_between(ci.band_fps, ci.band_lower, ci.band_upper, color="tab:blue", alpha=0.2,
@@ -695,30 +611,7 @@ def plot_froc(result: FrocResult, path: Path, name: str = "") -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.set_title(f"FROC {name} (CPM {result.cpm:.6f})".replace("  ", " "))
     ax.legend(loc="lower right")
-    _save_figure(figure, path)
-
-
-def plot_roc(labels: np.ndarray, probabilities: np.ndarray, metrics: dict, path: Path) -> None:
-    figure, ax = _new_figure()
-    used = labels >= 0
-    if metrics["auc"] is not None:
-        from sklearn.metrics import roc_curve
-
-        fpr, tpr, _ = roc_curve(labels[used], probabilities[used])
-        ax.plot(fpr, tpr, color="tab:blue", label=f"AUC {metrics['auc']:.4f}")
-        ax.legend(loc="lower right")
-        title = f"Per-candidate ROC (AUC {metrics['auc']:.4f})"
-    else:
-        ax.text(0.5, 0.5, "ROC undefined: only one class among the candidates",
-                ha="center", va="center")
-        title = "Per-candidate ROC"
-    ax.plot([0, 1], [0, 1], ":", color="grey")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.set_xlabel("False positive rate")
-    ax.set_ylabel("True positive rate")
-    ax.set_title(title)
-    _save_figure(figure, path)
+    save_figure(figure, path)
 
 
 def write_outputs(out: Path, result: FrocResult, metrics: dict, labels: np.ndarray,

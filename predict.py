@@ -87,12 +87,13 @@ def score_table(model, cache_dir, table: pd.DataFrame, cube_size: int, batch_siz
     With ``tta`` the probability is the mean over the cube and its flips along z, y and x.
     """
     import generators
+    from augmentation import flip_variants
 
     probabilities = np.zeros(len(table), dtype=np.float64)
     table = table.reset_index(drop=True)
     bar = tqdm(total=len(table), desc="scoring", unit="cube", disable=not progress, file=sys.stderr)
     for cubes, positions in generators.cube_batches(cache_dir, table, cube_size, batch_size):
-        variants = generators.flip_variants(cubes) if tta else [cubes]
+        variants = flip_variants(cubes) if tta else [cubes]
         scores = np.mean([np.asarray(model.predict_on_batch(v), dtype=np.float64).reshape(-1)
                           for v in variants], axis=0)
         probabilities[positions] = scores

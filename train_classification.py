@@ -29,7 +29,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 import cache
@@ -53,8 +52,8 @@ def validation_callback(cache_dir, table: pd.DataFrame, cube_size: int, batch_si
     sensitivity and specificity (exact, over the whole validation table)."""
     import keras
 
-    import evaluate
     import predict
+    from metrics import classification_metrics, cross_entropy
 
     labels = table["label"].to_numpy()
 
@@ -63,9 +62,9 @@ def validation_callback(cache_dir, table: pd.DataFrame, cube_size: int, batch_si
             if logs is None:
                 return
             probabilities = predict.score_table(self.model, cache_dir, table, cube_size, batch_size)
-            clipped = np.clip(probabilities, 1e-7, 1 - 1e-7)
-            logs["val_loss"] = float(-np.mean(labels * np.log(clipped) + (1 - labels) * np.log(1 - clipped)))
-            metrics = evaluate.classification_metrics(labels, probabilities)
+            # Clipped as Keras' own binary cross-entropy clips (keras.config.epsilon()).
+            logs["val_loss"] = cross_entropy(labels, probabilities, keras.config.epsilon())
+            metrics = classification_metrics(labels, probabilities)
             for key in ("auc", "accuracy", "sensitivity", "specificity"):
                 logs[f"val_{key}"] = float("nan") if metrics[key] is None else float(metrics[key])
             print(f"\nvalidation ({len(table)} cubes): AUC {logs['val_auc']:.4f} accuracy "

@@ -38,10 +38,10 @@ What it does:
    config's ``classification.lr``), weighted cross-entropy (positives weighted n_benign /
    n_malignant of the training part) or ``--loss focal``, batch ``--batch-size``, random
    flips, 90-degree turns in the axial plane, shifts up to ``--max-shift`` voxels and
-   intensity jitter (``generators.augment``); the test fold is predicted with flip
+   intensity jitter (``augmentation.augment``); the test fold is predicted with flip
    test-time augmentation (the cube and its z, y and x flips, averaged:
-   ``generators.flip_variants``).
-3. ROC AUC, accuracy, sensitivity and specificity at 0.5 (``evaluate.classification_metrics``)
+   ``augmentation.flip_variants``).
+3. ROC AUC, accuracy, sensitivity and specificity at 0.5 (``metrics.classification_metrics``)
    of the out-of-fold probabilities, per model and for the ensemble (mean of the models'
    probabilities), with the training time of each model on this machine; a fixed-format
    table, reference points, and finally ``AUC: 0.xxxx`` (the ensemble's).
@@ -82,11 +82,12 @@ import SimpleITK as sitk  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import cache  # noqa: E402
+from augmentation import Augmentation, augment, flip_variants  # noqa: E402
 from benchmarks.common import machine_info  # noqa: E402
 from config import ClassificationConfig, PreprocessConfig, TrainingConfig  # noqa: E402
 from ct_io import Geometry, world_to_voxel  # noqa: E402
-from evaluate import classification_metrics  # noqa: E402
-from generators import Augmentation, augment, crop_patch, flip_variants, to_unit  # noqa: E402
+from generators import crop_patch, to_unit  # noqa: E402
+from metrics import classification_metrics  # noqa: E402
 from models import CLASSIFIERS  # noqa: E402
 from preprocess import AIR_HU, MAX_HU, isotropic_grid, resample  # noqa: E402
 from tables import (  # noqa: E402
@@ -395,7 +396,7 @@ def make_loss(settings: Settings, train_labels):
 
 def augmented_batch(stored: np.ndarray, settings: Settings, rng: np.random.Generator) -> np.ndarray:
     """float32 ``(n, c, c, c, 1)`` training batch: random shift within the stored margin,
-    then ``generators.augment``."""
+    then ``augmentation.augment``."""
     size, margin = settings.cube_size, settings.max_shift_vox
     out = np.empty((len(stored), size, size, size, 1), dtype=np.float32)
     for k, cube in enumerate(stored):

@@ -236,7 +236,7 @@ def write_synthetic_scan(cache_dir: Path, shape_zyx, tables: dict | None = None)
         cache_origin_xyz_mm=geometry.origin_xyz_mm, lung_bbox_zyx_vox=bbox,
         lung_volume_ml=lung_ml, lung_cover_ratio=round(lung_ml * 1000.0 / volume.size, 6),
         left_lung_ml=lung_ml / 2, right_lung_ml=lung_ml / 2, airway_removed_ml=0.0,
-        window_hu=(-1200.0, 600.0), settings_hash="benchmark")
+        window_hu=(-1200.0, 600.0), settings_hash="benchmark", pad_value=PAD_UINT8)
     cache.save_array_atomic(cache.volume_path(cache_dir, UID), volume)
     cache.save_array_atomic(cache.mask_path(cache_dir, UID), mask)
     cache.write_scan_meta(cache_dir, meta)

@@ -17,13 +17,15 @@ import cache
 import detect
 import preprocess
 import sliding_window
-from config import load_profile
+from config import PreprocessConfig, load_profile
 from ct_io import Geometry, voxel_to_world, world_to_voxel
 from tests.conftest import ROOT
 
 FLIPPED_Z = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, -1.0)
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 WINDOW_HU = (-1200.0, 600.0)
+# The uint8 value preprocessing writes outside the lung mask (pad_hu in WINDOW_HU).
+PAD_VALUE = cache.pad_to_uint8(PreprocessConfig().pad_hu, WINDOW_HU)
 BACKGROUND = 60  # uint8: 60 / 255 = 0.24, well below the 0.5 threshold
 BRIGHT = 230
 
@@ -57,7 +59,7 @@ def write_cached_scan(cache_dir: Path, uid: str, volume, mask, geometry: Geometr
         cache_origin_xyz_mm=geometry.origin_xyz_mm, lung_bbox_zyx_vox=bbox,
         lung_volume_ml=lung_ml, lung_cover_ratio=0.5, left_lung_ml=lung_ml / 2,
         right_lung_ml=lung_ml / 2, airway_removed_ml=0.0, window_hu=WINDOW_HU,
-        settings_hash="test")
+        settings_hash="test", pad_value=PAD_VALUE)
     cache.save_array_atomic(cache.volume_path(cache_dir, uid), volume)
     cache.save_array_atomic(cache.mask_path(cache_dir, uid), mask.astype(np.uint8))
     cache.write_scan_meta(cache_dir, meta)

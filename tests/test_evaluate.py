@@ -1,10 +1,9 @@
 """Tests of evaluate.py: the LUNA16 FROC (against the official figures on real data and
-hand-computed synthetic cases), the bootstrap, malformed inputs and per-candidate metrics."""
+hand-computed synthetic cases), the bootstrap, malformed inputs and the hit labels."""
 
 from __future__ import annotations
 
 import json
-import math
 import re
 
 import numpy as np
@@ -15,7 +14,6 @@ import evaluate
 from evaluate import (
     FROC_RATES,
     bootstrap_froc,
-    classification_metrics,
     compute_froc,
     hit_labels,
     main,
@@ -434,37 +432,6 @@ def test_malformed_input_exit_2_nothing_written(case, tmp_path, capsys):
     assert not out.exists()
     if case == "unknown seriesuid":
         assert "2 seriesuid(s)" in captured.err
-
-
-# ------------------------------------------------------------------ per-candidate metrics
-
-def test_classification_metrics_hand_computed():
-    labels = [1, 1, 0, 0, 0, -1]
-    probs = [0.9, 0.4, 0.6, 0.2, 0.1, 0.99]
-    m = classification_metrics(labels, probs, threshold=0.5)
-    assert (m["tn"], m["fp"], m["fn"], m["tp"]) == (2, 1, 1, 1)
-    assert m["confusion_matrix"] == [[2, 1], [1, 1]]
-    assert m["n"] == 5 and m["n_ignored"] == 1
-    assert m["accuracy"] == pytest.approx(3 / 5)
-    assert m["sensitivity"] == pytest.approx(1 / 2)
-    assert m["specificity"] == pytest.approx(2 / 3)
-    assert m["precision"] == pytest.approx(1 / 2)
-    assert m["auc"] == pytest.approx(5 / 6)  # 5 of the 6 positive-negative pairs in order
-    # The threshold itself counts as a positive call.
-    assert classification_metrics([1, 0], [0.5, 0.49])["accuracy"] == 1.0
-    one_class = classification_metrics([0, 0, 0], [0.1, 0.7, 0.2])
-    assert one_class["auc"] is None and one_class["sensitivity"] is None
-    assert one_class["specificity"] == pytest.approx(2 / 3)
-    json.dumps(m)  # plain Python values only
-    with pytest.raises(ValueError):
-        classification_metrics([0, 1], [0.5, math.nan])
-
-
-def test_classification_metrics_with_every_row_ignored():
-    m = classification_metrics([-1, -1], [0.2, 0.9])
-    assert m["confusion_matrix"] == [[0, 0], [0, 0]] and m["n"] == 0 and m["n_ignored"] == 2
-    assert m["accuracy"] is None and m["auc"] is None
-    json.dumps(m)
 
 
 def test_hit_labels():

@@ -1,5 +1,5 @@
-"""generators.py: crop centring, sphere targets, augmentation alignment, deterministic and
-balanced sampling, the LUNA16 hit rule for classifier labels, and the tf.data wiring.
+"""generators.py: crop centring, sphere targets, deterministic and balanced sampling, the
+LUNA16 hit rule for classifier labels, and the tf.data wiring.
 
 Runs on a tiny synthetic cache written here with the cache module's writers: three scans
 of 56 x 64 x 64 voxels (one with a flipped z axis, one without nodules), bright spheres
@@ -19,6 +19,7 @@ import pytest
 import cache
 import generators as gen
 import preprocess
+from augmentation import Augmentation
 from config import ClassificationConfig, SegmentationConfig
 from ct_io import Geometry, voxel_to_world, world_to_voxel
 
@@ -146,71 +147,6 @@ def test_size_weights_follow_the_bins():
         gen.size_weights([5.0], (10.0,), (1.0, 2.0, 3.0))
 
 
-# --------------------------------------------------------------------------- augmentation
-
-
-def test_augmentation_keeps_image_and_target_aligned():
-    shape = (24, 24, 24)
-    target = gen.sphere_mask(shape, (7.0, 15.0, 9.0), 4.5)
-    image = np.where(target, 0.95, 0.2).astype(np.float32)
-    cfg = gen.Augmentation(rot90_all=True, rotate_probability=1.0, rotate_max_deg=15.0)
-    changed = 0
-    for seed in range(8):
-        out, out_target = gen.augment(image, target, np.random.default_rng(seed), cfg)
-        assert out.dtype == np.float32 and out.shape == shape and out_target.shape == shape
-        assert out.min() >= 0.0 and out.max() <= 1.0
-        bright = out > (out.max() + out.min()) / 2
-        iou = (bright & out_target).sum() / (bright | out_target).sum()
-        assert iou > 0.85, f"seed {seed}: image and target drifted apart (IoU {iou:.2f})"
-        changed += not out_target[7, 15, 9]
-    assert changed > 0  # the sphere did move somewhere in 8 draws
-    again = gen.augment(image, target, np.random.default_rng(3), cfg)
-    first = gen.augment(image, target, np.random.default_rng(3), cfg)
-    np.testing.assert_array_equal(again[0], first[0])
-    np.testing.assert_array_equal(again[1], first[1])
-
-
-def test_noise_augmentation_has_the_drawn_strength_and_no_bias():
-    image = np.full((32, 32, 32), 0.5, dtype=np.float32)
-    cfg = gen.Augmentation(flip=False, rot90_axial=False, rotate_probability=0.0,
-                           intensity_scale=0.0, intensity_offset=0.0, noise_sigma=0.03)
-    sigmas = [float(gen.augment(image, None, np.random.default_rng(s), cfg)[0].std())
-              for s in range(40)]
-    assert max(sigmas) <= 0.03 * 1.05 and min(sigmas) < 0.01 < max(sigmas)
-    assert abs(np.mean([gen.augment(image, None, np.random.default_rng(s), cfg)[0].mean()
-                        for s in range(10)]) - 0.5) < 1e-3
-    quiet = dataclasses.replace(cfg, noise_sigma=0.0)
-    np.testing.assert_array_equal(gen.augment(image, None, np.random.default_rng(0), quiet)[0],
-                                  image)
-
-
-@pytest.mark.parametrize("plane", [(1, 2), (0, 1), (2, 0)])
-def test_sparse_mask_rotation_equals_ndimage(plane):
-    from scipy import ndimage
-
-    mask = gen.sphere_mask((20, 22, 24), (6.3, 14.2, 9.1), 3.5)
-    for angle in (-13.0, 8.5):
-        expected = ndimage.rotate(mask.astype(np.uint8), angle, axes=plane, reshape=False,
-                                  order=0).astype(bool)
-        np.testing.assert_array_equal(gen.rotate_nearest(mask, angle, plane), expected)
-
-
-def test_no_augmentation_is_the_identity():
-    image = np.random.default_rng(0).random((8, 8, 8), dtype=np.float32)
-    out, target = gen.augment(image, None, np.random.default_rng(0), gen.NO_AUGMENTATION)
-    np.testing.assert_array_equal(out, image)
-    assert target is None
-
-
-def test_flip_variants():
-    cubes = np.random.default_rng(0).random((2, 4, 5, 6, 1), dtype=np.float32)
-    variants = gen.flip_variants(cubes)
-    assert len(variants) == 4 and all(v.shape == cubes.shape for v in variants)
-    np.testing.assert_array_equal(variants[0], cubes)
-    np.testing.assert_array_equal(variants[3], cubes[:, :, :, ::-1])
-    assert len(gen.flip_variants(cubes, all_eight=True)) == 8
-
-
 # --------------------------------------------------------------------------- segmentation
 
 
@@ -258,7 +194,7 @@ def test_targets_sit_on_the_nodules_and_hold_their_volume(cache_dir):
 
 
 def test_augmented_segmentation_target_still_covers_the_bright_voxels(cache_dir):
-    sampler = _sampler(cache_dir, augmentation=gen.Augmentation(rotate_probability=0.5))
+    sampler = _sampler(cache_dir, augmentation=Augmentation(rotate_probability=0.5))
     checked = 0
     for index in range(30):
         if not sampler.plan(3, index).positive:
