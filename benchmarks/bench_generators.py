@@ -54,6 +54,7 @@ import numpy as np  # noqa: E402
 from benchmarks.common import DEFAULT_OUT, machine_info, warm_files  # noqa: E402
 import pandas as pd  # noqa: E402
 
+import augmentation  # noqa: E402
 import cache  # noqa: E402
 import generators as gen  # noqa: E402
 from config import ClassificationConfig, SegmentationConfig, load_profile  # noqa: E402
@@ -123,7 +124,7 @@ def naive_segmentation(cache_dir: Path, uids, batch_size: int):
             nodules = by_scan.get(plan.seriesuid, np.zeros((0, 4))).copy()
             nodules[:, :3] -= gen.crop_start(plan.center_zyx_vox, size)
             target = gen.nodule_target((size,) * 3, nodules) > 0
-            image, target = gen.augment(gen.to_unit(patch), target, rng, sampler.augmentation)
+            image, target = augmentation.augment(gen.to_unit(patch), target, rng, sampler.augmentation)
             images.append(image[..., None])
             targets.append(target[..., None])
         yield np.stack(images), np.stack(targets)
@@ -146,7 +147,7 @@ def naive_classification(cache_dir: Path, table, batch_size: int):
             uid = uids[row]
             volume = np.load(cache.volume_path(cache_dir, uid))
             cube = gen.crop_patch(volume, centers[row] + shift, size, sampler.pad_values[uid])
-            image, _ = gen.augment(gen.to_unit(cube), None, rng, sampler.augmentation)
+            image, _ = augmentation.augment(gen.to_unit(cube), None, rng, sampler.augmentation)
             images.append(image[..., None])
             labels.append([table_labels[row]])
         yield np.stack(images), np.asarray(labels, np.float32)

@@ -89,3 +89,37 @@ TINY_PIPELINE = [
     "--classification.batch_size=4", "--classification.epochs=1",
     "--classification.steps_per_epoch=2", "--ensemble.models=vgg_simple,resnet",
     "--training.workers=1"]
+
+
+# The default preprocessing window and pad (config.PreprocessConfig), for hand-built caches.
+CACHE_WINDOW_HU = (-1200.0, 600.0)
+CACHE_PAD_HU = 0.0
+
+
+def write_cached_scan(cache_dir: Path, uid: str, volume, mask, geometry,
+                      subset: int = 0, bbox=None):
+    """One scan in the cache layout, through the cache module's writers; ``bbox`` (the lung
+    box, z0 y0 x0 z1 y1 x1) defaults to the mask's. Returns its ``cache.ScanMeta``."""
+    import numpy as np
+
+    import cache
+
+    if bbox is None:
+        zs, ys, xs = np.nonzero(mask)
+        bbox = (int(zs.min()), int(ys.min()), int(xs.min()),
+                int(zs.max()) + 1, int(ys.max()) + 1, int(xs.max()) + 1)
+    lung_ml = float(mask.sum() * np.prod(geometry.spacing_xyz_mm) / 1000.0)
+    meta = cache.ScanMeta(
+        seriesuid=uid, source_path=f"/data/subset{subset}/{uid}.mhd",
+        original_shape_zyx=tuple(volume.shape), original_spacing_xyz_mm=geometry.spacing_xyz_mm,
+        origin_xyz_mm=geometry.origin_xyz_mm, direction=geometry.direction,
+        resampled_shape_zyx=tuple(volume.shape), resampled_spacing_xyz_mm=geometry.spacing_xyz_mm,
+        crop_offset_zyx_vox=(0, 0, 0), cache_shape_zyx=tuple(volume.shape),
+        cache_origin_xyz_mm=geometry.origin_xyz_mm, lung_bbox_zyx_vox=bbox,
+        lung_volume_ml=lung_ml, lung_cover_ratio=0.5, left_lung_ml=lung_ml / 2,
+        right_lung_ml=lung_ml / 2, airway_removed_ml=0.0, window_hu=CACHE_WINDOW_HU,
+        settings_hash="test", pad_value=cache.pad_to_uint8(CACHE_PAD_HU, CACHE_WINDOW_HU))
+    cache.save_array_atomic(cache.volume_path(cache_dir, uid), volume)
+    cache.save_array_atomic(cache.mask_path(cache_dir, uid), mask.astype(np.uint8))
+    cache.write_scan_meta(cache_dir, meta)
+    return meta

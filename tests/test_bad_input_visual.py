@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 
 import cache
+from conftest import write_cached_scan
 import report
 import visual_utils as vu
 from ct_io import Geometry
@@ -29,19 +30,8 @@ def _cache_of_one_scan(cache_dir: Path) -> Path:
     volume = np.full((20, 24, 24), 40, np.uint8)
     mask = np.zeros(volume.shape, np.uint8)
     mask[4:16, 4:20, 4:20] = 1
-    shape = volume.shape
-    meta = cache.ScanMeta(
-        seriesuid=UID, source_path=f"/data/subset0/{UID}.mhd", original_shape_zyx=shape,
-        original_spacing_xyz_mm=geometry.spacing_xyz_mm, origin_xyz_mm=geometry.origin_xyz_mm,
-        direction=geometry.direction, resampled_shape_zyx=shape,
-        resampled_spacing_xyz_mm=geometry.spacing_xyz_mm, crop_offset_zyx_vox=(0, 0, 0),
-        cache_shape_zyx=shape, cache_origin_xyz_mm=geometry.origin_xyz_mm,
-        lung_bbox_zyx_vox=(0, 0, 0, *shape), lung_volume_ml=float(mask.sum()) / 1000.0,
-        lung_cover_ratio=0.5, left_lung_ml=1.0, right_lung_ml=1.0, airway_removed_ml=0.0,
-        window_hu=(-1200.0, 600.0), settings_hash="test")
-    cache.save_array_atomic(cache.volume_path(cache_dir, UID), volume)
-    cache.save_array_atomic(cache.mask_path(cache_dir, UID), mask)
-    cache.write_scan_meta(cache_dir, meta)
+    meta = write_cached_scan(cache_dir, UID, volume, mask, geometry,
+                             bbox=(0, 0, 0, *volume.shape))
     pd.DataFrame([meta.to_row()]).to_csv(cache_dir / cache.META_TABLE, index=False)
     return cache_dir
 

@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -17,15 +16,13 @@ import cache
 import detect
 import preprocess
 import sliding_window
-from config import PreprocessConfig, load_profile
+from config import load_profile
+from conftest import write_cached_scan
 from ct_io import Geometry, voxel_to_world, world_to_voxel
 from tests.conftest import ROOT
 
 FLIPPED_Z = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, -1.0)
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
-WINDOW_HU = (-1200.0, 600.0)
-# The uint8 value preprocessing writes outside the lung mask (pad_hu in WINDOW_HU).
-PAD_VALUE = cache.pad_to_uint8(PreprocessConfig().pad_hu, WINDOW_HU)
 BACKGROUND = 60  # uint8: 60 / 255 = 0.24, well below the 0.5 threshold
 BRIGHT = 230
 
@@ -41,29 +38,6 @@ def sphere_volume(shape_zyx, centre_zyx_vox, radius_vox) -> np.ndarray:
     volume = np.full(shape_zyx, BACKGROUND, dtype=np.uint8)
     volume[dist2 <= radius_vox ** 2] = BRIGHT
     return volume
-
-
-def write_cached_scan(cache_dir: Path, uid: str, volume, mask, geometry: Geometry,
-                      subset: int = 0) -> cache.ScanMeta:
-    """One scan in the cache layout, through the cache module's writers."""
-    zs, ys, xs = np.nonzero(mask)
-    bbox = (int(zs.min()), int(ys.min()), int(xs.min()),
-            int(zs.max()) + 1, int(ys.max()) + 1, int(xs.max()) + 1)
-    lung_ml = float(mask.sum() * np.prod(geometry.spacing_xyz_mm) / 1000.0)
-    meta = cache.ScanMeta(
-        seriesuid=uid, source_path=f"/data/subset{subset}/{uid}.mhd",
-        original_shape_zyx=tuple(volume.shape), original_spacing_xyz_mm=geometry.spacing_xyz_mm,
-        origin_xyz_mm=geometry.origin_xyz_mm, direction=geometry.direction,
-        resampled_shape_zyx=tuple(volume.shape), resampled_spacing_xyz_mm=geometry.spacing_xyz_mm,
-        crop_offset_zyx_vox=(0, 0, 0), cache_shape_zyx=tuple(volume.shape),
-        cache_origin_xyz_mm=geometry.origin_xyz_mm, lung_bbox_zyx_vox=bbox,
-        lung_volume_ml=lung_ml, lung_cover_ratio=0.5, left_lung_ml=lung_ml / 2,
-        right_lung_ml=lung_ml / 2, airway_removed_ml=0.0, window_hu=WINDOW_HU,
-        settings_hash="test", pad_value=PAD_VALUE)
-    cache.save_array_atomic(cache.volume_path(cache_dir, uid), volume)
-    cache.save_array_atomic(cache.mask_path(cache_dir, uid), mask.astype(np.uint8))
-    cache.write_scan_meta(cache_dir, meta)
-    return meta
 
 
 def box_mask(shape, start, stop) -> np.ndarray:

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 import cache
+from conftest import write_cached_scan
 import config as config_lib
 import evaluate
 
@@ -111,18 +112,8 @@ def _write_cache(cache_dir, scans):
     metas = []
     for uid, volume, mask, geometry, subset in scans:
         shape = tuple(int(v) for v in volume.shape)
-        meta = cache.ScanMeta(
-            seriesuid=uid, source_path=f"/data/subset{subset}/{uid}.mhd", original_shape_zyx=shape,
-            original_spacing_xyz_mm=geometry.spacing_xyz_mm, origin_xyz_mm=geometry.origin_xyz_mm,
-            direction=geometry.direction, resampled_shape_zyx=shape,
-            resampled_spacing_xyz_mm=geometry.spacing_xyz_mm, crop_offset_zyx_vox=(0, 0, 0),
-            cache_shape_zyx=shape, cache_origin_xyz_mm=geometry.origin_xyz_mm,
-            lung_bbox_zyx_vox=(0, 0, 0, *shape), lung_volume_ml=float(mask.sum()) / 1000.0,
-            lung_cover_ratio=0.5, left_lung_ml=1.0, right_lung_ml=1.0, airway_removed_ml=0.0,
-            window_hu=(-1200.0, 600.0), settings_hash="test")
-        cache.save_array_atomic(cache.volume_path(cache_dir, uid), volume)
-        cache.save_array_atomic(cache.mask_path(cache_dir, uid), mask)
-        cache.write_scan_meta(cache_dir, meta)
+        meta = write_cached_scan(cache_dir, uid, volume, mask, geometry, subset,
+                                 bbox=(0, 0, 0, *shape))
         metas.append(meta)
     pd.DataFrame([m.to_row() for m in metas]).to_csv(cache_dir / cache.META_TABLE, index=False)
 
