@@ -1,4 +1,5 @@
-"""LIDC-IDRI malignancy benchmark: patient-grouped cross-validation of the 3D classifiers.
+"""LIDC-IDRI malignancy benchmark: patient-grouped cross-validation of the 3D classifiers,
+against the nodule's size alone and a stacked model of both.
 
     python benchmarks/bench_lidc.py --quick                   # smoke run, ~2 min on 2 CPU cores
     python benchmarks/bench_lidc.py --models resnet,inception --folds 3 --epochs 12 \\
@@ -10,7 +11,8 @@
 
 Data (``--data-dir``, default ``../shared/data/lidc_nodules``, read-only): ``image/*.nii.gz``
 nodule volumes cropped from LIDC-IDRI CTs (HU, native anisotropic spacing, world geometry),
-``mask/`` (not read: the classifiers see the image only) and ``nodules.csv`` with one row per
+``mask/*.nii.gz`` (the nodule's voxels, same names and geometry as the images; only its
+size is used: the classifiers see the image only) and ``nodules.csv`` with one row per
 nodule: ``patient_id``, world centre ``coordX, coordY, coordZ`` (mm), ``Diagnosis``
 (``Malign`` = 1, ``Benign`` = 0), ``voi_file`` (the volume's file name), and optionally
 ``nodule_id`` and ``diameter_mm``.
@@ -26,35 +28,52 @@ What it does:
    uint8 [0, 255] -> float [0, 1]. Cubes are kept in memory and in
    ``OUT/cache/cubes-<hash>.npz`` (the hash covers the settings, ``nodules.csv`` and the
    volumes' sizes and times; read with ``allow_pickle=False``). A volume that cannot be
-   used is reported with its file and the reason, and skipped.
-2. ``--folds`` folds by ``StratifiedGroupKFold`` with ``groups=patient_id`` (shuffled with
-   ``--seed``): no patient is in both a training and a test fold. In each fold a further
-   group split holds out a fifth of the training patients for validation: the epoch with the
-   best validation AUC is kept, and ``training.RunningAverageEarlyStopping`` on validation
-   loss and AUC decays the learning rate and stops early. The test fold is never looked at
-   until the model is final. Each model (``models.CLASSIFIERS``) is trained by
+   used is reported with its file and the reason, and skipped. The size measured from the
+   image is the equivalent-sphere diameter of the nodule's mask, (6 V / pi)^(1/3) with V
+   its voxel count times the voxel volume; where the mask is missing, unreadable or empty
+   the annotated ``diameter_mm`` stands in (counted in the notes).
+2. ``--folds`` folds (default 5) by ``StratifiedGroupKFold`` with ``groups=patient_id``
+   (shuffled with ``--seed``): no patient is in both a training and a test fold. In each fold
+   a further group split holds out a fifth of the training patients for validation: the
+   epoch with the best validation AUC is kept, and ``training.RunningAverageEarlyStopping``
+   on validation loss and AUC decays the learning rate and stops early. The test fold is
+   never looked at until the model is final. Each model (``models.CLASSIFIERS``) is trained by
    ``training.fit`` (checkpoints of every epoch and the best one in
    ``OUT/runs/<fold>/<model>/``, a fresh run each time) with Adam (``--lr``, default the
    config's ``classification.lr``), weighted cross-entropy (positives weighted n_benign /
    n_malignant of the training part) or ``--loss focal``, batch ``--batch-size``, random
    flips, 90-degree turns in the axial plane, shifts up to ``--max-shift`` voxels and
-   intensity jitter (``augmentation.augment``); the test fold is predicted with flip
-   test-time augmentation (the cube and its z, y and x flips, averaged:
+   intensity jitter (``augmentation.augment``); the test fold and the validation part are
+   predicted with flip test-time augmentation (the cube and its z, y and x flips, averaged:
    ``augmentation.flip_variants``).
-3. ROC AUC, accuracy, sensitivity and specificity at 0.5 (``metrics.classification_metrics``)
-   of the out-of-fold probabilities, per model and for the ensemble (mean of the models'
-   probabilities), with the training time of each model on this machine; a fixed-format
-   table, reference points, and finally ``AUC: 0.xxxx`` (the ensemble's).
+3. Size as a signal of its own, every row out of fold: ``diameter (annotation)`` and
+   ``diameter (mask)`` are a 1-D logistic regression on the log diameter fitted on each
+   fold's training part; ``stacked (networks + size)`` is a regularised logistic regression
+   on the networks' logits and the log mask diameter fitted on each fold's validation part,
+   which the networks never trained on (stacked generalisation, Wolpert 1992);
+   ``stacked (size + best network)`` does the same with the one network of best
+   validation AUC in that fold.
+4. ROC AUC, accuracy, sensitivity and specificity at 0.5 (``metrics.classification_metrics``)
+   of the out-of-fold probabilities, per model, for the ensemble (mean of the models'
+   probabilities) and for the size and stacked rows, with the training time of each model
+   on this machine (summed over folds); a fixed-format table, reference points, then
+   ``stacked AUC: 0.xxxx`` and finally ``AUC: 0.xxxx`` (the mean ensemble's).
+5. ``OUT/learning_curves.png``: per model, the training loss, validation loss and
+   validation AUC of each epoch (mean over the folds that reached it), from the
+   ``history.csv`` that ``training.fit`` writes in each run folder.
 
 ``--test-dir DIR`` (same layout) replaces the cross-validation: the models are trained on
-all of ``--data-dir`` (with the same internal validation split) and evaluated on DIR.
+all of ``--data-dir`` (with the same internal validation split) and evaluated on DIR; the
+size rows are fitted on all of ``--data-dir``, the stacked ones on its validation part.
 
-Output in ``--out`` (default ``benchmarks/results/lidc``): ``results.json`` (settings, metrics,
-per-fold details, timings, skipped volumes), ``results.md`` and ``oof_predictions.csv`` (or
-``test_predictions.csv`` with ``--test-dir``), and the training runs in ``runs/``. Progress
-(cubes, epochs) goes to stderr. Exit status 2, before any training: a data folder or its
-``nodules.csv`` is missing or unusable, or an output path cannot be written (``--out`` lies
-under a file, an output name is a folder or one of the inputs).
+Output in ``--out`` (default ``benchmarks/results/lidc``): ``results.json`` (settings, metrics
+of the networks and the ensemble, the size and stacked rows under ``size_and_stacking``,
+per-fold details, timings, skipped volumes, unusable masks), ``results.md``,
+``oof_predictions.csv`` (or ``test_predictions.csv`` with ``--test-dir``),
+``learning_curves.png``, and the training runs in ``runs/``. Progress (cubes, epochs) goes
+to stderr. Exit status 2, before any training: a data folder or its ``nodules.csv`` is
+missing or unusable, or an output path cannot be written (``--out`` lies under a file, an
+output name is a folder or one of the inputs).
 """
 
 from __future__ import annotations
@@ -121,6 +140,19 @@ AUGMENTATION = Augmentation(flip=True, rot90_axial=True, rot90_all=False,
 QUICK = {"folds": 2, "epochs": 2, "cube_size": 16, "models": "vgg_simple,resnet"}
 FULL = {"folds": 5, "epochs": 30, "cube_size": ClassificationConfig().cube_size,
         "models": "densenet,resnet,inception,vgg_simple"}
+ANNOTATED_SIZE = "diameter (annotation)"
+MASK_SIZE = "diameter (mask)"
+STACKED = "stacked (networks + size)"
+STACKED_BEST = "stacked (size + best network)"
+# The extra rows' columns in the prediction tables.
+PREDICTION_COLUMNS = {ANNOTATED_SIZE: "p_diameter_annotation", MASK_SIZE: "p_diameter_mask",
+                      STACKED: "p_stacked", STACKED_BEST: "p_stacked_best_network"}
+# Inverse L2 strength of the logistic regressions on standardised inputs (scikit-learn's
+# default): the stacker sees about a fifth of a fold's training part, its inputs (the
+# networks' logits) are strongly correlated, and the penalty keeps their weights shared.
+LOGISTIC_C = 1.0
+# Probabilities are clipped this far from 0 and 1 before their logit is taken.
+LOGIT_EPS = 1e-6
 
 
 class DataError(Exception):
@@ -153,8 +185,9 @@ class NoduleSet:
     """Cubes of the usable nodules of one data folder, in ``nodules.csv`` order."""
 
     cubes: np.ndarray  # uint8 (n, s, s, s), s = Settings.stored_size, HU window -> [0, 255]
-    table: pd.DataFrame  # the usable rows, with an int "label" column
+    table: pd.DataFrame  # the usable rows, with int "label" and float "mask_diameter_mm"
     skipped: list[tuple[str, str]]  # (file, reason)
+    mask_problems: tuple[tuple[str, str], ...] = ()  # (mask file, reason): no mask diameter
 
     @property
     def labels(self) -> np.ndarray:
@@ -298,7 +331,9 @@ def load_nodules(data_dir, settings: Settings, cache_dir=None, progress: bool = 
         cubes, rows, skipped = cached
     usable = table.iloc[np.asarray(rows, dtype=np.int64)].reset_index(drop=True)
     usable["label"] = usable["Diagnosis"].map(LABELS).astype(np.int64)
-    return NoduleSet(cubes, usable, skipped)
+    diameters, mask_problems = mask_diameters(data_dir, usable["voi_file"])
+    usable["mask_diameter_mm"] = diameters
+    return NoduleSet(cubes, usable, skipped, tuple(mask_problems))
 
 
 def _build_cubes(data_dir: Path, table: pd.DataFrame, settings: Settings, progress: bool):
@@ -336,6 +371,34 @@ def _usable_cube(path: Path, row: int, diagnosis, center_xyz_mm: np.ndarray,
                          "outside the volume (its geometry does not match the table)")
     return nodule_cube(image, center_xyz_mm, settings.stored_size, settings.spacing_mm,
                        settings.window_hu, settings.pad_hu)
+
+
+def equivalent_sphere_diameter_mm(mask: sitk.Image) -> float | None:
+    """Diameter (mm) of the sphere as large as the mask's non-zero voxels: (6 V / pi)^(1/3),
+    V = voxel count x voxel volume (the product of the spacing: a direction matrix keeps
+    volumes); None for an empty mask."""
+    count = int(np.count_nonzero(sitk.GetArrayViewFromImage(mask)))
+    if count == 0:
+        return None
+    volume_mm3 = count * float(np.prod(mask.GetSpacing()))
+    return float(np.cbrt(6.0 * volume_mm3 / np.pi))
+
+
+def mask_diameters(data_dir, names) -> tuple[np.ndarray, list[tuple[str, str]]]:
+    """Equivalent-sphere diameter of each ``DATA_DIR/mask/<name>`` (NaN where the mask is
+    missing, unreadable or empty) and ``(file, reason)`` of each such mask."""
+    diameters, problems = [], []
+    for name in names:
+        path = Path(data_dir) / "mask" / str(name)
+        try:
+            diameter = equivalent_sphere_diameter_mm(_read_volume(path))
+            if diameter is None:
+                raise ValueError("is empty (no nodule voxel)")
+        except ValueError as err:
+            problems.append((str(path), str(err)))
+            diameter = math.nan
+        diameters.append(diameter)
+    return np.asarray(diameters, dtype=np.float64), problems
 
 
 def centre_crop(cubes: np.ndarray, size: int) -> np.ndarray:
@@ -533,72 +596,104 @@ def epochs_bar(total_epochs: int) -> tqdm:
 # --------------------------------------------------------------------------- runs
 
 
+@dataclass
+class Fold:
+    """One fold's nodules: the networks learn on ``fit`` and choose their epoch on
+    ``validation`` (both index the training set), and are scored on ``test`` (indexes the
+    evaluated set: the same set in cross-validation). ``validation_probabilities``: each
+    network's flip-TTA probabilities of the ``validation`` nodules, the stacker's inputs."""
+
+    fit: np.ndarray
+    validation: np.ndarray
+    test: np.ndarray
+    validation_probabilities: dict[str, np.ndarray]
+
+    @property
+    def train(self) -> np.ndarray:
+        """The whole training part (fit and validation)."""
+        return np.concatenate([self.fit, self.validation])
+
+
 def cross_validate(data: NoduleSet, settings: Settings, runs_dir: Path):
-    """Out-of-fold probabilities ``{model: (n,)}``, fold of each nodule, per-fold details;
-    the training runs in ``runs_dir/fold<k>/<model>``."""
+    """Out-of-fold probabilities ``{model: (n,)}``, fold of each nodule, per-fold details
+    and the ``Fold``s; the training runs in ``runs_dir/fold<k>/<model>``."""
     labels, patients = data.labels, data.patients
-    folds = patient_folds(labels, patients, settings.folds, settings.seed)
+    splits = patient_folds(labels, patients, settings.folds, settings.seed)
     probabilities = {name: np.full(len(labels), np.nan) for name in settings.models}
     fold_of = np.full(len(labels), -1, dtype=np.int64)
-    details = []
+    details, folds = [], []
     with epochs_bar(settings.folds * len(settings.models) * settings.epochs) as bar:
-        for k, (train_idx, test_idx) in enumerate(folds):
+        for k, (train_idx, test_idx) in enumerate(splits):
             fold_of[test_idx] = k
-            details += _cross_validate_fold(data, settings, k, train_idx, test_idx,
-                                            probabilities, runs_dir / f"fold{k + 1}", bar)
-    return probabilities, fold_of, details
+            fit_idx, val_idx = validation_split(train_idx, labels, patients,
+                                                settings.seed + 1 + k)
+            folds.append(Fold(fit_idx, val_idx, test_idx, {}))
+            details += _cross_validate_fold(data, settings, k, folds[-1], probabilities,
+                                            runs_dir / f"fold{k + 1}", bar)
+    return probabilities, fold_of, details, folds
 
 
-def _cross_validate_fold(data: NoduleSet, settings: Settings, k: int, train_idx, test_idx,
+def _cross_validate_fold(data: NoduleSet, settings: Settings, k: int, fold: Fold,
                          probabilities: dict, fold_dir: Path, bar: tqdm) -> list[dict]:
-    """Train every model on fold ``k``'s training part and fill in its test
-    probabilities; returns the per-model details."""
+    """Train every model on fold ``k``'s training part and fill in its test (and the
+    fold's validation) probabilities; returns the per-model details."""
     labels, patients = data.labels, data.patients
-    fit_idx, val_idx = validation_split(train_idx, labels, patients, settings.seed + 1 + k)
+    test_idx = fold.test
     title = f"fold {k + 1}/{settings.folds}"
-    tqdm.write(f"{title}: {len(fit_idx)} training, {len(val_idx)} validation, "
+    tqdm.write(f"{title}: {len(fold.fit)} training, {len(fold.validation)} validation, "
                f"{len(test_idx)} test nodules ({int(labels[test_idx].sum())} malignant); "
                f"{len(np.unique(patients[test_idx]))} test patients")
     test_cubes = centre_crop(data.cubes[test_idx], settings.cube_size)
     details = []
     for m, name in enumerate(settings.models):
-        model, info = train_model(name, data.cubes, labels, fit_idx, val_idx, settings,
-                                  (settings.seed, k, m), title, fold_dir / name, bar)
-        t0 = time.perf_counter()
-        probabilities[name][test_idx] = predict(model, test_cubes, tta=True)
-        info["predict_seconds"] = time.perf_counter() - t0
+        probabilities[name][test_idx], info = _train_and_predict_model(
+            name, data, fold, test_cubes, settings, (settings.seed, k, m), title,
+            fold_dir / name, bar)
         auc = classification_metrics(labels[test_idx], probabilities[name][test_idx])["auc"]
         info.update(fold=k + 1, model=name, test_auc=auc, n_test=len(test_idx))
         tqdm.write(f"{title} {name}: best epoch {info['best_epoch']}, test AUC "
                    f"{auc if auc is None else round(auc, 4)}, trained in "
                    f"{info['train_seconds']:.0f} s")
         details.append(info)
-        _release(model)
     return details
 
 
+def _train_and_predict_model(name: str, train: NoduleSet, fold: Fold, test_cubes: np.ndarray,
+                             settings: Settings, seed_key: tuple[int, ...], label: str,
+                             run_dir: Path, bar: tqdm) -> tuple[np.ndarray, dict]:
+    """Train ``name`` on ``fold.fit`` of ``train``, predict ``test_cubes`` (returned with
+    the run's info) and the fold's validation cubes (stored in the fold), flip TTA both."""
+    model, info = train_model(name, train.cubes, train.labels, fold.fit, fold.validation,
+                              settings, seed_key, label, run_dir, bar)
+    t0 = time.perf_counter()
+    test_probabilities = predict(model, test_cubes, tta=True)
+    info["predict_seconds"] = time.perf_counter() - t0
+    fold.validation_probabilities[name] = predict(
+        model, centre_crop(train.cubes[fold.validation], settings.cube_size), tta=True)
+    _release(model)
+    return test_probabilities, info
+
+
 def external_test(train: NoduleSet, test: NoduleSet, settings: Settings, runs_dir: Path):
-    """Train on all of ``train`` (internal validation split), predict ``test``; the
-    training runs in ``runs_dir/external/<model>``."""
+    """Train on all of ``train`` (internal validation split), predict ``test``; returns
+    the probabilities, details and the one ``Fold``; the training runs in
+    ``runs_dir/external/<model>``."""
     labels, patients = train.labels, train.patients
     fit_idx, val_idx = validation_split(np.arange(len(labels)), labels, patients,
                                         settings.seed + 1)
+    fold = Fold(fit_idx, val_idx, np.arange(len(test.labels)), {})
     test_cubes = centre_crop(test.cubes, settings.cube_size)
     probabilities, details = {}, []
     print(f"external test: {len(fit_idx)} training, {len(val_idx)} validation nodules; "
           f"{len(test_cubes)} test nodules", flush=True)
     with epochs_bar(len(settings.models) * settings.epochs) as bar:
         for m, name in enumerate(settings.models):
-            model, info = train_model(name, train.cubes, labels, fit_idx, val_idx, settings,
-                                      (settings.seed, 0, m), "external", runs_dir / "external" / name,
-                                      bar)
-            t0 = time.perf_counter()
-            probabilities[name] = predict(model, test_cubes, tta=True)
-            info.update(model=name, predict_seconds=time.perf_counter() - t0,
-                        n_test=len(test_cubes))
+            probabilities[name], info = _train_and_predict_model(
+                name, train, fold, test_cubes, settings, (settings.seed, 0, m), "external",
+                runs_dir / "external" / name, bar)
+            info.update(model=name, n_test=len(test_cubes))
             details.append(info)
-            _release(model)
-    return probabilities, details
+    return probabilities, details, [fold]
 
 
 def _release(model) -> None:
@@ -606,6 +701,166 @@ def _release(model) -> None:
 
     del model
     keras.backend.clear_session(free_memory=True)
+
+
+# --------------------------------------------------------------------------- size and stacking
+
+
+def annotated_diameters(table: pd.DataFrame) -> np.ndarray | None:
+    """``diameter_mm`` of each nodule (NaN where missing or not positive); None without
+    the column."""
+    if "diameter_mm" not in table:
+        return None
+    diameters = pd.to_numeric(table["diameter_mm"], errors="coerce").to_numpy(np.float64)
+    return np.where(diameters > 0, diameters, np.nan)
+
+
+def measured_sizes(table: pd.DataFrame) -> np.ndarray:
+    """The mask's equivalent-sphere diameter, or the annotated one where the mask gave
+    none (NaN where neither is known)."""
+    mask = table["mask_diameter_mm"].to_numpy(np.float64)
+    annotated = annotated_diameters(table)
+    return mask if annotated is None else np.where(np.isfinite(mask), mask, annotated)
+
+
+def log_sizes(sizes_mm, reference_mm) -> np.ndarray:
+    """log of the diameters; an unknown one takes the median of ``reference_mm`` (the
+    fitted part's sizes). Log: the sizes are right-skewed (a few nodules several times
+    the median), and in log the standardised input has no far outliers to dominate the fit."""
+    known = np.asarray(reference_mm, dtype=np.float64)
+    known = known[np.isfinite(known)]
+    fill = float(np.median(known)) if known.size else 1.0
+    sizes = np.asarray(sizes_mm, dtype=np.float64)
+    return np.log(np.where(np.isfinite(sizes), sizes, fill))
+
+
+def logit(probabilities) -> np.ndarray:
+    """log(p / (1 - p)), ``p`` clipped ``LOGIT_EPS`` away from 0 and 1."""
+    p = np.clip(np.asarray(probabilities, dtype=np.float64), LOGIT_EPS, 1.0 - LOGIT_EPS)
+    return np.log(p) - np.log1p(-p)
+
+
+def logistic_probabilities(x_fit, y_fit, x_apply) -> np.ndarray:
+    """P(malignant) of the rows of ``x_apply`` from an L2-regularised logistic regression
+    (``LOGISTIC_C``) on standardised inputs, fitted on ``(x_fit, y_fit)``. A fitted part
+    with one class only gives that part's rate to every row."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    x_fit = np.asarray(x_fit, dtype=np.float64).reshape(len(x_fit), -1)
+    x_apply = np.asarray(x_apply, dtype=np.float64).reshape(len(x_apply), -1)
+    y_fit = np.asarray(y_fit)
+    if len(np.unique(y_fit)) < 2:
+        return np.full(len(x_apply), float(y_fit.mean()) if len(y_fit) else 0.5)
+    model = make_pipeline(StandardScaler(), LogisticRegression(C=LOGISTIC_C))
+    return model.fit(x_fit, y_fit).predict_proba(x_apply)[:, 1]
+
+
+def size_probabilities(train_sizes, train_labels, evaluated_sizes, folds: list[Fold]) -> np.ndarray:
+    """Out-of-fold P(malignant) from size alone: per fold, a 1-D logistic regression on the
+    log diameter fitted on the training part and applied to the test fold. The AUC of the
+    raw diameter needs no fit; the fit turns millimetres into probabilities, so that the
+    metrics at 0.5 mean what they mean for the networks."""
+    out = np.full(len(evaluated_sizes), np.nan)
+    for fold in folds:
+        reference = np.asarray(train_sizes)[fold.train]
+        out[fold.test] = logistic_probabilities(
+            log_sizes(reference, reference), np.asarray(train_labels)[fold.train],
+            log_sizes(np.asarray(evaluated_sizes)[fold.test], reference))
+    return out
+
+
+def stacking_features(network_probabilities: list[np.ndarray], log_size: np.ndarray) -> np.ndarray:
+    """``(n, networks + 1)``: each network's logit, then the log diameter."""
+    return np.column_stack([*(logit(p) for p in network_probabilities), log_size])
+
+
+def stacked_probabilities(folds: list[Fold], train_labels, train_sizes, evaluated_sizes,
+                          test_probabilities: dict[str, np.ndarray],
+                          members: list[list[str]]) -> np.ndarray:
+    """Out-of-fold P(malignant) of a logistic regression on the networks ``members[k]`` and
+    the size, fitted per fold on its validation part (the networks never trained on it,
+    they only chose their epoch there; stacked generalisation, Wolpert 1992) and applied to
+    its test fold."""
+    out = np.full(len(evaluated_sizes), np.nan)
+    for fold, names in zip(folds, members, strict=True):
+        reference = np.asarray(train_sizes)[fold.train]
+        x_fit = stacking_features([fold.validation_probabilities[n] for n in names],
+                                  log_sizes(np.asarray(train_sizes)[fold.validation], reference))
+        x_test = stacking_features([test_probabilities[n][fold.test] for n in names],
+                                   log_sizes(np.asarray(evaluated_sizes)[fold.test], reference))
+        out[fold.test] = logistic_probabilities(x_fit, np.asarray(train_labels)[fold.validation],
+                                                x_test)
+    return out
+
+
+def best_network(fold: Fold, train_labels) -> str:
+    """The network of best flip-TTA AUC on the fold's validation part (the first listed
+    where none has an AUC or they tie)."""
+    labels = np.asarray(train_labels)[fold.validation]
+    aucs = {name: classification_metrics(labels, probs)["auc"]
+            for name, probs in fold.validation_probabilities.items()}
+    return max(aucs, key=lambda name: -math.inf if aucs[name] is None else aucs[name])
+
+
+@dataclass
+class SizeRows:
+    """The size and stacked rows: out-of-fold probabilities of the evaluated nodules per
+    row name, the seconds each row's fits took, and what went into them."""
+
+    probabilities: dict[str, np.ndarray]
+    fit_seconds: dict[str, float]
+    info: dict
+
+
+def size_and_stacking(train: NoduleSet, evaluated: NoduleSet, folds: list[Fold],
+                      test_probabilities: dict[str, np.ndarray]) -> SizeRows:
+    """The rows ``diameter (annotation)`` (where the table has ``diameter_mm``),
+    ``diameter (mask)``, ``stacked (networks + size)`` and, with two networks or more,
+    ``stacked (size + best network)``."""
+    labels = train.labels
+    sizes = {MASK_SIZE: (measured_sizes(train.table), measured_sizes(evaluated.table))}
+    annotated = (annotated_diameters(train.table), annotated_diameters(evaluated.table))
+    if annotated[0] is not None and annotated[1] is not None:
+        sizes = {ANNOTATED_SIZE: annotated, **sizes}
+    rows, seconds = {}, {}
+    for name, (train_sizes, evaluated_sizes) in sizes.items():
+        rows[name], seconds[name] = _timed(size_probabilities, train_sizes, labels,
+                                           evaluated_sizes, folds)
+    networks = list(test_probabilities)
+    members = {STACKED: [networks] * len(folds)}
+    if len(networks) > 1:
+        members[STACKED_BEST] = [[best_network(fold, labels)] for fold in folds]
+    for name, chosen in members.items():
+        rows[name], seconds[name] = _timed(stacked_probabilities, folds, labels,
+                                           *sizes[MASK_SIZE], test_probabilities, chosen)
+    info = {"mask_diameters": _mask_diameter_counts(evaluated),
+            **({} if train is evaluated
+               else {"training_mask_diameters": _mask_diameter_counts(train)}),
+            "logistic_regression": {"C": LOGISTIC_C, "penalty": "l2",
+                                    "inputs": "standardised; log diameter (mm), network "
+                                              "probabilities as logits"},
+            "best_network_per_fold": [names[0] for names in members.get(STACKED_BEST, [])]}
+    return SizeRows(rows, seconds, info)
+
+
+def _timed(function, *args):
+    started = time.perf_counter()
+    result = function(*args)
+    return result, time.perf_counter() - started
+
+
+def _mask_diameter_counts(data: NoduleSet) -> dict:
+    """How many nodules have a mask diameter, fall back to the annotation, or have none."""
+    mask = np.isfinite(data.table["mask_diameter_mm"].to_numpy(np.float64))
+    annotated = annotated_diameters(data.table)
+    has_annotation = (np.zeros(len(mask), bool) if annotated is None
+                      else np.isfinite(annotated))
+    return {"measured": int(mask.sum()),
+            "annotation_fallback": int((~mask & has_annotation).sum()),
+            "no_size": int((~mask & ~has_annotation).sum()),
+            "unusable_masks": [{"file": f, "reason": r} for f, r in data.mask_problems]}
 
 
 # --------------------------------------------------------------------------- reporting
@@ -630,19 +885,38 @@ def summarise(labels, probabilities: dict[str, np.ndarray], details: list[dict])
     return {"rows": rows, "ensemble_probabilities": ensemble}
 
 
+def size_rows_metrics(labels, size_rows: SizeRows, ensemble_row: dict) -> dict[str, dict]:
+    """Metrics of the size and stacked rows. A size row's time is its fits'; a stacked
+    row also needed every network trained, so it carries the ensemble's time too."""
+    rows = {}
+    for name, probs in size_rows.probabilities.items():
+        networks = name in (STACKED, STACKED_BEST)
+        rows[name] = {**classification_metrics(labels, probs),
+                      "train_seconds": size_rows.fit_seconds[name]
+                      + (ensemble_row["train_seconds"] if networks else 0.0),
+                      "predict_seconds": ensemble_row["predict_seconds"] if networks else 0.0,
+                      "epochs_run": ensemble_row["epochs_run"] if networks else 0}
+    return rows
+
+
 def _fmt(value, digits=4) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+def _per_epoch(row: dict) -> str:
+    """Training seconds per epoch; "-" for a row that trains no network."""
+    return f"{row['train_seconds'] / row['epochs_run']:.1f}" if row["epochs_run"] else "-"
+
+
 def format_table(rows: dict[str, dict]) -> list[str]:
-    header = (f"{'model':<12} {'AUC':>7} {'acc@0.5':>8} {'sens':>7} {'spec':>7} "
+    width = max(12, *(len(name) for name in rows))
+    header = (f"{'model':<{width}} {'AUC':>7} {'acc@0.5':>8} {'sens':>7} {'spec':>7} "
               f"{'train_min':>9} {'s/epoch':>8}")
     lines = [header, "-" * len(header)]
     for name, r in rows.items():
-        per_epoch = r["train_seconds"] / r["epochs_run"] if r["epochs_run"] else 0.0
-        lines.append(f"{name:<12} {_fmt(r['auc']):>7} {_fmt(r['accuracy']):>8} "
+        lines.append(f"{name:<{width}} {_fmt(r['auc']):>7} {_fmt(r['accuracy']):>8} "
                      f"{_fmt(r['sensitivity']):>7} {_fmt(r['specificity']):>7} "
-                     f"{r['train_seconds'] / 60:>9.1f} {per_epoch:>8.1f}")
+                     f"{r['train_seconds'] / 60:>9.1f} {_per_epoch(r):>8}")
     return lines
 
 
@@ -651,10 +925,9 @@ def format_markdown(rows: dict[str, dict], title: str, notes: list[str]) -> str:
                                 "train min | s/epoch | confusion [[tn, fp], [fn, tp]] |"),
              "|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
-        per_epoch = r["train_seconds"] / r["epochs_run"] if r["epochs_run"] else 0.0
         lines.append(f"| {name} | {_fmt(r['auc'])} | {_fmt(r['accuracy'])} | "
                      f"{_fmt(r['sensitivity'])} | {_fmt(r['specificity'])} | "
-                     f"{r['train_seconds'] / 60:.1f} | {per_epoch:.1f} | "
+                     f"{r['train_seconds'] / 60:.1f} | {_per_epoch(r)} | "
                      f"{r['confusion_matrix']} |")
     return "\n".join(lines + [""] + [f"- {n}" for n in notes]) + "\n"
 
@@ -670,16 +943,87 @@ def diameter_auc(table: pd.DataFrame) -> float | None:
     return classification_metrics(table["label"].to_numpy()[keep], diameters[keep])["auc"]
 
 
-def prediction_frame(table: pd.DataFrame, probabilities, ensemble, fold_of=None) -> pd.DataFrame:
+def prediction_frame(table: pd.DataFrame, probabilities, ensemble, fold_of=None,
+                     extra: dict[str, np.ndarray] | None = None) -> pd.DataFrame:
+    """One row per evaluated nodule: its identity, sizes, fold, label and every row's
+    probability (``extra``: the size and stacked rows, in ``PREDICTION_COLUMNS``)."""
     columns = [c for c in ("patient_id", "nodule_id", "voi_file", "diameter_mm") if c in table]
     frame = table[columns].copy()
+    if "mask_diameter_mm" in table:
+        frame["mask_diameter_mm"] = np.round(table["mask_diameter_mm"].to_numpy(np.float64), 3)
     if fold_of is not None:
         frame["fold"] = np.asarray(fold_of) + 1
     frame["label"] = table["label"].to_numpy()
     for name, probs in probabilities.items():
         frame[f"p_{name}"] = np.round(probs, 6)
     frame["p_ensemble"] = np.round(ensemble, 6)
+    for name, probs in (extra or {}).items():
+        frame[PREDICTION_COLUMNS[name]] = np.round(probs, 6)
     return frame
+
+
+# --------------------------------------------------------------------------- learning curves
+
+
+def mean_learning_curves(details: list[dict]) -> dict[str, pd.DataFrame]:
+    """Per model, each epoch's (1-based) training loss, validation loss and validation AUC
+    averaged over the folds' ``history.csv`` (``training.fit``), and how many folds reached
+    the epoch (``folds``: an early stop ends a fold's curve)."""
+    from visual_utils import read_history
+
+    runs: dict[str, list[pd.DataFrame]] = {}
+    for detail in details:
+        history = read_history(Path(detail["run_folder"]) / "history.csv")
+        frame = history.reindex(columns=["epoch", "loss", "val_loss", "val_auc"])
+        runs.setdefault(detail["model"], []).append(frame.apply(pd.to_numeric, errors="coerce"))
+    curves = {}
+    for model, frames in runs.items():
+        stacked = pd.concat(frames, ignore_index=True)
+        curve = stacked.groupby("epoch").mean()
+        curve["folds"] = stacked.groupby("epoch").size()
+        curve.index = curve.index.astype(int) + 1
+        curves[model] = curve
+    return curves
+
+
+def learning_curves_figure(curves: dict[str, pd.DataFrame], train_minutes: dict[str, float]):
+    """Three panels (training loss, validation loss, validation AUC per epoch), one line
+    per model, labelled with its training time summed over folds."""
+    from matplotlib.ticker import MaxNLocator
+
+    from visual_utils import new_figure
+
+    figure = new_figure(13.0, 3.8)
+    panels = (("loss", "training loss"), ("val_loss", "validation loss"),
+              ("val_auc", "validation AUC"))
+    for p, (column, title) in enumerate(panels):
+        ax = figure.add_subplot(1, len(panels), p + 1)
+        for m, (model, curve) in enumerate(curves.items()):
+            values = curve[column].to_numpy(np.float64)
+            keep = np.isfinite(values)
+            ax.plot(curve.index[keep], values[keep], "-o", color=f"C{m % 10}", markersize=3,
+                    label=f"{model} ({train_minutes.get(model, 0.0):.1f} min)")
+        ax.set_title(f"{title} (mean over folds)", fontsize=9)
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    figure.axes[0].legend(fontsize=7, title="model (training time)", title_fontsize=7)
+    figure.tight_layout()
+    return figure
+
+
+def write_learning_curves(path: Path, details: list[dict], rows: dict[str, dict]) -> None:
+    """``learning_curves.png`` from the runs' histories; a history that cannot be read is
+    reported and the figure left out (the tables are already written)."""
+    from visual_utils import save_figure
+
+    try:
+        curves = mean_learning_curves(details)
+    except (OSError, ValueError, KeyError) as err:
+        print(f"learning curves not written: {err}")
+        return
+    minutes = {model: rows[model]["train_seconds"] / 60 for model in curves if model in rows}
+    save_figure(learning_curves_figure(curves, minutes), path)
 
 
 def _json_ready(value):
@@ -692,10 +1036,11 @@ def _json_ready(value):
     return value
 
 
-def output_names(cross_validation: bool) -> tuple[str, str, str]:
+def output_names(cross_validation: bool) -> tuple[str, str, str, str]:
     """The files the benchmark writes in ``--out``."""
     return ("results.json", "results.md",
-            "oof_predictions.csv" if cross_validation else "test_predictions.csv")
+            "oof_predictions.csv" if cross_validation else "test_predictions.csv",
+            "learning_curves.png")
 
 
 def write_outputs(out: Path, result: dict, markdown: str, predictions: pd.DataFrame,
@@ -789,6 +1134,10 @@ def _load_or_exit(folder: Path, settings: Settings, cache_dir, what: str):
     print(f"{what} {folder}: {len(data.table)} nodules ({len(data.table) - n_pos} benign, "
           f"{n_pos} malignant) from {len(np.unique(data.patients))} patients; "
           f"{len(data.skipped)} skipped; cubes {data.cubes.shape[1:]} stored", flush=True)
+    if data.mask_problems:
+        path, reason = data.mask_problems[0]
+        print(f"{len(data.mask_problems)} mask(s) give no diameter, the annotation stands in "
+              f"(first: {path}: {reason})")
     return data
 
 
@@ -811,8 +1160,9 @@ def _load_data(args, settings: Settings):
     return data, test
 
 
-def _notes(settings: Settings, machine: dict, size_auc: float | None) -> list[str]:
-    """The lines under the table: settings, machine and reference points."""
+def _notes(settings: Settings, machine: dict, size_auc: float | None,
+           size_info: dict | None = None) -> list[str]:
+    """The lines under the table: settings, machine, size and stacked rows, references."""
     notes = [(f"cube {settings.cube_size}^3 at {settings.spacing_mm} mm, up to {settings.epochs} "
               f"epochs, Adam lr {settings.lr:g}, {settings.loss}, batch {settings.batch_size}, "
               "flip TTA (4 views); ensemble = mean of the models' probabilities"),
@@ -820,6 +1170,8 @@ def _notes(settings: Settings, machine: dict, size_auc: float | None) -> list[st
              f"{machine['cpus_usable'] or machine['cpu_count']} cores usable"
              + (f", load average {machine['load_average_at_start'][0]:.1f} at the start"
                 if "load_average_at_start" in machine else "")]
+    if size_info is not None:
+        notes += _size_notes(size_info)
     notes += [f"reference: {name}: AUC {auc:.3f} (its own labels and split)"
               for name, auc in REFERENCE_AUCS]
     if size_auc is not None:
@@ -828,10 +1180,25 @@ def _notes(settings: Settings, machine: dict, size_auc: float | None) -> list[st
     return notes
 
 
+def _size_notes(size_info: dict) -> list[str]:
+    counts = size_info["mask_diameters"]
+    n = counts["measured"] + counts["annotation_fallback"] + counts["no_size"]
+    return [f"{ANNOTATED_SIZE} / {MASK_SIZE}: 1-D logistic regression on the log diameter, "
+            "fitted on each fold's training part (out of fold); mask diameter = equivalent-"
+            f"sphere diameter of mask/<voi_file>, annotation used for "
+            f"{counts['annotation_fallback']} of {n} nodules (mask missing or empty)"
+            + (f", {counts['no_size']} without any size (median)" if counts["no_size"] else ""),
+            f"{STACKED}: L2 logistic regression (C={LOGISTIC_C:g}) on the standardised "
+            "networks' logits and log mask diameter, fitted on each fold's validation part "
+            f"(stacked generalisation, Wolpert 1992); {STACKED_BEST}: the network of best "
+            "validation AUC in each fold; the AUC line is the mean ensemble's"]
+
+
 def _result_record(args, settings: Settings, data: NoduleSet, test: NoduleSet | None,
                    evaluated: NoduleSet, rows: dict, size_auc, details, machine: dict,
-                   wall: float) -> dict:
-    """What ``results.json`` holds."""
+                   wall: float, size_and_stacked: dict | None = None) -> dict:
+    """What ``results.json`` holds (``metrics``: the networks and the mean ensemble; the
+    size and stacked rows under ``size_and_stacking``)."""
     labels = evaluated.labels
     return {
         "mode": "cross_validation" if test is None else "external_test",
@@ -844,6 +1211,7 @@ def _result_record(args, settings: Settings, data: NoduleSet, test: NoduleSet | 
         "metrics": rows,
         "references": {name: auc for name, auc in REFERENCE_AUCS},
         "diameter_only_auc": size_auc,
+        "size_and_stacking": size_and_stacked,
         "runs": details,
         "machine": {**machine, "load_average_at_end":
                     [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None},
@@ -869,36 +1237,68 @@ def main(argv=None) -> int:
 
     setup_strategy(TrainingConfig(seed=settings.seed))  # float32 policy, seeded
     print(f"settings: {asdict(settings)}", flush=True)
+    outcome = _train_and_predict(args, settings, data, test)
+    _report(args, settings, data, test, outcome, machine, started)
+    return 0
+
+
+@dataclass
+class Outcome:
+    """The trained networks' predictions of the evaluated nodules."""
+
+    evaluated: NoduleSet
+    mode: str  # the title's words for how the nodules were evaluated
+    probabilities: dict[str, np.ndarray]
+    fold_of: np.ndarray | None  # cross-validation only
+    details: list[dict]
+    folds: list[Fold]
+
+
+def _train_and_predict(args, settings: Settings, data: NoduleSet,
+                       test: NoduleSet | None) -> Outcome:
     runs_dir = args.out / "runs"
     if test is None:
-        probabilities, fold_of, details = cross_validate(data, settings, runs_dir)
-        evaluated, mode = data, f"{settings.folds}-fold patient-grouped cross-validation"
-    else:
-        probabilities, details = external_test(data, test, settings, runs_dir)
-        fold_of, evaluated, mode = None, test, f"external test set {args.test_dir}"
-    labels = evaluated.labels
-    summary = summarise(labels, probabilities, details)
+        probabilities, fold_of, details, folds = cross_validate(data, settings, runs_dir)
+        return Outcome(data, f"{settings.folds}-fold patient-grouped cross-validation",
+                       probabilities, fold_of, details, folds)
+    probabilities, details, folds = external_test(data, test, settings, runs_dir)
+    return Outcome(test, f"external test set {args.test_dir}", probabilities, None, details,
+                   folds)
+
+
+def _report(args, settings: Settings, data: NoduleSet, test: NoduleSet | None,
+            outcome: Outcome, machine: dict, started: float) -> None:
+    """Every row's metrics: printed, then written to ``--out`` with the learning curves;
+    the last lines are ``stacked AUC: ...`` and ``AUC: ...`` (the mean ensemble's)."""
+    evaluated, labels = outcome.evaluated, outcome.evaluated.labels
+    summary = summarise(labels, outcome.probabilities, outcome.details)
     rows = summary["rows"]
+    size_rows = size_and_stacking(data, evaluated, outcome.folds, outcome.probabilities)
+    extra_rows = size_rows_metrics(labels, size_rows, rows["ensemble"])
     size_auc = diameter_auc(evaluated.table)
     n_pos = int(labels.sum())
     title = (f"LIDC malignancy: {len(labels)} nodules ({len(labels) - n_pos} benign / {n_pos} "
-             f"malignant), {mode}")
-    notes = _notes(settings, machine, size_auc)
+             f"malignant), {outcome.mode}")
+    notes = _notes(settings, machine, size_auc, size_rows.info)
     wall = time.perf_counter() - started
     notes.append(f"total wall time {wall / 60:.1f} min")
     print()
     print(title)
-    for line in [*format_table(rows), *notes]:
+    for line in [*format_table({**rows, **extra_rows}), *notes]:
         print(line)
-    predictions = prediction_frame(evaluated.table, probabilities,
-                                   summary["ensemble_probabilities"], fold_of)
+    predictions = prediction_frame(evaluated.table, outcome.probabilities,
+                                   summary["ensemble_probabilities"], outcome.fold_of,
+                                   size_rows.probabilities)
+    size_and_stacked = {"metrics": extra_rows, "stacked_auc": extra_rows[STACKED]["auc"],
+                        **size_rows.info}
+    names = output_names(test is None)
     write_outputs(args.out, _result_record(args, settings, data, test, evaluated, rows, size_auc,
-                                           details, machine, wall),
-                  format_markdown(rows, title, notes), predictions,
-                  output_names(test is None)[2])
+                                           outcome.details, machine, wall, size_and_stacked),
+                  format_markdown({**rows, **extra_rows}, title, notes), predictions, names[2])
+    write_learning_curves(args.out / names[3], outcome.details, rows)
     print(f"results in {args.out}")
+    print(f"stacked AUC: {_fmt(extra_rows[STACKED]['auc'])}")
     print(f"AUC: {_fmt(rows['ensemble']['auc'])}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""benchmarks/bench_lidc.py: cube centring, patient-grouped folds, end-to-end runs, bad input."""
+"""benchmarks/bench_lidc.py: cube centring, patient-grouped folds, size and stacked rows,
+learning curves, end-to-end runs, bad input."""
 
 import json
 from pathlib import Path
@@ -12,6 +13,9 @@ from benchmarks import bench_lidc
 from ct_io import Geometry, voxel_to_world
 
 SPACING_XYZ_MM = (0.7, 0.8, 2.5)  # anisotropic, thick slices as in LIDC
+SIZE_ROWS = (bench_lidc.ANNOTATED_SIZE, bench_lidc.MASK_SIZE)
+STACKED_ROWS = (bench_lidc.STACKED, bench_lidc.STACKED_BEST)
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ORIGIN_XYZ_MM = (-120.3, 45.6, -310.0)
 SHAPE_ZYX = (12, 48, 44)
 BACKGROUND_HU = -850  # lung parenchyma
@@ -149,9 +153,19 @@ def test_quick_run_end_to_end(fake_lidc, tmp_path, capsys):
     printed = capsys.readouterr().out
     last = printed.strip().splitlines()[-1]
     assert last.startswith("AUC: ") and 0.0 <= float(last.split()[1]) <= 1.0
+    stacked_line = printed.strip().splitlines()[-2]
+    assert stacked_line.startswith("stacked AUC: ") and 0 <= float(stacked_line.split()[2]) <= 1
     assert "NoduleMNIST3D" in printed and "ensemble" in printed
+    for name in (*SIZE_ROWS, *STACKED_ROWS):
+        assert name in printed
     result = json.loads((out / "results.json").read_text())
     assert set(result["metrics"]) == {"vgg_simple", "resnet", "ensemble"}
+    extra = result["size_and_stacking"]
+    assert list(extra["metrics"]) == [*SIZE_ROWS, *STACKED_ROWS]
+    assert all(0.0 <= row["auc"] <= 1.0 for row in extra["metrics"].values())
+    assert extra["mask_diameters"]["measured"] == 12
+    assert len(extra["best_network_per_fold"]) == 2
+    assert (out / "learning_curves.png").read_bytes().startswith(PNG_MAGIC)
     assert result["n_nodules"] == 12 and result["settings"]["folds"] == 2
     for run in result["runs"]:
         assert 1 <= run["best_epoch"] <= run["epochs_run"] <= 2
@@ -161,6 +175,7 @@ def test_quick_run_end_to_end(fake_lidc, tmp_path, capsys):
         test_patients = set(predictions.patient_id[predictions.fold == fold])
         assert not test_patients & set(predictions.patient_id[predictions.fold != fold])
     assert predictions[["p_vgg_simple", "p_resnet", "p_ensemble"]].notna().all().all()
+    assert predictions[list(bench_lidc.PREDICTION_COLUMNS.values())].notna().all().all()
     assert (out / "results.md").read_text().startswith("# LIDC malignancy")
     assert len(list((out / "cache").glob("cubes-*.npz"))) == 1
 
@@ -176,6 +191,9 @@ def test_external_test_dir(fake_lidc, tmp_path, capsys):
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("AUC: ")
     result = json.loads((out / "results.json").read_text())
     assert result["mode"] == "external_test" and result["n_nodules"] == 6
+    # One network: no separate "size + best network" row.
+    assert list(result["size_and_stacking"]["metrics"]) == [*SIZE_ROWS, bench_lidc.STACKED]
+    assert (out / "learning_curves.png").is_file()
     predictions = pd.read_csv(out / "test_predictions.csv")
     assert len(predictions) == 6 and predictions.patient_id.str.startswith("LIDC-FAKE").all()
     assert not (out / "cache").exists()
@@ -247,3 +265,171 @@ def test_real_lidc_cubes(shared_data):
     # Nodules are brighter than their surroundings: the centre beats the cube mean.
     centre = data.cubes[:, 14:18, 14:18, 14:18].mean(axis=(1, 2, 3))
     assert np.mean(centre > data.cubes.mean(axis=(1, 2, 3))) > 0.95
+
+
+# --------------------------------------------------------------------------- size and stacking
+
+
+@pytest.mark.parametrize("flip_z", [False, True])
+@pytest.mark.parametrize("radius_mm", [3.0, 6.0])
+def test_mask_diameter_of_a_sphere_is_its_diameter(flip_z, radius_mm):
+    geometry = _geometry(flip_z)
+    center = voxel_to_world(np.array([5.3, 20.4, 23.7]), geometry)
+    mask = (_sphere_volume(center, radius_mm, geometry) == NODULE_HU).astype(np.uint8)
+    diameter = bench_lidc.equivalent_sphere_diameter_mm(
+        geometry.apply_to(sitk.GetImageFromArray(mask)))
+    assert diameter == pytest.approx(2 * radius_mm, rel=0.10)
+    empty = geometry.apply_to(sitk.GetImageFromArray(np.zeros_like(mask)))
+    assert bench_lidc.equivalent_sphere_diameter_mm(empty) is None
+
+
+def test_missing_or_empty_mask_falls_back_to_the_annotation(tmp_path):
+    folder = make_fake_lidc(tmp_path / "lidc", n_patients=2)
+    table = pd.read_csv(folder / "nodules.csv")
+    (folder / "mask" / table.voi_file[0]).unlink()
+    empty = sitk.ReadImage(str(folder / "mask" / table.voi_file[1])) * 0
+    sitk.WriteImage(empty, str(folder / "mask" / table.voi_file[1]))
+    data = bench_lidc.load_nodules(folder, _settings(), progress=False)
+    reasons = dict(data.mask_problems)
+    assert len(reasons) == 2
+    assert "does not exist" in reasons[str(folder / "mask" / table.voi_file[0])]
+    assert "is empty" in reasons[str(folder / "mask" / table.voi_file[1])]
+    measured = data.table["mask_diameter_mm"].to_numpy()
+    assert np.isnan(measured[:2]).all()
+    # The other masks are the fake spheres: 12 mm (malignant) and 4 mm (benign) across.
+    np.testing.assert_allclose(measured[2:], [12.0, 4.0], rtol=0.15)
+    sizes = bench_lidc.measured_sizes(data.table)
+    np.testing.assert_array_equal(sizes[:2], table.diameter_mm[:2])
+    np.testing.assert_array_equal(sizes[2:], measured[2:])
+
+
+NETWORKS = ("vgg_simple", "resnet")
+
+
+def _noisy_probabilities(labels, rng, noise=1.5):
+    return 1.0 / (1.0 + np.exp(-(2.0 * labels - 1.0 + rng.normal(0, noise, len(labels)))))
+
+
+def _synthetic_set(n_patients=30, seed=0) -> bench_lidc.NoduleSet:
+    """Two nodules per patient; malignant ones larger; one mask missing."""
+    rng = np.random.default_rng(seed)
+    labels = np.tile([1, 0], n_patients)
+    sizes = np.where(labels == 1, rng.normal(18, 6, len(labels)), rng.normal(9, 4, len(labels)))
+    table = pd.DataFrame({"patient_id": np.repeat([f"P{i}" for i in range(n_patients)], 2),
+                          "label": labels, "diameter_mm": sizes.clip(3, None),
+                          "mask_diameter_mm": 1.1 * sizes.clip(3, None)})
+    table.loc[3, "mask_diameter_mm"] = np.nan
+    return bench_lidc.NoduleSet(np.zeros((len(labels), 1, 1, 1), np.uint8), table, [])
+
+
+def _synthetic_folds(data: bench_lidc.NoduleSet, seed=0):
+    """Three patient folds with the networks' validation probabilities, and their test
+    probabilities of every nodule."""
+    rng = np.random.default_rng(seed)
+    labels, patients = data.labels, data.patients
+    folds = []
+    for k, (train, test) in enumerate(bench_lidc.patient_folds(labels, patients, 3, seed)):
+        fit, val = bench_lidc.validation_split(train, labels, patients, seed=k)
+        folds.append(bench_lidc.Fold(fit, val, test, {
+            name: _noisy_probabilities(labels[val], rng) for name in NETWORKS}))
+    return folds, {name: _noisy_probabilities(labels, rng) for name in NETWORKS}
+
+
+def test_size_and_stacked_rows_exist_with_auc_in_0_1():
+    data = _synthetic_set()
+    folds, test_probabilities = _synthetic_folds(data)
+    size_rows = bench_lidc.size_and_stacking(data, data, folds, test_probabilities)
+    assert list(size_rows.probabilities) == [*SIZE_ROWS, *STACKED_ROWS]
+    ensemble_row = {"train_seconds": 60.0, "predict_seconds": 1.0, "epochs_run": 6}
+    rows = bench_lidc.size_rows_metrics(data.labels, size_rows, ensemble_row)
+    for name, row in rows.items():
+        assert 0.0 <= row["auc"] <= 1.0 and row["n"] == len(data.labels)
+        assert np.all((size_rows.probabilities[name] > 0) & (size_rows.probabilities[name] < 1))
+    assert rows[bench_lidc.MASK_SIZE]["auc"] > 0.7  # malignant nodules are larger here
+    assert rows[bench_lidc.MASK_SIZE]["epochs_run"] == 0
+    assert rows[bench_lidc.STACKED]["train_seconds"] >= 60.0
+    counts = size_rows.info["mask_diameters"]
+    assert (counts["measured"], counts["annotation_fallback"], counts["no_size"]) == (59, 1, 0)
+    assert set(size_rows.info["best_network_per_fold"]) <= set(NETWORKS)
+    table = bench_lidc.format_table({**rows})
+    assert len({len(line) for line in table}) == 1  # long row names stay aligned
+    assert table[2].split()[-1] == "-"  # no epochs: no seconds per epoch
+
+
+def test_size_rows_are_fitted_out_of_fold():
+    data = _synthetic_set()
+    folds, _ = _synthetic_folds(data)
+    sizes, labels = bench_lidc.measured_sizes(data.table), data.labels
+    before = bench_lidc.size_probabilities(sizes, labels, sizes, folds)
+    flipped = labels.copy()
+    flipped[folds[0].test] = 1 - flipped[folds[0].test]
+    after = bench_lidc.size_probabilities(sizes, flipped, sizes, folds)
+    # The test fold's own labels never reach its probabilities; they train the others.
+    np.testing.assert_array_equal(before[folds[0].test], after[folds[0].test])
+    assert not np.allclose(before[folds[1].test], after[folds[1].test])
+
+
+def test_stacker_learns_from_the_validation_part_only():
+    data = _synthetic_set()
+    folds, test_probabilities = _synthetic_folds(data)
+    sizes, labels = bench_lidc.measured_sizes(data.table), data.labels
+    members = [list(NETWORKS)] * len(folds)
+
+    def stacked(labels_used):
+        return bench_lidc.stacked_probabilities(folds, labels_used, sizes, sizes,
+                                                test_probabilities, members)[folds[0].test]
+
+    before = stacked(labels)
+    flipped = labels.copy()
+    outside = np.concatenate([folds[0].fit, folds[0].test])  # the networks' training part
+    flipped[outside] = 1 - flipped[outside]
+    np.testing.assert_array_equal(stacked(flipped), before)
+    flipped = labels.copy()
+    flipped[folds[0].validation] = 1 - flipped[folds[0].validation]
+    assert not np.allclose(stacked(flipped), before)
+
+
+def test_one_class_fitted_part_gives_its_rate():
+    probabilities = bench_lidc.logistic_probabilities(np.arange(4.0), np.ones(4), [0.0, 9.0])
+    np.testing.assert_array_equal(probabilities, [1.0, 1.0])
+
+
+def test_default_five_folds_and_two_when_quick():
+    assert bench_lidc.parse_args([]).settings.folds == 5
+    assert bench_lidc.parse_args(["--quick"]).settings.folds == 2
+    assert bench_lidc.parse_args(["--folds", "3"]).settings.folds == 3
+
+
+# --------------------------------------------------------------------------- learning curves
+
+
+def _history(folder: Path, losses, val_aucs) -> dict:
+    folder.mkdir(parents=True)
+    pd.DataFrame({"epoch": range(len(losses)), "loss": losses, "lr": 1e-3,
+                  "val_auc": val_aucs, "val_loss": np.asarray(losses) + 0.1,
+                  "val_score": val_aucs}).to_csv(folder / "history.csv", index=False)
+    return {"run_folder": str(folder)}
+
+
+def test_learning_curves_are_fold_means_and_written_as_png(tmp_path, capsys):
+    details = [{**_history(tmp_path / "fold1" / "resnet", [0.9, 0.7, 0.5], [0.6, 0.7, 0.8]),
+                "model": "resnet"},
+               {**_history(tmp_path / "fold2" / "resnet", [0.7, 0.5], [0.8, np.nan]),
+                "model": "resnet"},
+               {**_history(tmp_path / "fold1" / "vgg_simple", [0.8], [0.5]),
+                "model": "vgg_simple"}]
+    curves = bench_lidc.mean_learning_curves(details)
+    resnet = curves["resnet"]
+    assert resnet.index.tolist() == [1, 2, 3]  # epochs counted from 1
+    np.testing.assert_allclose(resnet["loss"], [0.8, 0.6, 0.5])
+    np.testing.assert_allclose(resnet["val_auc"], [0.7, 0.7, 0.8])  # a NaN AUC is left out
+    assert resnet["folds"].tolist() == [2, 2, 1]
+    out = tmp_path / "out" / "learning_curves.png"
+    rows = {"resnet": {"train_seconds": 600.0}, "vgg_simple": {"train_seconds": 60.0}}
+    bench_lidc.write_learning_curves(out, details, rows)
+    assert out.read_bytes().startswith(PNG_MAGIC)
+
+    (tmp_path / "fold1" / "vgg_simple" / "history.csv").unlink()
+    bench_lidc.write_learning_curves(tmp_path / "other.png", details, rows)
+    assert "learning curves not written" in capsys.readouterr().out
+    assert not (tmp_path / "other.png").exists()
