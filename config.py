@@ -249,6 +249,23 @@ class EnsembleConfig:
     # set's candidates.csv only: LUNA16's false-positive-reduction track) or "validation"
     # (whichever of the two the ensemble ranks better on the validation subset).
     candidate_list: Literal["validation", "all", "given"] = "validation"
+    # Stacked generalization (Wolpert 1992, "Stacked generalization"): run_pipeline.py fits
+    # a logistic regression on every member's score and the candidate features on the
+    # validation subset and writes its held-out scores as the member "stacked". What it
+    # submits: "validation" (the stacked scores when their out-of-fold validation CPM beats
+    # the selected ensemble's), "always", or "never" (the ensemble).
+    stack: Literal["validation", "always", "never"] = "validation"
+    # The stacker's inverse L2 strength (scikit-learn's C) on standardised inputs: strong,
+    # because a validation subset holds few nodules (about 120 in a LUNA16 subset).
+    stack_c: float = limited(0.1, gt=0.0, le=1e6)
+    # Candidate features the stacker reads beside the members' scores (predict.py
+    # --segmenter --features); unet_probability repeats the "unet" member's score.
+    stack_features: tuple[Literal["unet_probability", "component_diameter_mm",
+                                  "wall_distance_mm"], ...] = ("component_diameter_mm",
+                                                               "wall_distance_mm")
+    # Scan groups of the cross-validation that estimates the stacker's validation CPM
+    # (sklearn GroupKFold; fewer validation scans: one scan a group).
+    stack_folds: int = limited(5, ge=2, le=1000)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,11 @@ their weights and the candidate list on validation scans first.
         --select-on val/ --annotations annotations.csv --excluded annotations_excluded.csv \\
         --seriesuids val_seriesuids.csv \\
         --given test/given/densenet.csv test/given/resnet.csv test/given/unet.csv
+    python ensemble.py test/densenet.csv test/unet.csv --fit-stack --features test/features.csv \\
+        --select-on val/ --annotations annotations.csv --seriesuids val_seriesuids.csv \\
+        --stack-model stack.json --out stacked.csv
+    python ensemble.py other/densenet.csv other/unet.csv --method stack --stack-model stack.json \\
+        --features other/features.csv --out stacked.csv
 
 Every input must score exactly the same candidates (``seriesuid`` and world coordinates
 equal within 0.001 mm, in any row order) and at least one; otherwise nothing is written
@@ -38,6 +43,22 @@ official LUNA16 FROC (``evaluate.py``) of each choice. The ``ensemble.*`` settin
   the ``--given`` files, whichever the chosen ensemble ranks better on the validation
   scans; ``all`` / ``given`` fix the list.
 
+Stacking (``--method stack``; stacked generalization, Wolpert 1992): a small logistic
+regression (``stacking.py``: scikit-learn, L2 with C = ``ensemble.stack_c``,
+``class_weight="balanced"``, standardised inputs) on each input's probability as a logit
+and the ``ensemble.stack_features`` columns of ``--features`` (``predict.py --segmenter
+--features``: same candidates as the inputs). ``--fit-stack`` fits it first on the
+validation scans, in the ``--select-on`` layout: ``FOLDER/<input file name>`` and
+``FOLDER/<features file name>``, labelled by the official LUNA16 evaluation script's hit
+rule (``evaluate.hit_labels``: 1 inside a nodule, excluded findings ignored, else 0); it
+prints the coefficients and the validation CPM of out-of-fold scores (scans in
+``ensemble.stack_folds`` groups, each scored by a stacker fitted on the others), and writes
+the stacker to ``--stack-model`` as plain JSON (member and feature names, means, scales,
+coefficients, intercept, scikit-learn version; never a pickle). Without ``--fit-stack``
+``--stack-model`` is read and applied. Refused: inputs that score different candidates, a
+feature column that is missing or not finite, a stacker whose members (the inputs' file
+names, in order) or features do not match, validation labels of one class only.
+
 Reads CSVs only: no model code is imported.
 """
 
@@ -46,7 +67,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -55,8 +76,10 @@ from scipy.spatial import cKDTree
 
 import config as config_lib
 import evaluate
+import stacking
 from tables import (PREDICTION_COLUMNS, WORLD_COLUMNS, InputError, check_output_path,
-                    read_annotations, read_predictions, read_seriesuids, write_csv_atomic)
+                    read_annotations, read_predictions, read_seriesuids, read_table,
+                    write_csv_atomic)
 
 KEY = ["seriesuid", *WORLD_COLUMNS]
 # Two files score the same candidate when its world coordinates agree within this (mm, in
@@ -68,6 +91,8 @@ GEOMETRIC_FLOOR = 1e-7
 METHODS = ("mean", "weighted", "rank", "geometric")
 CANDIDATE_LISTS = {"all": "given + detected candidates", "given": "given candidates only"}
 GIVEN_FOLDER = "given_candidates"  # scores of the given list, as paths.WorkPaths lays them out
+STACKED_MEMBER = "stacked"  # the stacker's scores, beside the members' own
+FEATURES_NAME = "features"  # the candidate features, beside the members' scores
 
 
 class EnsembleError(InputError):
@@ -89,14 +114,20 @@ def _points(frame: pd.DataFrame, uids: pd.Index) -> np.ndarray:
     return np.column_stack([codes, frame[WORLD_COLUMNS].to_numpy(np.float64)])
 
 
-def _checked_points(frame: pd.DataFrame, path, uids: pd.Index) -> np.ndarray:
-    """``_points`` of one input after its own checks: no candidate twice, probabilities in
-    [0, 1]."""
+def _unique_points(frame: pd.DataFrame, path, uids: pd.Index) -> np.ndarray:
+    """``_points`` of one file that names no candidate twice."""
     points = _points(frame, uids)
     pairs = cKDTree(points).query_pairs(COORD_TOLERANCE_MM, p=np.inf, output_type="ndarray")
     if len(pairs):
         repeat = int(pairs.max(axis=1).min())  # the first row that repeats an earlier one
         raise EnsembleError(f"{path}: candidate {_describe(frame, repeat)} appears more than once")
+    return points
+
+
+def _checked_points(frame: pd.DataFrame, path, uids: pd.Index) -> np.ndarray:
+    """``_points`` of one input after its own checks: no candidate twice, probabilities in
+    [0, 1]."""
+    points = _unique_points(frame, path, uids)
     probabilities = frame["probability"].to_numpy(np.float64)
     if ((probabilities < 0) | (probabilities > 1)).any():
         raise EnsembleError(f"{path}: probabilities must lie in [0, 1]")
@@ -203,6 +234,8 @@ class Selection:
     candidate_list: str  # a key of CANDIDATE_LISTS
     why: str  # why that candidate list
     members_line: str | None  # how the members were chosen; None where they were not
+    # Validation CPM of the chosen ensemble per candidate list, where it was computed.
+    cpm: dict[str, float] = field(default_factory=dict)
 
     @property
     def weight_option(self) -> str | None:
@@ -243,6 +276,13 @@ class ValidationScores:
     def cpm(self, keys: pd.DataFrame, scores: np.ndarray) -> float:
         return float(evaluate.compute_froc(keys.assign(probability=scores), self.annotations,
                                            self.excluded, self.seriesuids).cpm)
+
+    def ensemble_cpm(self, candidate_list: str, members: list[str],
+                     weights: list[float] | None) -> float:
+        """Validation CPM of the ``members``' merge (weighted mean with ``weights``, else
+        the mean) on ``candidate_list``."""
+        keys, probabilities = self.aligned(candidate_list, members)
+        return self.cpm(keys, combine(probabilities, "weighted" if weights else "mean", weights))
 
 
 def pick_members(lists, cpm, weigh: bool, select: bool):
@@ -295,45 +335,242 @@ def _choose_members(scores: ValidationScores, weigh: bool,
 
 
 def _choose_candidate_list(scores: ValidationScores, members: list[str],
-                           weights: list[float] | None) -> tuple[str, str]:
+                           weights: list[float] | None) -> tuple[str, str, dict[str, float]]:
     """``"given"`` when the ensemble of ``members`` ranks the data set's own candidate list
     alone better than given + detected candidates on the validation scans (CPM), else
-    ``"all"``; and why. Detected candidates add nodules the list misses, but also false
-    positives that the UNet member, which found them, scores high: which wins depends on
-    the data, so the validation scans decide (never the test scans)."""
+    ``"all"``; why; and the CPMs compared. Detected candidates add nodules the list misses,
+    but also false positives that the UNet member, which found them, scores high: which
+    wins depends on the data, so the validation scans decide (never the test scans)."""
     if "given" not in scores.lists:
-        return "all", "the data set has no candidate list"
+        return "all", "the data set has no candidate list", {}
     if not scores.has_nodules:
-        return "all", "no nodule on the validation scans to decide with"
-    cpm = {}
-    for name in ("all", "given"):
-        keys, probabilities = scores.aligned(name, members)
-        cpm[name] = scores.cpm(keys, combine(probabilities, "weighted" if weights else "mean",
-                                             weights))
+        return "all", "no nodule on the validation scans to decide with", {}
+    cpm = {name: scores.ensemble_cpm(name, members, weights) for name in ("all", "given")}
     choice = "given" if cpm["given"] > cpm["all"] else "all"
     return choice, (f"validation CPM {cpm['given']:.3f} for given candidates only, "
-                    f"{cpm['all']:.3f} for given + detected")
+                    f"{cpm['all']:.3f} for given + detected"), cpm
 
 
 def select_members(members: list[str], validation: dict[str, list], annotations: pd.DataFrame,
                    excluded: pd.DataFrame | None, seriesuids: list[str], *, weigh: bool,
-                   select: bool, candidate_list: str = "validation") -> Selection:
+                   select: bool, candidate_list: str = "validation",
+                   with_cpm: bool = False) -> Selection:
     """Choose the ensemble on validation scans, never on the test scans.
 
     ``validation``: per candidate list (``"all"``: given + detected candidates, and
     ``"given"`` where the data set has its own list) the members' prediction files of the
     validation scans ``seriesuids``, in ``members`` order. ``weigh`` / ``select`` /
     ``candidate_list``: the ``ensemble.*`` settings (see the module docstring). A file is
-    read only when a choice needs it, and then once.
+    read only when a choice needs it, and then once; ``with_cpm``: also the chosen
+    ensemble's validation CPM on the chosen list (``Selection.cpm``) where the validation
+    scans hold a nodule.
     """
     scores = ValidationScores(members, validation, annotations, excluded, seriesuids)
     chosen, weights, line = list(members), None, None
     if weigh or select:
         chosen, weights, line = _choose_members(scores, weigh, select)
-    choice, why = candidate_list, "ensemble.candidate_list"
+    choice, why, cpm = candidate_list, "ensemble.candidate_list", {}
     if choice == "validation" or choice not in validation:
-        choice, why = _choose_candidate_list(scores, chosen, weights)
-    return Selection(chosen, weights, choice, why, line)
+        choice, why, cpm = _choose_candidate_list(scores, chosen, weights)
+    if with_cpm and scores.has_nodules and choice not in cpm:
+        cpm[choice] = scores.ensemble_cpm(choice, chosen, weights)
+    return Selection(chosen, weights, choice, why, line, cpm)
+
+
+# --------------------------------------------------------------------------- stacking
+
+
+def stack_model_path(out) -> Path:
+    """Where a stacker fitted for the output ``out`` is kept: beside it."""
+    out = Path(out)
+    return out.with_name(out.name + ".stack.json")
+
+
+def read_features(path, names) -> pd.DataFrame:
+    """A candidate features file (``predict.py --segmenter --features``) with the columns
+    ``names`` present and finite in every row (``tables.TableError`` naming the file)."""
+    return read_table(path, ["seriesuid", *WORLD_COLUMNS, *names], kind="candidate features")
+
+
+def feature_matrix(keys: pd.DataFrame, keys_path, path, names) -> np.ndarray:
+    """The ``names`` columns of the features file ``path``, one row per candidate of
+    ``keys`` (``align``'s candidates of ``keys_path``); the file must hold the same
+    candidates (same tolerance as ``align``)."""
+    frame = read_features(path, names)
+    if frame.empty:
+        raise EnsembleError(f"{path}: no candidates (a header without rows): does not hold "
+                            f"the features of the candidates of {keys_path}")
+    uids = pd.Index(pd.unique(keys["seriesuid"]))
+    uids = uids.append(pd.Index(pd.unique(frame["seriesuid"]))).unique()
+    rows = _matching_rows(cKDTree(_points(keys, uids)), _unique_points(frame, path, uids))
+    _require_same_candidates(rows, keys, frame, keys_path, path)
+    matrix = np.empty((len(keys), len(names)))
+    matrix[rows] = frame[list(names)].to_numpy(np.float64)
+    return matrix
+
+
+@dataclass(frozen=True)
+class StackData:
+    """What a stacker reads: the candidates, the members' probabilities ``(n, members)``
+    and the features ``(n, features)``, rows in the same order."""
+
+    keys: pd.DataFrame
+    probabilities: np.ndarray
+    features: np.ndarray
+
+
+def stack_data(files, features_path, feature_names) -> StackData:
+    """The members' prediction ``files`` aligned (``align``: same candidates) with the
+    features file's ``feature_names`` columns."""
+    keys, probabilities = align([read_predictions(p) for p in files], list(files))
+    return StackData(keys, probabilities, feature_matrix(keys, files[0], features_path,
+                                                         feature_names))
+
+
+def _require_validation_scans(data: StackData, path, seriesuids) -> None:
+    unknown = evaluate.unknown_seriesuids(data.keys, seriesuids)
+    if unknown:
+        raise EnsembleError(f"{path}: {len(unknown)} seriesuid(s) not among the validation "
+                            f"scans, e.g. {unknown[0]}")
+
+
+def out_of_fold_cpm(data: StackData, labels: np.ndarray, annotations: pd.DataFrame,
+                    excluded: pd.DataFrame | None, seriesuids, c: float,
+                    folds: int) -> tuple[float | None, str]:
+    """The stacker's validation CPM estimated honestly: every scan scored by a stacker
+    fitted on the other scan groups (``stacking.out_of_fold_scores``), then the official
+    LUNA16 FROC of those scores on the validation scans. None (and why) where no such
+    estimate exists (one scan, or a group whose complement holds one class only)."""
+    try:
+        scores, groups = stacking.out_of_fold_scores(
+            data.probabilities, data.features, labels, data.keys["seriesuid"], c, folds)
+    except stacking.StackError as err:
+        return None, f"no out-of-fold estimate: {err}"
+    result = evaluate.compute_froc(data.keys.assign(probability=scores), annotations, excluded,
+                                   list(seriesuids))
+    return float(result.cpm), f"out of fold, {groups} groups of validation scans"
+
+
+def fit_stack_files(names, files, features_path, annotations: pd.DataFrame,
+                    excluded: pd.DataFrame | None, seriesuids, *, feature_names, c: float,
+                    folds: int) -> stacking.StackModel:
+    """The stacker of the members ``names`` fitted on their validation scores ``files`` and
+    the validation candidates' features, labelled by the LUNA16 hit rule of the official
+    evaluation script (``evaluate.hit_labels``: 1 inside a nodule, -1 inside an excluded
+    finding, ignored; else 0); its fit record holds the out-of-fold validation CPM."""
+    data = stack_data(files, features_path, feature_names)
+    _require_validation_scans(data, files[0], seriesuids)
+    labels = evaluate.hit_labels(data.keys, annotations, excluded)
+    model = stacking.fit_stack(names, feature_names, data.probabilities, data.features, labels,
+                               c, where=str(files[0]))
+    cpm, how = out_of_fold_cpm(data, labels, annotations, excluded, seriesuids, c, folds)
+    return stacking.with_fit(model, {
+        "validation_scores": [str(f) for f in files], "validation_features": str(features_path),
+        "validation_scans": len(list(seriesuids)), "candidates": len(labels),
+        "nodule_candidates": int((labels == 1).sum()), "ignored": int((labels < 0).sum()),
+        "cpm_out_of_fold": cpm, "estimate": how})
+
+
+def describe_fit(model: stacking.StackModel) -> str:
+    """One line: the stacker's standardised coefficients and its out-of-fold CPM."""
+    weights = ", ".join(f"{n} {w:+.3f}" for n, w in
+                        zip([*model.members, *model.features], model.coefficients))
+    cpm = model.fit.get("cpm_out_of_fold")
+    estimate = (f"validation CPM {cpm:.3f} ({model.fit.get('estimate')})" if cpm is not None
+                else str(model.fit.get("estimate", "no out-of-fold estimate")))
+    return f"stacker fitted on the validation scans: {weights}; {estimate}"
+
+
+def apply_stack(model: stacking.StackModel, model_path, names, files,
+                features_path) -> pd.DataFrame:
+    """The stacked probabilities of the candidates the members' ``files`` score; the
+    inputs must be the stacker's members, in its order, and the features file must hold
+    its features."""
+    if list(names) != list(model.members):
+        raise EnsembleError(f"{model_path}: the stacker was fitted on the members "
+                            f"{', '.join(model.members)}; the inputs are {', '.join(names)} "
+                            "(their file names, in order)")
+    data = stack_data(files, features_path, list(model.features))
+    return data.keys.assign(probability=model.scores(data.probabilities, data.features))
+
+
+def write_stacked(model: stacking.StackModel, model_path, names, files, features_path, out,
+                  cfg, fitted: bool) -> pd.DataFrame:
+    """``apply_stack`` written to ``out`` (and its config beside it); a ``fitted`` stacker
+    saved to ``model_path`` first. Nothing is written when the inputs are refused."""
+    frame = apply_stack(model, model_path, names, files, features_path)[PREDICTION_COLUMNS]
+    if fitted:
+        stacking.save_stack(model, model_path)
+    write_csv_atomic(frame, out)
+    config_lib.save_config(cfg, Path(out).with_name(Path(out).name + ".config.json"),
+                           {"inputs": [str(f) for f in files], "method": "stack",
+                            "features": str(features_path), "stack_model": str(model_path),
+                            "fitted": fitted})
+    return frame
+
+
+@dataclass(frozen=True)
+class Submission:
+    """What run_pipeline.py submits: the selected ensemble or the stacked scores."""
+
+    stacked: bool
+    candidate_list: str  # a key of CANDIDATE_LISTS
+    why: str
+    record: dict  # the choice and the CPMs compared, for the submission's config
+
+    @property
+    def line(self) -> str:
+        cpm = self.record["validation_cpm"]
+        stacked = ", ".join(f"{_cpm_text(v)} ({CANDIDATE_LISTS[k]})"
+                            for k, v in cpm["stacked"].items()) or "not fitted"
+        return (f"stacking: out-of-fold validation CPM {stacked}; selected ensemble "
+                f"{_cpm_text(cpm['ensemble'])}: submitting the "
+                f"{'stacked scores' if self.stacked else 'ensemble'} ({self.why})")
+
+
+def _cpm_text(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _stack_decision(setting: str, stacked_cpm: float | None,
+                    ensemble_cpm: float | None) -> tuple[bool, str]:
+    """Whether to submit the stacked scores under ``ensemble.stack`` = ``setting``."""
+    if setting == "never":
+        return False, "ensemble.stack=never"
+    if setting == "always":
+        return True, "ensemble.stack=always"
+    if stacked_cpm is None:
+        return False, "no out-of-fold estimate of the stacker"
+    if ensemble_cpm is None:
+        return False, "the ensemble's validation CPM is unknown"
+    better = stacked_cpm > ensemble_cpm
+    return better, ("better" if better else "not better") + " on the validation scans"
+
+
+def choose_submission(setting: str, selection: Selection, stacked: dict[str, float | None],
+                      fixed_list: bool = False) -> Submission:
+    """Ensemble or stacked scores (``ensemble.stack`` = ``setting``: ``validation``,
+    ``always``, ``never``). ``stacked``: per candidate list whose stacker was fitted, its
+    out-of-fold validation CPM (None: no estimate). The stacked list is the one of best
+    CPM (the first on ties), or the selection's list where ``fixed_list``
+    (``ensemble.candidate_list`` not ``validation``). "validation" submits the stacked
+    scores only when their out-of-fold CPM beats the selected ensemble's validation CPM
+    (which, chosen on those scans, is if anything optimistic)."""
+    lists = [n for n in stacked if not fixed_list or n == selection.candidate_list]
+    known = [n for n in lists if stacked[n] is not None]
+    best = (max(known, key=lambda n: stacked[n]) if known
+            else selection.candidate_list if selection.candidate_list in lists
+            else next(iter(lists), None))
+    ensemble_cpm = selection.cpm.get(selection.candidate_list)
+    if best is None:
+        use, why = False, "no stacker could be fitted on the validation scans"
+    else:
+        use, why = _stack_decision(setting, stacked[best], ensemble_cpm)
+    record = {"setting": setting, "submitted": "stacked" if use else "ensemble",
+              "stacked_candidate_list": best,
+              "validation_cpm": {"ensemble": ensemble_cpm, "stacked": dict(stacked)}, "why": why}
+    return Submission(use, best if use else selection.candidate_list, why, record)
+
 
 
 # --------------------------------------------------------------------------- command line
@@ -344,7 +581,9 @@ def _parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("predictions", nargs="+", help="per-model CSVs (seriesuid,coordX,coordY,coordZ,probability)")
     parser.add_argument("--out", required=True, help="submission CSV to write")
-    parser.add_argument("--method", choices=METHODS, help="default: ensemble.method of the config")
+    parser.add_argument("--method", choices=[*METHODS, "stack"],
+                        help="default: ensemble.method of the config; stack: a learned stacker "
+                             "(--stack-model, --features)")
     parser.add_argument("--weights", help="comma-separated, one per input (method weighted)")
     choose = parser.add_argument_group("selection on validation scans")
     choose.add_argument("--select-on", metavar="FOLDER",
@@ -355,11 +594,41 @@ def _parser() -> argparse.ArgumentParser:
     choose.add_argument("--given", nargs="+", metavar="CSV",
                         help="each input's scores of the given candidate list alone, same "
                              "order; validation scores in FOLDER/given_candidates/")
+    stack = parser.add_argument_group("stacking (--method stack)")
+    stack.add_argument("--fit-stack", action="store_true",
+                       help="fit the stacker on the validation scans first (implies --method "
+                            "stack): FOLDER/<input file name> and FOLDER/<--features file name> "
+                            "of --select-on, with --annotations and --seriesuids")
+    stack.add_argument("--stack-model", metavar="JSON",
+                       help="the stacker: written with --fit-stack, read otherwise")
+    stack.add_argument("--features", metavar="CSV",
+                       help="features of the inputs' candidates (predict.py --segmenter --features)")
     config_lib.add_config_arguments(parser)
     return parser
 
 
+def _check_stack_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Options of ``--method stack`` (``--fit-stack`` implies it)."""
+    if args.fit_stack:
+        args.method = "stack"
+    if args.method != "stack":
+        used = [o for o in ("stack_model", "features") if getattr(args, o)]
+        if used:
+            parser.error(f"--{used[0].replace('_', '-')} needs --method stack or --fit-stack")
+        return
+    if not (args.stack_model and args.features):
+        parser.error("--method stack needs --stack-model and --features")
+    for option in ("weights", "given"):
+        if getattr(args, option):
+            parser.error(f"--{option} does not apply to --method stack (one candidate list a call)")
+    if args.select_on and not args.fit_stack:
+        parser.error("--select-on with --method stack needs --fit-stack")
+    if args.fit_stack and not args.select_on:
+        parser.error("--fit-stack needs --select-on (the validation scores and features)")
+
+
 def _check_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    _check_stack_options(parser, args)
     if args.select_on is None:
         used = [o for o in ("annotations", "excluded", "seriesuids", "given") if getattr(args, o)]
         if used:
@@ -414,10 +683,58 @@ def _select(args: argparse.Namespace, cfg, names: list[str],
     return selection
 
 
+def _stack_files(args: argparse.Namespace, names: list[str]) -> dict[str, list]:
+    """The files ``--method stack`` reads (``fit``: the validation scores and features)."""
+    files = {"inputs": list(args.predictions), "features": [args.features], "fit": []}
+    if args.fit_stack:
+        folder = Path(args.select_on)
+        files["fit"] = [*(folder / f"{n}.csv" for n in names), folder / Path(args.features).name]
+    return files
+
+
+def _fit_stack(args: argparse.Namespace, cfg, names: list[str],
+               files: dict[str, list]) -> stacking.StackModel:
+    """The stacker fitted on the validation files, printing what it learnt."""
+    annotations = read_annotations(args.annotations)
+    excluded = (read_annotations(args.excluded, kind="excluded findings")
+                if args.excluded else None)
+    ens = cfg.ensemble
+    model = fit_stack_files(names, files["fit"][:-1], files["fit"][-1], annotations, excluded,
+                            read_seriesuids(args.seriesuids), feature_names=list(ens.stack_features),
+                            c=ens.stack_c, folds=ens.stack_folds)
+    print(describe_fit(model), flush=True)
+    return model
+
+
+def _stack_main(args: argparse.Namespace, cfg) -> int:
+    """``--method stack``: fit (``--fit-stack``) or read the stacker, apply it, write."""
+    model_path = Path(args.stack_model)
+    try:
+        names = _member_names(args.predictions)
+        files = _stack_files(args, names)
+        read = [*files["inputs"], *files["features"], *files["fit"], args.annotations,
+                args.excluded, args.seriesuids, *([] if args.fit_stack else [model_path])]
+        out = check_output_path(args.out, read, kind="--out")
+        if args.fit_stack:
+            check_output_path(model_path, [*read, out], kind="--stack-model")
+            model = _fit_stack(args, cfg, names, files)
+        else:
+            model = stacking.load_stack(model_path)
+        frame = write_stacked(model, model_path, names, files["inputs"], args.features, out,
+                              cfg, fitted=args.fit_stack)
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}: {len(frame)} candidates, {len(names)} model(s), method stack")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = _parser()
     args, cfg = config_lib.parse_args(parser, argv)
     _check_options(parser, args)
+    if args.method == "stack":
+        return _stack_main(args, cfg)
     method, weights = args.method or cfg.ensemble.method, _weights(parser, args, cfg)
     inputs = {"all": list(args.predictions), "given": list(args.given or [])}
     try:

@@ -4,6 +4,7 @@
     python predict.py --model resnet --candidates work/detections.csv --scans test --tta --out pred.csv
     python predict.py --model-path my/best.keras --cube-size 32 --cache-dir cache --out pred.csv --scans all
     python predict.py --segmenter --candidates candidates work/detections.csv --out work/predictions/unet.csv
+    python predict.py --segmenter --candidates candidates work/detections.csv --features features.csv
 
 Candidates come from the cache's ``candidates.csv`` (default) and/or detection CSVs
 (``--candidates candidates work/detections.csv`` scores both); the model is
@@ -11,6 +12,15 @@ Candidates come from the cache's ``candidates.csv`` (default) and/or detection C
 with ``--segmenter``) unless ``--model-path`` is given. Writes
 ``seriesuid,coordX,coordY,coordZ,probability`` (world mm), one row per candidate, for the
 ``--scans`` of the fold (default: its test subset).
+
+``--segmenter --features F.csv`` also (without ``--out``: only) writes the candidate
+features that ``ensemble.py --method stack`` reads, one row per candidate in the same order
+and coordinates as the scores: ``seriesuid,coordX,coordY,coordZ`` + ``unet_probability``
+(the ``--segmenter`` score), ``component_diameter_mm`` (equivalent-sphere diameter of the
+connected component of the UNet's map ``>= inference.threshold`` that holds the best voxel
+near the candidate, inside the window scored around it; 0 when no voxel passes) and
+``wall_distance_mm`` (distance to the nearest voxel outside the cached lung mask: the
+Euclidean distance transform of each scan's mask, in mm of the cache spacing).
 
 Candidates of scans that the cache does not hold, or whose cached files are damaged, are
 named in a warning and left out (``detect.readable_scans``, as detect.py does); when the
@@ -35,7 +45,9 @@ import config as config_lib
 import detect
 import paths
 import sliding_window
-from tables import PREDICTION_COLUMNS, InputError, check_output_path, read_predictions, write_csv_atomic
+import stacking
+from tables import (PREDICTION_COLUMNS, WORLD_COLUMNS, InputError, check_output_path,
+                    read_predictions, write_csv_atomic)
 
 GIVEN_CANDIDATES = "candidates"  # --candidates entry naming the cache's candidates.csv
 
@@ -102,6 +114,32 @@ def score_table(model, cache_dir, table: pd.DataFrame, cube_size: int, batch_siz
     return probabilities
 
 
+def centre_ball(size: int, radius_vox: float) -> np.ndarray:
+    """The voxels of a ``size`` cube within ``radius_vox`` of its centre voxel (index
+    ``size // 2``, where ``generators.crop_patch`` puts the candidate)."""
+    grid = np.indices((size,) * 3, dtype=np.float64) - (size // 2)
+    return np.sum(grid * grid, axis=0) <= radius_vox * radius_vox
+
+
+def segmenter_windows(model, cache_dir, table: pd.DataFrame, patch_size: int | None = None,
+                      batch_size: int = 1, tta: bool = False, progress: bool = False):
+    """The UNet's probability maps of windows centred on the rows of ``table`` (the model's
+    input size, else ``patch_size``): yields ``(maps (n, s, s, s), positions)``, positions
+    indexing ``table`` by position, as ``generators.cube_batches``."""
+    import generators
+
+    patch = sliding_window.model_patch_shape(model, patch_size)
+    if len(set(patch)) != 1:
+        raise ValueError(f"segmenter scoring needs a cubic patch, the model takes {patch}")
+    predict_fn = sliding_window.keras_predict_fn(model, batch_size, patch)
+    table = table.reset_index(drop=True)
+    bar = tqdm(total=len(table), desc="scoring", unit="cube", disable=not progress, file=sys.stderr)
+    for cubes, positions in generators.cube_batches(cache_dir, table, patch[0], batch_size):
+        yield sliding_window.flip_averaged(predict_fn, cubes, tta)[..., 0], positions
+        bar.update(len(positions))
+    bar.close()
+
+
 def score_with_segmenter(model, cache_dir, table: pd.DataFrame, patch_size: int | None = None,
                          radius_vox: float = 2.0, batch_size: int = 1, tta: bool = False,
                          progress: bool = False) -> np.ndarray:
@@ -113,24 +151,81 @@ def score_with_segmenter(model, cache_dir, table: pd.DataFrame, patch_size: int 
     reduction model too (a different kind from the classifiers, which is what an ensemble
     needs). ``batch_size`` windows a call (1 is fastest on CPUs: see the quick profile).
     """
+    scores = np.zeros(len(table), dtype=np.float64)
+    ball = None
+    for maps, positions in segmenter_windows(model, cache_dir, table, patch_size, batch_size,
+                                             tta, progress):
+        ball = centre_ball(maps.shape[1], radius_vox) if ball is None else ball
+        scores[positions] = maps[:, ball].max(axis=1)
+    return scores
+
+
+# --------------------------------------------------------------------------- candidate features
+
+
+def component_diameter_mm(window_map: np.ndarray, ball: np.ndarray, threshold: float,
+                          spacing_zyx_mm) -> float:
+    """Equivalent-sphere diameter (mm) of the connected component of ``window_map >=
+    threshold`` (26-connected, as detect.py's components) that holds the highest voxel of
+    ``ball``, the voxels near the candidate; 0 when that voxel is below the threshold. A
+    component is measured inside the window only."""
+    from scipy import ndimage
+
+    best = np.unravel_index(np.flatnonzero(ball)[np.argmax(window_map[ball])], window_map.shape)
+    if window_map[best] < threshold:
+        return 0.0
+    labels, _ = ndimage.label(window_map >= threshold, structure=np.ones((3, 3, 3)))
+    voxels = np.count_nonzero(labels == labels[best])
+    return float((6.0 * voxels * np.prod(np.abs(spacing_zyx_mm)) / np.pi) ** (1.0 / 3.0))
+
+
+def wall_distances_mm(mask: np.ndarray, spacing_zyx_mm, centers_zyx_vox) -> np.ndarray:
+    """Distance (mm) from each centre to the nearest voxel outside ``mask`` (the Euclidean
+    distance transform of the mask, interpolated linearly at the centre); 0 outside it."""
+    from scipy import ndimage
+
+    distance = ndimage.distance_transform_edt(np.asarray(mask, dtype=bool),
+                                              sampling=np.abs(np.asarray(spacing_zyx_mm, float)))
+    centers = np.asarray(centers_zyx_vox, dtype=np.float64).reshape(-1, 3)
+    return ndimage.map_coordinates(distance, centers.T, order=1, mode="nearest")
+
+
+def wall_distance_column(cache_dir, table: pd.DataFrame) -> np.ndarray:
+    """``wall_distances_mm`` of every row of ``table`` (a ``generators.candidate_table``),
+    from each scan's cached lung mask and spacing, the transform computed once a scan."""
     import generators
 
-    patch = sliding_window.model_patch_shape(model, patch_size)
-    if len(set(patch)) != 1:
-        raise ValueError(f"segmenter scoring needs a cubic patch, the model takes {patch}")
-    predict_fn = sliding_window.keras_predict_fn(model, batch_size, patch)
-    size = patch[0]
-    grid = np.indices((size,) * 3, dtype=np.float64) - (size // 2)
-    ball = np.sum(grid * grid, axis=0) <= radius_vox * radius_vox
+    distances = np.zeros(len(table), dtype=np.float64)
+    centers = table[generators.VOXEL_COLUMNS].to_numpy(np.float64)
+    for uid, rows in table.reset_index(drop=True).groupby("seriesuid", sort=False).indices.items():
+        scan = cache.open_scan(cache_dir, uid)
+        distances[rows] = wall_distances_mm(scan.mask, scan.geometry.spacing_zyx_mm, centers[rows])
+    return distances
+
+
+def segmenter_features(model, cache_dir, table: pd.DataFrame, threshold: float,
+                       patch_size: int | None = None, radius_vox: float = 2.0,
+                       batch_size: int = 1, tta: bool = False,
+                       progress: bool = False) -> pd.DataFrame:
+    """``stacking.FEATURE_COLUMNS`` of each row of ``table``, in row order:
+    ``unet_probability`` (``score_with_segmenter``'s score), ``component_diameter_mm`` (of
+    the component of the window's map ``>= threshold`` holding that score's voxel) and
+    ``wall_distance_mm`` (to the edge of the cached lung mask)."""
+    metas = cache.load_scan_metas(cache_dir)
+    uids = table["seriesuid"].to_numpy()
     scores = np.zeros(len(table), dtype=np.float64)
-    table = table.reset_index(drop=True)
-    bar = tqdm(total=len(table), desc="scoring", unit="cube", disable=not progress, file=sys.stderr)
-    for cubes, positions in generators.cube_batches(cache_dir, table, size, batch_size):
-        maps = sliding_window.flip_averaged(predict_fn, cubes, tta)
-        scores[positions] = maps[:, ball, 0].max(axis=1)
-        bar.update(len(positions))
-    bar.close()
-    return scores
+    diameters = np.zeros(len(table), dtype=np.float64)
+    ball = None
+    for maps, positions in segmenter_windows(model, cache_dir, table, patch_size, batch_size,
+                                             tta, progress):
+        ball = centre_ball(maps.shape[1], radius_vox) if ball is None else ball
+        scores[positions] = maps[:, ball].max(axis=1)
+        for window_map, row in zip(maps, positions):
+            spacing = metas[uids[row]].geometry.spacing_zyx_mm
+            diameters[row] = component_diameter_mm(window_map, ball, threshold, spacing)
+    features = pd.DataFrame({"unet_probability": scores, "component_diameter_mm": diameters,
+                             "wall_distance_mm": wall_distance_column(cache_dir, table)})
+    return features[list(stacking.FEATURE_COLUMNS)]
 
 
 # --------------------------------------------------------------------------- command line
@@ -165,11 +260,19 @@ def _parse_args(argv):
     parser.add_argument("--tta", action="store_true", help="average over flips (test-time augmentation)")
     parser.add_argument("--cube-size", type=_positive_int,
                         help="default: the model's input size (a model built for one size takes only that)")
-    parser.add_argument("--out", required=True, help="prediction CSV to write")
+    parser.add_argument("--out", help="prediction CSV to write")
+    parser.add_argument("--features", metavar="CSV",
+                        help="with --segmenter: also (or, without --out, only) write each "
+                             "candidate's features for ensemble.py --method stack: "
+                             + ", ".join(stacking.FEATURE_COLUMNS))
     config_lib.add_config_arguments(parser)
     args, cfg = config_lib.parse_args(parser, argv, ("cache_dir", "work_dir"))
     if not args.model and not args.model_path and not args.segmenter:
         parser.error("give --model NAME, --segmenter or --model-path FILE")
+    if args.features and not args.segmenter:
+        parser.error("--features needs --segmenter (the features come from the UNet's map)")
+    if not args.out and not args.features:
+        parser.error("give --out (and/or --features with --segmenter)")
     return args, cfg
 
 
@@ -238,29 +341,67 @@ def _score(model, model_path: Path, table: pd.DataFrame, args, cfg, cache_dir: P
                        batch_size=max(cfg.classification.batch_size, 16), tta=args.tta, progress=True)
 
 
+def _features(model, model_path: Path, table: pd.DataFrame, args, cfg,
+              cache_dir: Path) -> pd.DataFrame:
+    """``segmenter_features`` with the options of ``_score``'s segmenter scoring (so its
+    ``unet_probability`` is the ``--out`` score) and detection's ``inference.threshold``."""
+    window = scoring_size(model, model_path, args.cube_size, cfg.segmentation.patch_size)
+    features = segmenter_features(model, cache_dir, table, cfg.inference.threshold, window,
+                                  batch_size=cfg.inference.batch_size, tta=args.tta,
+                                  progress=True)
+    if not np.isfinite(features.to_numpy(np.float64)).all():
+        raise InputError(f"{model_path}: the model's probability map is not finite (NaN "
+                         "weights?): no features can be computed")
+    return features
+
+
+def _outputs(args) -> list[Path]:
+    """The files this call writes: ``--out``, ``--features`` and each one's config beside it."""
+    files = [Path(f) for f in (args.out, args.features) if f]
+    return [p for f in files for p in (f, f.with_name(f.name + ".config.json"))]
+
+
+def _write_outputs(args, cfg, table: pd.DataFrame, probabilities: np.ndarray,
+                   features: pd.DataFrame | None, settings: dict) -> None:
+    if args.out:
+        write_csv_atomic(table.assign(probability=probabilities)[PREDICTION_COLUMNS], args.out)
+        config_lib.save_config(cfg, Path(args.out).with_name(Path(args.out).name + ".config.json"),
+                               settings)
+        print(f"wrote {args.out}: {len(table)} candidates of {table['seriesuid'].nunique()} scans")
+    if features is not None:
+        frame = pd.concat([table[["seriesuid", *WORLD_COLUMNS]].reset_index(drop=True),
+                           features.reset_index(drop=True)], axis=1)
+        write_csv_atomic(frame, args.features)
+        config_lib.save_config(cfg, Path(args.features).with_name(
+            Path(args.features).name + ".config.json"),
+            {**settings, "threshold": cfg.inference.threshold})
+        print(f"wrote {args.features}: features of {len(table)} candidates")
+
+
 def main(argv=None) -> int:
     config_lib.setup_tensorflow_environment()  # before TensorFlow is imported
     args, cfg = _parse_args(argv)
     fold = cfg.training.fold if args.fold is None else args.fold
     cache_dir = Path(cfg.paths.cache_dir)
     model_path = _model_path(args, cfg, fold)
-    out = Path(args.out)
-    config_out = out.with_name(out.name + ".config.json")
+    features = None
     try:
-        for output in (out, config_out):
+        for output in _outputs(args):
             check_output_path(output, _input_files(cache_dir, args.candidates, model_path),
                               kind="predictions output")
         table = _candidate_table(cache_dir, args.candidates, args.scans, fold)
         model = load_segmenter(model_path) if args.segmenter else load_classifier(model_path)
-        probabilities = _score(model, model_path, table, args, cfg, cache_dir)
+        if args.features:
+            features = _features(model, model_path, table, args, cfg, cache_dir)
+            probabilities = features["unet_probability"].to_numpy()
+        else:
+            probabilities = _score(model, model_path, table, args, cfg, cache_dir)
     except (FileNotFoundError, ValueError) as err:  # InputError and TableError are ValueErrors
         print(f"error: {err}", file=sys.stderr)
         return 2
-    write_csv_atomic(table.assign(probability=probabilities)[PREDICTION_COLUMNS], out)
-    config_lib.save_config(cfg, config_out,
-                           {"model": str(model_path), "candidates": args.candidates,
-                            "scans": args.scans, "fold": fold, "tta": args.tta})
-    print(f"wrote {out}: {len(table)} candidates of {table['seriesuid'].nunique()} scans")
+    _write_outputs(args, cfg, table, probabilities, features,
+                   {"model": str(model_path), "candidates": args.candidates,
+                    "scans": args.scans, "fold": fold, "tta": args.tta})
     return 0
 
 

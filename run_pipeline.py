@@ -25,7 +25,11 @@ value`` overrides reach every stage:
                      list alone (LUNA16's false-positive-reduction setting)
 7. ``ensemble``      members, weights and candidate list chosen on the validation subset
                      (``ensemble.select_members``), merged into ``WORK/submission.csv``
-                     (``ensemble.py``)
+                     (``ensemble.py``); ``features`` and ``stack``: the candidate features
+                     (``predict.py --segmenter --features``) and a stacker fitted on the
+                     validation subset (``ensemble.py --fit-stack``), its held-out scores
+                     ``predictions/fold<k>/stacked.csv``, submitted instead when its
+                     out-of-fold validation CPM is better (``ensemble.stack``)
 8. ``evaluate``      LUNA16 FROC on the held-out subset (``evaluate.py``): the seven
                      sensitivities and ``CPM: 0.xxxxxx``, plot and metrics in ``WORK/evaluation``
 9. ``report``        figures and ``WORK/report/report.md`` (``report.py``; always rebuilt,
@@ -48,6 +52,7 @@ import cache
 import config as config_lib
 import ensemble
 import sample_data
+import stacking
 from paths import BEST_MODEL, WorkPaths
 from tables import (InputError, atomic_open, atomic_write_text, read_annotations,
                     read_predictions, read_seriesuids, require_folder, write_text_if_changed)
@@ -290,7 +295,8 @@ class Pipeline:
         if selection.members_line:
             print(selection.members_line, flush=True)
         merged = self.merge_members(selection, given)
-        self.submit(selection, merged)
+        stacked = self.stack_members(sources, detections, split["val"], given)
+        self.submit(selection, merged, stacked)
 
     def stamped(self, files) -> list[str]:
         """Candidate sources and prediction files as the stamps record them."""
@@ -402,13 +408,16 @@ class Pipeline:
             return ensemble.select_members(self.members, lists, annotations, excluded,
                                            validation_uids, weigh=ens.weigh_by_validation,
                                            select=ens.select_by_validation,
-                                           candidate_list=ens.candidate_list)
+                                           candidate_list=ens.candidate_list,
+                                           with_cpm=self.use_validation)
         except InputError as err:
             raise StageFailed(str(err)) from None
 
     def merge_members(self, selection: ensemble.Selection, given: bool) -> dict[str, Path]:
         """The chosen members merged (``ensemble.py``), per candidate list: its file."""
-        merging = {**sections(self.cfg, "ensemble"), "weighting": _weighting(selection)}
+        ens = {k: v for k, v in sections(self.cfg, "ensemble")["ensemble"].items()
+               if not k.startswith("stack")}  # the stacker's settings are its own stage's
+        merging = {"ensemble": ens, "weighting": _weighting(selection)}
         merged = {}
         for given_list in (False, True) if given else (False,):
             inputs = [self.work.predictions(self.fold, m, given=given_list) for m in selection.members]
@@ -420,17 +429,124 @@ class Pipeline:
             merged["given" if given_list else "all"] = out
         return merged
 
-    def submit(self, selection: ensemble.Selection, merged: dict[str, Path]) -> None:
-        """The chosen list's ensemble as ``WORK/submission.csv`` (always rewritten), with
-        what was chosen and why beside it."""
-        print(selection.submitting_line, flush=True)
-        chosen, submission = merged[selection.candidate_list], self.work.submission
+    # -- 7: stacking
+    def stack_members(self, sources: list[str], detections: Path, validation_uids: list[str],
+                      given: bool) -> dict[str, float | None]:
+        """Stacked generalization of every member's scores and the candidate features
+        (as ``ensemble.py --fit-stack``), per candidate list: fitted on the validation scans,
+        its held-out scores written as the member ``stacked``. Returns, per list whose
+        stacker could be fitted, its out-of-fold validation CPM (None: no estimate)."""
+        lists = ["all", *(["given"] if given else [])]
+        validation = [self.work.predictions(self.fold, m, given=n == "given", validation=True)
+                      for n in lists for m in self.members]
+        if not all(f.exists() for f in validation):
+            return self.skip_stacking("the validation scans are not scored (ensemble."
+                                      "weigh_by_validation, select_by_validation off and "
+                                      "candidate_list fixed)")
+        self.compute_features(sources, detections, given)
+        fitted = {}
+        for name in lists:
+            model = self.fit_stacker(name == "given", validation_uids)
+            if model is not None:
+                fitted[name] = model.fit.get("cpm_out_of_fold")
+        return fitted
+
+    def skip_stacking(self, why: str) -> dict:
+        if self.cfg.ensemble.stack == "always":
+            raise StageFailed(f"ensemble.stack=always, but no stacker can be fitted: {why}")
+        print(f"[stack] skipped: {why}", flush=True)
+        return {}
+
+    def compute_features(self, sources: list[str], detections: Path, given: bool) -> None:
+        """Candidate features (``predict.py --segmenter --features``) of the held-out and
+        validation scans, of each candidate list, beside the members' scores."""
+        import predict
+
+        unet = self.work.segmentation_run(self.fold) / BEST_MODEL
+        reads = {**sections(self.cfg, "inference"),
+                 "patch_size": self.cfg.segmentation.patch_size}
+        lists = [(False, sources, [unet, detections]),
+                 *([(True, [GIVEN_CANDIDATES], [unet])] if given else [])]
+        for given_list, candidates, inputs in lists:
+            for validation in (False, True):
+                out = self.work.predictions(self.fold, ensemble.FEATURES_NAME, given=given_list,
+                                            validation=validation)
+                argv = [*self.common, "--segmenter", "--candidates", *candidates,
+                        "--scans", "val" if validation else "test", "--features", str(out)]
+                notes = [*(["validation scans"] if validation else []),
+                         *(["given candidates"] if given_list else [])]
+                self.stages.run("features" + (f" ({', '.join(notes)})" if notes else ""),
+                                [out], inputs, lambda _, argv=argv: predict.main(argv),
+                                {**reads, "candidates": self.stamped(candidates)})
+
+    def fit_stacker(self, given_list: bool, validation_uids: list[str]):
+        """The stacker of one candidate list fitted and applied (a stamped stage); its
+        model, or None (with a note; its old outputs removed) where the validation scans
+        cannot fit one."""
+        def files(member: str, validation: bool = False) -> Path:
+            return self.work.predictions(self.fold, member, given=given_list, validation=validation)
+
+        ens = self.cfg.ensemble
+        out = files(ensemble.STACKED_MEMBER)
+        model_file = ensemble.stack_model_path(out)
+        held_out, validation = ([files(m, v) for m in self.members] for v in (False, True))
+        features, validation_features = (files(ensemble.FEATURES_NAME, v) for v in (False, True))
+        inputs = [*held_out, *validation, features, validation_features]
+
+        def action(_):
+            annotations, excluded = _reference_tables(self.work)
+            model = ensemble.fit_stack_files(
+                self.members, validation, validation_features, annotations, excluded,
+                validation_uids, feature_names=list(ens.stack_features), c=ens.stack_c,
+                folds=ens.stack_folds)
+            print(ensemble.describe_fit(model), flush=True)
+            ensemble.write_stacked(model, model_file, self.members, held_out, features, out,
+                                   self.cfg, fitted=True)
+
+        title = "stack (given candidates)" if given_list else "stack"
+        settings = {"stack": {k: v for k, v in sections(self.cfg, "ensemble")["ensemble"].items()
+                              if k.startswith("stack_")}, "inputs": self.stamped(inputs)}
+        try:
+            self.stages.run(title, [out, model_file], inputs, action, settings)
+        except InputError as err:  # e.g. one class only: nothing to learn from
+            for stale in (out, model_file, out.with_name(out.name + ".config.json")):
+                stale.unlink(missing_ok=True)
+            self.skip_stacking(str(err))
+            return None
+        return stacking.load_stack(model_file)
+
+    # -- 7: submission
+    def submit(self, selection: ensemble.Selection, merged: dict[str, Path],
+               stacked: dict[str, float | None]) -> None:
+        """The chosen list's ensemble, or the stacked scores (``ensemble.stack``), as
+        ``WORK/submission.csv`` (always rewritten), with what was chosen and why beside
+        it (and the stacker, when submitted)."""
+        ens = self.cfg.ensemble
+        choice = ensemble.choose_submission(ens.stack, selection, stacked,
+                                            fixed_list=ens.candidate_list != "validation")
+        submission = self.work.submission
+        stack_copy = ensemble.stack_model_path(submission)
+        if choice.stacked:
+            chosen = self.work.predictions(self.fold, ensemble.STACKED_MEMBER,
+                                           given=choice.candidate_list == "given")
+            print(f"submitting the stacked scores of the "
+                  f"{ensemble.CANDIDATE_LISTS[choice.candidate_list]} ({choice.why})", flush=True)
+            with atomic_open(stack_copy, "wb") as handle:
+                handle.write(ensemble.stack_model_path(chosen).read_bytes())
+        else:
+            chosen = merged[selection.candidate_list]
+            print(selection.submitting_line, flush=True)
+            stack_copy.unlink(missing_ok=True)
+        print(choice.line, flush=True)
         with atomic_open(submission, "wb") as handle:
             handle.write(chosen.read_bytes())
+        why = selection.why if not choice.stacked else f"stacked: {choice.why}"
         config_lib.save_config(self.cfg, submission.with_name(submission.name + ".config.json"),
-                               {"candidate_list": selection.candidate_list, "why": selection.why,
-                                "from": str(chosen), "members": selection.members,
-                                "weighting": _weighting(selection)})
+                               {"candidate_list": choice.candidate_list, "why": why,
+                                "from": str(chosen),
+                                "members": self.members if choice.stacked else selection.members,
+                                "weighting": [] if choice.stacked else _weighting(selection),
+                                "stack": choice.record})
 
 
 def _predict_title(name: str, given: bool, validation: bool) -> str:

@@ -164,3 +164,124 @@ def test_selection_options_that_do_not_fit_together(inputs, tmp_path, capsys, op
     out = tmp_path / "sub.csv"
     assert _run([*inputs, "--out", str(out), *options]) == 2
     assert "error:" in capsys.readouterr().err and not out.exists()
+
+
+# --------------------------------------------------------------------------- --method stack
+
+
+def _stack_case(tmp_path):
+    from tests.test_stacking import fit_argv, write_stack_case
+
+    case = write_stack_case(tmp_path)
+    return case, fit_argv
+
+
+def _no_stacker(case) -> None:
+    from pathlib import Path
+
+    assert not Path(case["model"]).exists()
+
+
+def test_stacking_refuses_members_that_score_different_candidates(tmp_path, capsys):
+    case, fit_argv = _stack_case(tmp_path)
+    b = pd.read_csv(case["inputs"][1])
+    b.loc[3, "coordX"] += 0.5
+    b.to_csv(case["inputs"][1], index=False)
+    out = tmp_path / "stacked.csv"
+    _refused(fit_argv(case, out), capsys, out, case["inputs"][1], "same candidates")
+    _no_stacker(case)
+    # The validation scores too.
+    b.loc[3, "coordX"] -= 0.5
+    b.to_csv(case["inputs"][1], index=False)
+    val_b = tmp_path / "val" / "b.csv"
+    pd.read_csv(val_b).iloc[1:].to_csv(val_b, index=False)
+    _refused(fit_argv(case, out), capsys, out, str(val_b), "same candidates")
+    _no_stacker(case)
+
+
+@pytest.mark.parametrize("problem", ["missing", "nan", "moved", "header_only"])
+@pytest.mark.parametrize("which", ["test", "val"])
+def test_stacking_refuses_features_missing_nan_or_of_other_candidates(tmp_path, capsys,
+                                                                      problem, which):
+    case, fit_argv = _stack_case(tmp_path)
+    path = tmp_path / which / "features.csv"
+    features = pd.read_csv(path)
+    if problem == "missing":
+        features = features.drop(columns="wall_distance_mm")
+    elif problem == "nan":
+        features.loc[4, "component_diameter_mm"] = np.nan
+    elif problem == "moved":
+        features.loc[4, "coordY"] += 1.0
+    else:
+        features = features.iloc[:0]
+    features.to_csv(path, index=False)
+    words = {"missing": ["lacks column", "wall_distance_mm"],
+             "nan": ["component_diameter_mm", "NaN"], "moved": ["same candidates"],
+             "header_only": ["no candidates"]}[problem]
+    out = tmp_path / "stacked.csv"
+    _refused(fit_argv(case, out), capsys, out, str(path), *words)
+    _no_stacker(case)
+
+
+def test_a_stacker_whose_members_or_features_do_not_match_is_refused(tmp_path, capsys):
+    case, fit_argv = _stack_case(tmp_path)
+    assert ensemble.main(fit_argv(case, tmp_path / "fitted.csv")) == 0
+    capsys.readouterr()
+    out = tmp_path / "stacked.csv"
+    apply = ["--method", "stack", "--stack-model", case["model"], "--out", str(out)]
+    # Members: the inputs in another order, or another input.
+    _refused([*reversed(case["inputs"]), "--features", case["features"], *apply], capsys, out,
+             case["model"], "fitted on the members a, b", "the inputs are b, a")
+    other = tmp_path / "test" / "c.csv"
+    other.write_bytes(open(case["inputs"][1], "rb").read())
+    _refused([case["inputs"][0], str(other), "--features", case["features"], *apply], capsys,
+             out, case["model"], "the inputs are a, c")
+    # Features: the stacker reads a column that the features file lacks.
+    lacking = tmp_path / "test" / "lacking.csv"
+    pd.read_csv(case["features"]).drop(columns="component_diameter_mm").to_csv(lacking, index=False)
+    _refused([*case["inputs"], "--features", str(lacking), *apply], capsys, out, str(lacking),
+             "lacks column", "component_diameter_mm")
+
+
+def test_validation_labels_of_one_class_are_refused(tmp_path, capsys):
+    case, fit_argv = _stack_case(tmp_path)
+    annotations = tmp_path / "annotations.csv"
+    pd.read_csv(annotations).assign(coordX=500.0).to_csv(annotations, index=False)  # no hit
+    out = tmp_path / "stacked.csv"
+    _refused(fit_argv(case, out), capsys, out, str(tmp_path / "val" / "a.csv"),
+             "no candidate inside a nodule", "needs nodules and false positives")
+    _no_stacker(case)
+
+
+def test_a_damaged_or_missing_stacker_file_is_refused(tmp_path, capsys):
+    case, _ = _stack_case(tmp_path)
+    out = tmp_path / "stacked.csv"
+    argv = [*case["inputs"], "--method", "stack", "--stack-model", case["model"], "--features",
+            case["features"], "--out", str(out)]
+    _refused(argv, capsys, out, case["model"], "does not exist", "--fit-stack")
+    open(case["model"], "w").write('{"format": "lungnod stacker", "version": 1, "members": "a"}')
+    _refused(argv, capsys, out, case["model"], "members must be a list")
+
+
+def test_the_stacker_file_must_not_be_an_input_or_the_output(tmp_path, capsys):
+    case, fit_argv = _stack_case(tmp_path)
+    out = tmp_path / "stacked.csv"
+    argv = fit_argv(case, out)
+    argv[argv.index("--stack-model") + 1] = str(out)
+    _refused(argv, capsys, out, str(out), "--stack-model", "one of the inputs")
+    argv[argv.index("--stack-model") + 1] = case["features"]
+    _refused(argv, capsys, out, case["features"], "one of the inputs")
+
+
+@pytest.mark.parametrize("options", [["--method", "stack", "--features", "f.csv"],
+                                     ["--stack-model", "m.json"], ["--features", "f.csv"],
+                                     ["--fit-stack", "--stack-model", "m.json", "--features", "f.csv"],
+                                     ["--method", "stack", "--stack-model", "m.json", "--features",
+                                      "f.csv", "--weights", "1,2"],
+                                     ["--method", "stack", "--stack-model", "m.json", "--features",
+                                      "f.csv", "--select-on", "v", "--annotations", "a.csv",
+                                      "--seriesuids", "s.csv"]])
+def test_stacking_options_that_do_not_fit_together(inputs, tmp_path, capsys, options):
+    out = tmp_path / "sub.csv"
+    assert _run([*inputs, "--out", str(out), *options]) == 2
+    assert "error:" in capsys.readouterr().err and not out.exists()

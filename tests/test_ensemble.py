@@ -237,3 +237,21 @@ def test_command_line_selection_merges_what_select_members_chose(tmp_path, capsy
     assert settings["method"] == "weighted" and settings["weights"] == [1.0]
     assert settings["selection"]["members"] == ["strong"]
     assert settings["selection"]["candidate_list"] == "given"
+
+
+def test_select_members_reports_the_chosen_ensembles_validation_cpm(tmp_path):
+    """What run_pipeline.py compares the stacker with."""
+    import evaluate
+
+    members, lists, annotations = _validation_folder(tmp_path)
+    chosen = ensemble.select_members(members, lists, annotations, None, ["a", "b"], weigh=True,
+                                     select=True, with_cpm=True)
+    assert chosen.candidate_list == "given" and chosen.cpm["given"] == 1.0
+    fixed = ensemble.select_members(members, lists, annotations, None, ["a", "b"], weigh=False,
+                                    select=False, candidate_list="all", with_cpm=True)
+    mean = pd.read_csv(lists["all"][0]).assign(
+        probability=(pd.read_csv(lists["all"][0])["probability"]
+                     + pd.read_csv(lists["all"][1])["probability"]) / 2)
+    assert fixed.cpm == {"all": evaluate.compute_froc(mean, annotations, None, ["a", "b"]).cpm}
+    assert ensemble.select_members(members, lists, annotations, None, ["a", "b"], weigh=False,
+                                   select=False, candidate_list="all").cpm == {}
