@@ -1,5 +1,7 @@
 """Shared fixtures: the real-data folder and the project root on sys.path."""
 
+import contextlib
+import locale
 import sys
 from pathlib import Path
 
@@ -123,3 +125,14 @@ def write_cached_scan(cache_dir: Path, uid: str, volume, mask, geometry,
     cache.save_array_atomic(cache.mask_path(cache_dir, uid), mask.astype(np.uint8))
     cache.write_scan_meta(cache_dir, meta)
     return meta
+
+
+@contextlib.contextmanager
+def keep_locale():
+    """GDCM's DICOM writer switches the process to the C locale (Python then reads text
+    files as ASCII); put the locale back."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        yield
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)

@@ -4,9 +4,7 @@ with a leading space. Each is refused (or handled) with a message naming the fil
 
 from __future__ import annotations
 
-import contextlib
 import json
-import locale
 import shutil
 import tempfile
 from pathlib import Path
@@ -19,6 +17,7 @@ import SimpleITK as sitk
 import cache
 import preprocess
 import sample_data
+from conftest import keep_locale
 from ct_io import ScanError, ScanSource, find_scans, read_image
 
 SHAPE = (40, 64, 64)  # z, y, x
@@ -38,17 +37,6 @@ def _mhd(folder: Path, name: str, *, dim_size: str | None = None,
         text = text.replace("CompressedData = False", f"CompressedData = {compressed}")
     path.write_text(text)
     return path
-
-
-@contextlib.contextmanager
-def keep_locale():
-    """GDCM's DICOM writer switches the process to the C locale (Python then reads text
-    files as ASCII); put the locale back."""
-    saved = locale.setlocale(locale.LC_ALL)
-    try:
-        yield
-    finally:
-        locale.setlocale(locale.LC_ALL, saved)
 
 
 def _dicom_series(folder: Path, positions_mm, series_uid: str = "1.2.826.0.9.1") -> Path:

@@ -1,13 +1,12 @@
 """Scan reading and the world <-> voxel conversions (the project's coordinate contract)."""
 
-import contextlib
-import locale
 from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from conftest import keep_locale
 from ct_io import (Geometry, ScanError, ScanSource, check_seriesuid, find_scans, read_image,
                    voxel_to_world, world_to_voxel)
 
@@ -75,17 +74,6 @@ def test_shifted_geometry_matches_a_simpleitk_crop():
     image = _image((12, 14, 16), geometry)
     crop = sitk.RegionOfInterest(image, size=(5, 6, 7), index=(3, 4, 2))  # x, y, z
     np.testing.assert_allclose(geometry.shifted((2, 4, 3)).origin_xyz_mm, crop.GetOrigin(), atol=1e-9)
-
-
-@contextlib.contextmanager
-def keep_locale():
-    """GDCM's DICOM writer switches the process to the C locale (Python then reads text
-    files as ASCII); put the locale back."""
-    saved = locale.setlocale(locale.LC_ALL)
-    try:
-        yield
-    finally:
-        locale.setlocale(locale.LC_ALL, saved)
 
 
 def _write_dicom_series(folder: Path, array: np.ndarray, spacing_xyz, origin_xyz, series_uid: str,
