@@ -10,6 +10,7 @@ layout is one edit. The cache folder has its own layout in ``cache.py``.
       cache/                               preprocess.py output, when run_pipeline.py makes it
       stages/[fold<k>/]<stage>.json        run_pipeline.py stage stamps
       test_seriesuids_fold<k>.csv          the held-out scans of fold k
+      test_seriesuids_foldall.csv          every fold's held-out scans (run_pipeline.py --fold all)
       segmentation/fold<k>/                UNet run folder (best.keras, last.keras, history.csv, ...)
       classification/<model>/fold<k>/      classifier run folders
       detections/fold<k>_<scans>.csv       detect.py output; fold<k>/ holds its per-scan results
@@ -17,17 +18,41 @@ layout is one edit. The cache folder has its own layout in ``cache.py``.
       predictions/fold<k>/given_candidates/<member>.csv              the given list alone
       predictions/fold<k>/validation/[given_candidates/]<member>.csv validation scans
       predictions/fold<k>/ensemble.csv (and given_candidates/ensemble.csv)
-      submission.csv                       what run_pipeline.py submits
+      predictions/fold<k>/mean.csv (and given_candidates/mean.csv)  every member, plain mean
+      predictions/fold<k>/submission.csv   the fold's submission (+ .config.json: what chose it)
+      submission.csv                       what run_pipeline.py submits (--fold all: the
+                                           held-out parts of every fold's submission)
       evaluation/                          evaluate.py output of the submission, models.json
       report/                              report.py output
 """
 
 from __future__ import annotations
 
+import argparse
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 BEST_MODEL = "best.keras"  # training.RunFolder's best-by-validation checkpoint
+ALL_FOLDS = "all"  # run_pipeline.py --fold all: every fold in turn, evaluated pooled
+
+
+def fold_argument(text: str) -> int | str:
+    """An argparse type: a fold number, or ``all`` (``ALL_FOLDS``)."""
+    if text.strip().lower() == ALL_FOLDS:
+        return ALL_FOLDS
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a subset number or {ALL_FOLDS!r}, got {text!r}") from None
+
+
+def config_beside(path: Path) -> Path:
+    """Where the settings that made ``path`` are saved (``config.save_config``):
+    ``<file>.config.json`` beside it."""
+    path = Path(path)
+    return path.with_name(path.name + ".config.json")
 
 
 @dataclass(frozen=True)
@@ -68,8 +93,15 @@ class WorkPaths:
     def report(self) -> Path:
         return self.root / "report"
 
-    def test_seriesuids(self, fold: int) -> Path:
+    def test_seriesuids(self, fold: int | str) -> Path:
+        """The held-out scans of ``fold``; of every fold where ``fold`` is ``ALL_FOLDS``."""
         return self.root / f"test_seriesuids_fold{fold}.csv"
+
+    def held_out_folds(self) -> list[int]:
+        """The folds whose held-out scans are listed (``test_seriesuids``), in order."""
+        found = (re.fullmatch(r"test_seriesuids_fold(\d+)\.csv", p.name)
+                 for p in self.root.glob("test_seriesuids_fold*.csv"))
+        return sorted(int(match.group(1)) for match in found if match)
 
     # -- training runs
     def segmentation_run(self, fold: int) -> Path:
@@ -96,12 +128,21 @@ class WorkPaths:
         return self.root / "detections" / f"fold{fold}"
 
     # -- member scores and their merge
+    def prediction_folder(self, fold: int) -> Path:
+        """The fold's member scores of its held-out scans (one ``<member>.csv`` each)."""
+        return self.root / "predictions" / f"fold{fold}"
+
+    def fold_submission(self, fold: int) -> Path:
+        """The fold's submission, kept for ``--fold all`` (``submission`` is overwritten by
+        every fold's run)."""
+        return self.prediction_folder(fold) / "submission.csv"
+
     def predictions(self, fold: int, member: str, *, given: bool = False,
                     validation: bool = False) -> Path:
-        """Scores of ``member`` (a classifier, the UNet, or ``ensemble``) on the fold's
-        held-out scans, or its ``validation`` scans; of given + detected candidates, or the
-        ``given`` candidate list alone (LUNA16's false-positive-reduction track)."""
-        folder = self.root / "predictions" / f"fold{fold}"
+        """Scores of ``member`` (a classifier, the UNet, ``ensemble`` or ``mean``) on the
+        fold's held-out scans, or its ``validation`` scans; of given + detected candidates,
+        or the ``given`` candidate list alone (LUNA16's false-positive-reduction track)."""
+        folder = self.prediction_folder(fold)
         if validation:
             folder = folder / "validation"
         if given:

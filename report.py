@@ -1,6 +1,7 @@
 """The run report: ``WORK/report/`` (report.md and its figures) of a run_pipeline.py work folder.
 
     python report.py --work-dir work [--fold 0] [--out DIR] [--top 8] [--fp-rate 8]
+    python report.py --work-dir work --fold all      # after run_pipeline.py --fold all
 
 One step per file: ``top_detections.png`` (the highest-scoring held-out marks, one per
 finding, HIT / MISS), ``missed_nodules.png`` (held-out nodules not found at 8 FP/scan),
@@ -10,7 +11,9 @@ finding, HIT / MISS), ``missed_nodules.png`` (held-out nodules not found at 8 FP
 figure). A figure that cannot be made is replaced by one saying why: a missing optional
 input is a note, an error is a failure warned about on stderr; every file is written
 either way. ``write_report(work, fold)`` is what run_pipeline.py calls after the
-evaluation; it never raises, so the run's exit code stays the evaluation's.
+evaluation; it never raises, so the run's exit code stays the evaluation's. With fold
+``all`` the report covers the pooled submission on every fold's held-out scans, each
+Grad-CAM made by the model of the fold that held its scan out.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import config as config_lib
 import evaluate
 import visual_utils as vu
 from detect import distinct_points
-from paths import BEST_MODEL, WorkPaths
+from paths import ALL_FOLDS, BEST_MODEL, WorkPaths, fold_argument
 from tables import (WORLD_COLUMNS, InputError, atomic_write_text, check_output_path,
                     read_predictions, read_seriesuids, require_folder)
 from training import RunFolder
@@ -73,6 +76,7 @@ class HeldOut:
     annotations: pd.DataFrame
     excluded: pd.DataFrame
     submission: pd.DataFrame | None  # held-out rows, best first; None: no submission.csv
+    fold_of: dict = field(default_factory=dict)  # seriesuid -> the fold that held it out
 
 
 @dataclass
@@ -80,7 +84,7 @@ class ReportJob:
     """One report in the making: its work folder, settings, inputs and what it found."""
 
     paths: WorkPaths
-    fold: int
+    fold: int | str  # a fold number, or ALL_FOLDS (the pooled run)
     result: ReportResult
     top: int = 8  # top detections shown
     fp_rate: float = 8.0  # FP/scan at which a nodule counts as found
@@ -109,14 +113,16 @@ def load_run_config(paths: WorkPaths) -> config_lib.Config | None:
     return config_lib.load_config(paths.config) if paths.config.exists() else None
 
 
-def load_held_out(paths: WorkPaths, fold: int) -> HeldOut:
-    """The fold's held-out scans in the cache, their annotations, excluded findings and
-    submission rows."""
+def load_held_out(paths: WorkPaths, fold: int | str) -> HeldOut:
+    """The fold's held-out scans in the cache (fold ``all``: every fold's), their
+    annotations, excluded findings and submission rows."""
     cache_dir = paths.cache
     metas = cache.load_scan_metas(cache_dir)
     listed = paths.test_seriesuids(fold)
     if listed.exists():
         uids = read_seriesuids(listed)
+    elif fold == ALL_FOLDS:
+        raise ValueError(f"{listed} does not exist: run run_pipeline.py --fold all first")
     else:
         uids = cache.split_by_subset(metas, fold)["test"]
     uids = [u for u in uids if u in metas]
@@ -132,7 +138,18 @@ def load_held_out(paths: WorkPaths, fold: int) -> HeldOut:
         frame = frame[frame["seriesuid"].isin(uids)]
         submission = frame.sort_values("probability", ascending=False, kind="stable")
         submission = submission.reset_index(drop=True)
-    return HeldOut(cache_dir, uids, annotations, excluded, submission)
+    return HeldOut(cache_dir, uids, annotations, excluded, submission,
+                   held_out_folds(paths, fold, uids))
+
+
+def held_out_folds(paths: WorkPaths, fold: int | str, uids: list[str]) -> dict:
+    """Seriesuid -> the fold that held the scan out: ``fold`` itself, or for ``all`` the
+    fold whose ``test_seriesuids_fold<k>.csv`` lists it."""
+    if fold != ALL_FOLDS:
+        return dict.fromkeys(uids, fold)
+    wanted = set(uids)
+    return {uid: k for k in paths.held_out_folds()
+            for uid in read_seriesuids(paths.test_seriesuids(k)) if uid in wanted}
 
 
 def _need(held_out: HeldOut | None) -> HeldOut:
@@ -355,21 +372,42 @@ def make_surface(job: ReportJob):
 
 
 def make_gradcam(job: ReportJob):
-    """``gradcam.png``: Grad-CAM of the first ensemble model on the top detections."""
-    import predict
-
+    """``gradcam.png``: Grad-CAM of the first ensemble model on the top detections (each
+    by the model of the fold that held its scan out)."""
     held_out = _need(job.held_out)
     marks = _top_marks(job, job.gradcam_top)
-    name, path = first_model(job.paths, job.fold, job.run_config)
-    model = predict.load_classifier(path)
-    cubes = vu.candidate_cubes(held_out.cache_dir, marks, int(model.input_shape[1]))
-    cams, probabilities = vu.grad_cams(model, cubes.astype(np.float32) / np.float32(255.0))
+    folds = [held_out.fold_of.get(uid, job.fold) for uid in marks["seriesuid"]]
+    name, cubes, cams, probabilities = fold_grad_cams(job, marks, folds)
     labels = label_detections(marks, held_out.annotations, held_out.excluded)
-    titles = [f"#{i + 1} {name} p={p:.3f} (submission {s:.3f}) {verdict(lab)}"
-              for i, (p, s, lab) in enumerate(zip(probabilities, marks["probability"], labels))]
+    where = [f" fold {k}" if job.fold == ALL_FOLDS else "" for k in folds]
+    titles = [f"#{i + 1} {name}{w} p={p:.3f} (submission {s:.3f}) {verdict(lab)}"
+              for i, (w, p, s, lab) in enumerate(zip(where, probabilities, marks["probability"],
+                                                     labels))]
     job.summary["gradcam_model"] = name
     geometries = [cache.open_scan(held_out.cache_dir, u).geometry for u in marks["seriesuid"]]
     return vu.gradcam_figure(cubes, cams, titles, geometries)
+
+
+def fold_grad_cams(job: ReportJob, marks: pd.DataFrame, folds: list):
+    """``(model name, cubes, cams, probabilities)`` of the marks, each mark's by the first
+    ensemble model of its fold (``first_model``), in table order."""
+    import predict
+
+    cubes = cams = probabilities = None
+    name = None
+    for fold in dict.fromkeys(folds):
+        rows = np.flatnonzero([k == fold for k in folds])
+        name, path = first_model(job.paths, fold, job.run_config)
+        model = predict.load_classifier(path)
+        fold_cubes = vu.candidate_cubes(job.held_out.cache_dir, marks.iloc[rows],
+                                        int(model.input_shape[1]))
+        fold_cams, fold_p = vu.grad_cams(model, fold_cubes.astype(np.float32) / np.float32(255.0))
+        if cubes is None:
+            cubes = np.zeros((len(marks), *fold_cubes.shape[1:]), fold_cubes.dtype)
+            cams = np.zeros((len(marks), *fold_cams.shape[1:]), fold_cams.dtype)
+            probabilities = np.zeros(len(marks), np.float64)
+        cubes[rows], cams[rows], probabilities[rows] = fold_cubes, fold_cams, fold_p
+    return name, cubes, cams, probabilities
 
 
 FIGURE_STEPS = {"top_detections.png": make_top_detections,
@@ -425,6 +463,8 @@ def _model_table_lines(job: ReportJob) -> list[str]:
         return []
     try:
         rows = json.loads(models_path.read_text())
+        if job.fold == ALL_FOLDS:
+            return _pooled_model_table_lines(rows)
         lines = ["## CPM of each model", "",
                  "| model | held-out, given + detected candidates | held-out, given candidates "
                  "| validation |", "|---|---:|---:|---:|"]
@@ -435,6 +475,26 @@ def _model_table_lines(job: ReportJob) -> list[str]:
     except (ValueError, KeyError, TypeError) as err:
         job.result.failures.append(("models", f"{models_path}: {err}"))
         return []
+
+
+def _pooled_model_table_lines(rows: list[dict]) -> list[str]:
+    """run_pipeline.py's pooled table (``--fold all``): CPM [95% bootstrap interval] over
+    every fold's held-out scans, and how many folds' validation selection kept each model."""
+    def cell(row: dict, key: str) -> str:
+        if f"cpm_{key}" not in row:
+            return "-"
+        interval = row.get(f"cpm_{key}_ci")
+        return f"{row[f'cpm_{key}']:.4f}" + (f" [{interval[0]:.4f}, {interval[1]:.4f}]"
+                                              if interval else "")
+
+    lines = ["## CPM of each model, all folds pooled", "",
+             "95% intervals: bootstrap over the held-out scans.", "",
+             "| model | given + detected candidates | given candidates | kept by the validation "
+             "selection |", "|---|---:|---:|---:|"]
+    lines += [f"| {r['model']} | {cell(r, 'all')} | {cell(r, 'given')} | "
+              + (f"{r['kept_in_folds']} of {r['folds']} folds" if "kept_in_folds" in r else "-")
+              + " |" for r in rows]
+    return lines + [""]
 
 
 def _figure_lines(job: ReportJob) -> list[str]:
@@ -477,7 +537,8 @@ def _problem_lines(result: ReportResult) -> list[str]:
 
 def write_markdown(job: ReportJob) -> Path:
     """``report.md``: the held-out scans, FROC figures, model table, every figure, problems."""
-    lines = [f"# Run report: `{job.paths.root}`, fold {job.fold}", ""]
+    which = ("all folds pooled" if job.fold == ALL_FOLDS else f"fold {job.fold}")
+    lines = [f"# Run report: `{job.paths.root}`, {which}", ""]
     lines += _held_out_lines(job.held_out)
     lines += _froc_lines(job)
     lines += _model_table_lines(job)
@@ -541,8 +602,9 @@ def _write_figure(job: ReportJob, filename: str, make) -> None:
         result.files[piece] = saved
 
 
-def build_report(work_dir, fold: int = 0, out_dir=None, *, top: int = 8, fp_rate: float = 8.0,
-                 gradcam_top: int = 6, max_missed: int = 12) -> ReportResult:
+def build_report(work_dir, fold: int | str = 0, out_dir=None, *, top: int = 8,
+                 fp_rate: float = 8.0, gradcam_top: int = 6, max_missed: int = 12
+                 ) -> ReportResult:
     """Write the run report of ``work_dir`` into ``out_dir`` (default ``WORK/report``).
 
     Files: ``top_detections.png`` (the ``top`` highest-scoring submission rows of the
@@ -577,7 +639,7 @@ def build_report(work_dir, fold: int = 0, out_dir=None, *, top: int = 8, fp_rate
     return job.result
 
 
-def write_report(work: Path, fold: int, out_dir: Path | None = None) -> Path:
+def write_report(work: Path, fold: int | str, out_dir: Path | None = None) -> Path:
     """Build the run report (``build_report``) after run_pipeline.py's evaluation.
 
     Never raises (the run's exit code stays the evaluation's): whatever fails is warned
@@ -607,7 +669,8 @@ def main(argv=None) -> int:
                                      epilog=__doc__.split("\n\n")[2],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work-dir", required=True, help="run_pipeline.py --work-dir")
-    parser.add_argument("--fold", type=int, default=0, help="held-out subset of the run")
+    parser.add_argument("--fold", type=fold_argument, default=0,
+                        help="held-out subset of the run, or 'all' (run_pipeline.py --fold all)")
     parser.add_argument("--out", help="report folder (default WORK/report)")
     parser.add_argument("--top", type=int, default=8, help="top detections shown")
     parser.add_argument("--fp-rate", type=float, default=8.0,

@@ -3,6 +3,7 @@
     python run_pipeline.py                                   # built-in sample data, quick CPU run
     python run_pipeline.py --work-dir work --fold 0          # the same, fold 0 held out
     python run_pipeline.py --data-dir /data/luna16 --work-dir runs/luna --profile full --fold 3
+    python run_pipeline.py --work-dir work --fold all        # every fold, evaluated pooled
 
 With no ``--data-dir`` it first writes the built-in synthetic data set to
 ``WORK/sample_data`` (the layout of the work folder is ``paths.WorkPaths``). ``--fold K``
@@ -34,6 +35,21 @@ value`` overrides reach every stage:
                      sensitivities and ``CPM: 0.xxxxxx``, plot and metrics in ``WORK/evaluation``
 9. ``report``        figures and ``WORK/report/report.md`` (``report.py``; always rebuilt,
                      a failing figure is a warning, never a failed run)
+
+Each fold's run also merges every member with the plain mean (``predictions/fold<k>/mean.csv``,
+the unselected ensemble beside the selected one) and keeps its submission as
+``predictions/fold<k>/submission.csv``.
+
+``--fold all`` runs stages 1-7 for every subset of the data in turn (the data and the cache
+are shared: made once), each fold exactly as ``--fold K`` runs it (same stages and stamps:
+a rerun skips the finished folds, a killed run resumes in the fold it stopped in), then
+scores the cross-validated result as the LUNA16 challenge does (Setio et al. 2017: ten-fold
+cross-validation over the subsets, one FROC of all scans). The held-out part of every
+fold's submission, concatenated, is ``WORK/submission.csv`` over all scans (listed in
+``WORK/test_seriesuids_foldall.csv``); ``evaluate.py`` gives its FROC with 95% bootstrap
+intervals over scans, and ``WORK/evaluation/models.json`` the pooled CPM (and interval) of
+every member found in every fold's ``predictions/fold<k>/``, with the number of folds whose
+validation selection kept it.
 """
 
 from __future__ import annotations
@@ -45,17 +61,21 @@ import os
 import re
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+
+import pandas as pd
 
 import cache
 import config as config_lib
 import ensemble
 import sample_data
 import stacking
-from paths import BEST_MODEL, WorkPaths
-from tables import (InputError, atomic_open, atomic_write_text, read_annotations,
-                    read_predictions, read_seriesuids, require_folder, write_text_if_changed)
+from paths import ALL_FOLDS, BEST_MODEL, WorkPaths, config_beside, fold_argument
+from tables import (CSV_ENCODING, InputError, TableError, atomic_open, atomic_write_text,
+                    read_annotations, read_predictions, read_seriesuids, require_folder,
+                    write_text_if_changed)
 
 # The built-in set is denser in nodules than LUNA16 (2-5 a scan, one scan in seven
 # without any): the quick profile's classifiers need tens of training nodules, and the
@@ -66,6 +86,11 @@ SAMPLE_NODULE_RANGE = (2, 5)
 SAMPLE_EMPTY_EVERY = 7
 SEGMENTER_MEMBER = "unet"  # the UNet's own score of each candidate (predict.py --segmenter)
 ENSEMBLE_MEMBER = "ensemble"  # the merged scores, beside the members' own
+MEAN_MEMBER = "mean"  # every member merged with the plain mean, selected or not
+# The pooled (--fold all) figures: 95% intervals from this many bootstrap samples of the
+# scans, drawn with a fixed seed so that a rerun prints the same interval.
+POOLED_BOOTSTRAP_SAMPLES = 1000
+POOLED_BOOTSTRAP_SEED = 0
 MODELS_TABLE = "models.json"  # CPM of each member, in WORK/evaluation (report.py reads it)
 GIVEN_CANDIDATES = "candidates"  # predict.py's name of the cache's own candidate list
 # Files of a training run folder (next to paths.BEST_MODEL): the summary train_*.py write
@@ -155,7 +180,9 @@ def _parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", help="LUNA16-layout data (default: generate sample data)")
     parser.add_argument("--work-dir", default="work", help="everything the run writes")
-    parser.add_argument("--fold", type=int, default=0, help="LUNA16 subset held out for the evaluation")
+    parser.add_argument("--fold", type=fold_argument, default=0,
+                        help="LUNA16 subset held out for the evaluation, or 'all': every "
+                             "subset in turn, evaluated pooled")
     parser.add_argument("--workers", type=int, help="preprocessing processes")
     config_lib.add_config_arguments(parser)
     parser.set_defaults(profile="quick")
@@ -169,7 +196,7 @@ def main(argv=None) -> int:
     args, cfg = config_lib.parse_args(parser, argv)
     work = WorkPaths(args.work_dir)
     try:  # bad paths and folds are refused before anything is written
-        data_dir = check_inputs(args, work)
+        data_dir, folds = check_inputs(args, work)
     except (FileNotFoundError, InputError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -177,18 +204,46 @@ def main(argv=None) -> int:
     config_lib.save_config(cfg, work.config, {"argv": argv})
     settings = ["--profile", cfg.profile, *config_overrides(parser, argv)]
     try:
-        Pipeline(cfg, work, args.fold, settings, args.workers).run(data_dir)
+        run_folds(cfg, work, folds, settings, args.workers, data_dir)
+        if args.fold == ALL_FOLDS:
+            pool_submissions(cfg, work, folds)
     except StageFailed as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    code = evaluate_submission(work, args.fold)
-    if code == 0:
-        rows = model_table(work, args.fold, ensemble_members(cfg))
-        print("\n" + format_model_table(rows), flush=True)
-        atomic_write_text(work.evaluation / MODELS_TABLE, json.dumps(rows, indent=1) + "\n")
+    code = evaluate_and_tabulate(cfg, work, args.fold, folds)
     import report
 
     report.write_report(work.root, args.fold)  # warns on failures, never changes the exit code
+    return code
+
+
+def run_folds(cfg, work: WorkPaths, folds: list[int], settings: list[str],
+              workers: int | None, data_dir: Path | None) -> None:
+    """Stages 1-7 of each fold in turn (one fold: exactly the run of ``--fold K``)."""
+    for i, fold in enumerate(folds):
+        if len(folds) > 1:
+            print(f"\n===== fold {fold} ({i + 1} of {len(folds)}): subset{fold} held out",
+                  flush=True)
+        Pipeline(cfg, work, fold, settings, workers).run(data_dir)
+
+
+def evaluate_and_tabulate(cfg, work: WorkPaths, fold: int | str, folds: list[int]) -> int:
+    """Stage 8: the submission's FROC, then the CPM of each model (printed and written to
+    ``WORK/evaluation/models.json``); the evaluation's exit code."""
+    if fold == ALL_FOLDS:
+        code = evaluate_pooled_submission(work)
+    else:
+        code = evaluate_submission(work, fold)
+    if code != 0:
+        return code
+    if fold == ALL_FOLDS:
+        rows = pooled_model_table(work, folds, ensemble_members(cfg))
+        table = format_pooled_model_table(rows, len(folds))
+    else:
+        rows = model_table(work, fold, ensemble_members(cfg))
+        table = format_model_table(rows)
+    print("\n" + table, flush=True)
+    atomic_write_text(work.evaluation / MODELS_TABLE, json.dumps(rows, indent=1) + "\n")
     return code
 
 
@@ -208,29 +263,35 @@ def config_overrides(parser: argparse.ArgumentParser, argv: list[str]) -> list[s
     return tokens
 
 
-def check_inputs(args: argparse.Namespace, work: WorkPaths) -> Path | None:
-    """The data folder (None: the built-in sample data) once the paths and the fold are
-    usable; else ``FileNotFoundError`` / ``InputError``."""
+def check_inputs(args: argparse.Namespace, work: WorkPaths) -> tuple[Path | None, list[int]]:
+    """The data folder (None: the built-in sample data) and the folds to run, once the
+    paths and the fold are usable; else ``FileNotFoundError`` / ``InputError``."""
     data_dir = require_folder(args.data_dir, "data folder", nonempty=True) if args.data_dir else None
     if work.root.exists() and not work.root.is_dir():
         raise InputError(f"{work.root}: --work-dir is not a folder")
-    check_fold(args.fold, data_dir, work)
-    return data_dir
+    return data_dir, check_fold(args.fold, data_dir, work)
 
 
-def check_fold(fold: int, data_dir: Path | None, work: WorkPaths) -> None:
-    """Refuse a fold the data cannot split as ``cache.split_by_subset`` does: subset
-    ``fold`` is the test set and another subset the validation set."""
+def check_fold(fold: int | str, data_dir: Path | None, work: WorkPaths) -> list[int]:
+    """The folds ``--fold`` runs (``all``: every subset of the data), or ``InputError`` for
+    a fold the data cannot split as ``cache.split_by_subset`` does: subset ``fold`` is the
+    test set and another subset the validation set."""
     if data_dir is None:
         where, present = work.sample_data, list(range(sample_data.default_subsets(SAMPLE_SCANS)))
     else:
         where, present = data_dir, data_subsets(data_dir)
     listed = ", ".join(map(str, present)) or "none"
+    if fold == ALL_FOLDS:
+        if len(present) < 2:
+            raise InputError(f"{where}: --fold all needs two subsets or more, each held out in "
+                             f"turn while another validates (subsets present: {listed})")
+        return present
     if fold not in present:
         raise InputError(f"{where}: --fold {fold} holds out subset{fold}, which the data does "
                          f"not have (subsets present: {listed})")
     if len(present) < 2:
         raise InputError(f"{where}: only subset{fold}: a run needs another subset to validate on")
+    return [fold]
 
 
 def _subset_number(name: str) -> int | None:
@@ -282,7 +343,8 @@ class Pipeline:
     def use_validation(self) -> bool:
         """Whether the ensemble is chosen on the validation scans (which are then scored)."""
         ens = self.cfg.ensemble
-        return ens.weigh_by_validation or ens.select_by_validation or ens.candidate_list == "validation"
+        return (ens.weigh_by_validation or ens.select_by_validation
+                or ens.candidate_list == "validation" or ens.stack != "never")
 
     def run(self, data_dir: Path | None) -> None:
         split = self.prepare_data(data_dir)
@@ -295,8 +357,10 @@ class Pipeline:
         if selection.members_line:
             print(selection.members_line, flush=True)
         merged = self.merge_members(selection, given)
+        self.merge_all_members_mean(given)
         stacked = self.stack_members(sources, detections, split["val"], given)
         self.submit(selection, merged, stacked)
+        self.keep_fold_submission()
 
     def stamped(self, files) -> list[str]:
         """Candidate sources and prediction files as the stamps record them."""
@@ -386,14 +450,21 @@ class Pipeline:
                  "how": how}
         lists = [(False, sources, [model_file, detections]),
                  *([(True, [GIVEN_CANDIDATES], [model_file])] if given else [])]
+        # The UNet's pass over the candidates also measures the stacker's candidate features.
+        features = name == SEGMENTER_MEMBER
         for given_list, candidates, inputs in lists:
             for validation in (False, True) if self.use_validation else (False,):
                 out = self.work.predictions(self.fold, name, given=given_list, validation=validation)
+                feature_file = self.work.predictions(self.fold, ensemble.FEATURES_NAME,
+                                                     given=given_list, validation=validation)
                 argv = [*self.common, *how, "--candidates", *candidates,
-                        "--scans", "val" if validation else "test", "--out", str(out)]
-                self.stages.run(_predict_title(name, given_list, validation), [out], inputs,
+                        "--scans", "val" if validation else "test", "--out", str(out),
+                        *(["--features", str(feature_file)] if features else [])]
+                self.stages.run(_predict_title(name, given_list, validation),
+                                [out, *([feature_file] if features else [])], inputs,
                                 lambda _, argv=argv: predict.main(argv),
-                                {**reads, "candidates": self.stamped(candidates)})
+                                {**reads, "candidates": self.stamped(candidates),
+                                 **({"features": True} if features else {})})
 
     # -- 7: ensemble and submission
     def select_members(self, validation_uids: list[str], given: bool) -> ensemble.Selection:
@@ -459,8 +530,12 @@ class Pipeline:
 
     def compute_features(self, sources: list[str], detections: Path, given: bool) -> None:
         """Candidate features (``predict.py --segmenter --features``) of the held-out and
-        validation scans, of each candidate list, beside the members' scores."""
+        validation scans, of each candidate list, beside the members' scores; the UNet
+        member's scoring writes them already where it is a member."""
         import predict
+
+        if self.cfg.ensemble.segmenter:
+            return
 
         unet = self.work.segmentation_run(self.fold) / BEST_MODEL
         reads = {**sections(self.cfg, "inference"),
@@ -548,6 +623,36 @@ class Pipeline:
                                 "weighting": [] if choice.stacked else _weighting(selection),
                                 "stack": choice.record})
 
+    def merge_all_members_mean(self, given: bool) -> None:
+        """Every member merged with the plain mean (``ensemble.py --method mean``) into
+        ``predictions/fold<k>/mean.csv``, per candidate list: the ensemble nothing was
+        chosen for, a baseline for the one chosen on the validation scans."""
+        for given_list in (False, True) if given else (False,):
+            inputs = [self.work.predictions(self.fold, m, given=given_list) for m in self.members]
+            out = self.work.predictions(self.fold, MEAN_MEMBER, given=given_list)
+            argv = [*map(str, inputs), "--out", str(out), *self.settings, "--method", "mean"]
+            self.stages.run("mean ensemble (given candidates)" if given_list else "mean ensemble",
+                            [out], inputs, lambda _, argv=argv: ensemble.main(argv),
+                            {"method": "mean", "members": self.stamped(inputs)})
+
+    def keep_fold_submission(self) -> None:
+        """A copy of the submission and of what chose it as the fold's own
+        (``WorkPaths.fold_submission``): the next fold's run overwrites ``WORK/submission.csv``,
+        and ``--fold all`` pools the folds' copies."""
+        kept = self.work.fold_submission(self.fold)
+        for source, copy in ((self.work.submission, kept),
+                             (config_beside(self.work.submission), config_beside(kept))):
+            _copy_if_changed(source, copy)
+
+
+def _copy_if_changed(source: Path, copy: Path) -> None:
+    """``source``'s bytes into ``copy`` (atomically), unless ``copy`` already holds them."""
+    data = source.read_bytes()
+    if copy.exists() and copy.read_bytes() == data:
+        return
+    with atomic_open(copy, "wb") as handle:
+        handle.write(data)
+
 
 def _predict_title(name: str, given: bool, validation: bool) -> str:
     notes = [*(["validation scans"] if validation else []), *(["given candidates"] if given else [])]
@@ -567,6 +672,20 @@ def _weighting(selection: ensemble.Selection) -> list[str]:
 def evaluate_submission(work: WorkPaths, fold: int) -> int:
     """``evaluate.py`` on the submission and the held-out scans; its exit code."""
     print("[evaluate] LUNA16 FROC of the submission on the held-out subset", flush=True)
+    return _evaluate_scans(work, fold)
+
+
+def evaluate_pooled_submission(work: WorkPaths) -> int:
+    """``evaluate.py`` on the pooled submission and every held-out scan, with 95% bootstrap
+    intervals over the scans; its exit code."""
+    print("[evaluate] LUNA16 FROC of the pooled submission on the held-out scans of every "
+          "fold", flush=True)
+    return _evaluate_scans(work, ALL_FOLDS, ["--bootstrap", str(POOLED_BOOTSTRAP_SAMPLES),
+                                             "--seed", str(POOLED_BOOTSTRAP_SEED)])
+
+
+def _evaluate_scans(work: WorkPaths, fold: int | str, options: tuple[str, ...] = ()) -> int:
+    """``evaluate.py`` of ``WORK/submission.csv`` on the scans of ``test_seriesuids(fold)``."""
     import evaluate
 
     excluded = cached_table(work, "annotations_excluded")
@@ -574,7 +693,7 @@ def evaluate_submission(work: WorkPaths, fold: int) -> int:
         "--annotations", str(cached_table(work, "annotations")),
         *(["--excluded", str(excluded)] if excluded.exists() else []),
         "--seriesuids", str(work.test_seriesuids(fold)),
-        "--submission", str(work.submission), "--out", str(work.evaluation)])
+        "--submission", str(work.submission), "--out", str(work.evaluation), *options])
 
 
 def cached_table(work: WorkPaths, name: str) -> Path:
@@ -633,6 +752,168 @@ def format_model_table(rows: list[dict]) -> str:
 
 def _cpm(row: dict, key: str) -> str:
     return f"{row[key]:.6f}" if key in row else "-"
+
+
+# --------------------------------------------------------------------------- --fold all: pooled
+
+
+def pool_submissions(cfg, work: WorkPaths, folds: list[int]) -> None:
+    """``WORK/submission.csv``: the held-out rows of every fold's submission, fold after
+    fold, each row's text as the fold wrote it; beside it what each fold chose. Every held
+    out scan is listed in ``WORK/test_seriesuids_foldall.csv``."""
+    held_out = held_out_scans(work, folds)
+    parts = [held_out_rows_as_text(work.fold_submission(k), held_out[k]) for k in folds]
+    atomic_write_text(work.submission, pd.concat(parts, ignore_index=True).to_csv(index=False))
+    chosen = fold_selections(work, folds)
+    config_lib.save_config(cfg, config_beside(work.submission), {
+        "pooled_folds": folds, "from": [str(work.fold_submission(k)) for k in folds],
+        "members": {str(k): chosen[k].get("members") for k in folds},
+        "candidate_list": {str(k): chosen[k].get("candidate_list") for k in folds}})
+    scans = sum(map(len, held_out.values()))
+    print(f"[pool] {work.submission}: the held-out rows of {len(folds)} folds' submissions, "
+          f"{scans} scans", flush=True)
+
+
+def held_out_scans(work: WorkPaths, folds: list[int]) -> dict[int, list[str]]:
+    """Each fold's held-out scans (``WORK/test_seriesuids_fold<k>.csv``), once every cached
+    scan of a subset is checked to be held out by exactly one fold (else ``StageFailed``);
+    writes the list of them all, ``WorkPaths.test_seriesuids("all")``."""
+    try:
+        held_out = {k: read_seriesuids(work.test_seriesuids(k)) for k in folds}
+    except TableError as err:
+        raise StageFailed(str(err)) from None
+    fold_of: dict[str, int] = {}
+    for k, uids in held_out.items():
+        for uid in uids:
+            if uid in fold_of:
+                raise StageFailed(f"{work.test_seriesuids(k)}: scan {uid} is held out by fold "
+                                  f"{fold_of[uid]} too: the pooled evaluation scores each scan "
+                                  "once")
+            fold_of[uid] = k
+    _check_every_subset_scan_held_out(work, fold_of)
+    write_text_if_changed(work.test_seriesuids(ALL_FOLDS),
+                          "".join(f"{uid}\n" for uid in sorted(fold_of)))
+    return held_out
+
+
+def _check_every_subset_scan_held_out(work: WorkPaths, fold_of: dict[str, int]) -> None:
+    """``StageFailed`` where a cached scan of a subset is held out by no fold; scans in no
+    subset train in every fold and are only counted."""
+    metas = cache.load_scan_metas(work.cache)
+    unscored = {uid: cache.subset_of(meta) for uid, meta in metas.items() if uid not in fold_of}
+    lost = {uid: subset for uid, subset in unscored.items() if subset is not None}
+    if lost:
+        uid, subset = next(iter(lost.items()))
+        raise StageFailed(f"{work.cache}: {len(lost)} cached scan(s) held out by no fold, e.g. "
+                          f"{uid} of subset{subset}: run --fold all on the data that made "
+                          "the cache")
+    if unscored:
+        print(f"[pool] {len(unscored)} scan(s) in no subset: they train in every fold and "
+              "are not scored", flush=True)
+
+
+def held_out_rows_as_text(path: Path, scans: list[str]) -> pd.DataFrame:
+    """The rows of a prediction file on ``scans``, every cell the text the file holds (so a
+    pooled file repeats each row byte for byte); the file checked as ``read_predictions``
+    checks it (else ``StageFailed``)."""
+    try:
+        checked = read_predictions(path, kind="fold submission")
+    except TableError as err:
+        raise StageFailed(str(err)) from None
+    text = pd.read_csv(path, dtype=str, keep_default_na=False, encoding=CSV_ENCODING)
+    return text[checked["seriesuid"].isin(scans).to_numpy()]
+
+
+def fold_selections(work: WorkPaths, folds: list[int]) -> dict[int, dict]:
+    """What each fold's validation selection chose (the settings ``Pipeline.submit`` saved
+    beside its submission, less the config); empty for a fold whose file is unreadable."""
+    chosen = {}
+    for k in folds:
+        try:
+            saved = json.loads(config_beside(work.fold_submission(k)).read_text())
+        except (OSError, ValueError):
+            saved = None
+        saved = saved if isinstance(saved, dict) else {}
+        chosen[k] = {key: value for key, value in saved.items() if key != "config"}
+    return chosen
+
+
+def pooled_members(work: WorkPaths, folds: list[int], models: list[str]) -> list[str]:
+    """The members scored in every fold (a ``<member>.csv`` in each fold's prediction
+    folder): the ensemble's models in order, the mean and the selected ensemble, then any
+    other by name."""
+    found = [{path.stem for path in work.prediction_folder(k).glob("*.csv")}
+             - {work.fold_submission(k).stem} for k in folds]
+    common = set.intersection(*found) if found else set()
+    known = [*models, MEAN_MEMBER, ENSEMBLE_MEMBER]
+    return [name for name in known if name in common] + sorted(common - set(known))
+
+
+def pooled_predictions(files: dict[int, Path], held_out: dict[int, list[str]]) -> pd.DataFrame:
+    """The rows of each fold's file on that fold's held-out scans, concatenated."""
+    frames = []
+    for k, path in files.items():
+        frame = read_predictions(path)
+        frames.append(frame[frame["seriesuid"].isin(held_out[k])])
+    return pd.concat(frames, ignore_index=True)
+
+
+def pooled_cpm(predictions: pd.DataFrame, annotations, excluded, scans: list[str],
+               key: str) -> dict:
+    """``cpm_<key>`` (LUNA16 FROC of the pooled predictions on all held-out scans) and
+    ``cpm_<key>_ci``: its 95% bootstrap interval over scans (``evaluate.bootstrap_froc``)."""
+    import evaluate
+
+    result = evaluate.compute_froc(predictions, annotations, excluded, scans)
+    ci = evaluate.bootstrap_froc(predictions, annotations, excluded, scans,
+                                 n_samples=POOLED_BOOTSTRAP_SAMPLES, seed=POOLED_BOOTSTRAP_SEED)
+    return {f"cpm_{key}": round(float(result.cpm), 6),
+            f"cpm_{key}_ci": [round(ci.cpm_lower, 6), round(ci.cpm_upper, 6)]}
+
+
+def pooled_model_table(work: WorkPaths, folds: list[int], models: list[str]) -> list[dict]:
+    """Per member found in every fold (``pooled_members``): the pooled CPM and its interval
+    on given + detected candidates (``cpm_all``) and on the given list alone
+    (``cpm_given``, where every fold scored it), and for the ensemble's models in how many
+    of the ``folds`` the validation selection kept it (``kept_in_folds``)."""
+    annotations, excluded = _reference_tables(work)
+    scans = read_seriesuids(work.test_seriesuids(ALL_FOLDS))
+    held_out = {k: read_seriesuids(work.test_seriesuids(k)) for k in folds}
+    kept = Counter(member for chosen in fold_selections(work, folds).values()
+                   for member in chosen.get("members") or [])
+    rows = []
+    for name in pooled_members(work, folds, models):
+        row = {"model": name}
+        for key, given in (("all", False), ("given", True)):
+            files = {k: work.predictions(k, name, given=given) for k in folds}
+            if all(path.exists() for path in files.values()):
+                row.update(pooled_cpm(pooled_predictions(files, held_out), annotations,
+                                      excluded, scans, key))
+        if name in models or name in kept:
+            row["kept_in_folds"] = kept[name]
+        rows.append({**row, "folds": len(folds)})
+    return rows
+
+
+def format_pooled_model_table(rows: list[dict], n_folds: int) -> str:
+    lines = [f"Pooled CPM, held-out scans of all {n_folds} folds (95% interval: "
+             f"{POOLED_BOOTSTRAP_SAMPLES} bootstrap samples of the scans, seed "
+             f"{POOLED_BOOTSTRAP_SEED})",
+             f"    {'model':<20} {'given + detected':>28} {'given candidates only':>28}"
+             f"  kept by the validation selection"]
+    for row in rows:
+        kept = (f"in {row['kept_in_folds']} of {row['folds']} folds"
+                if "kept_in_folds" in row else "-")
+        lines.append(f"    {row['model']:<20} {_cpm_interval(row, 'all'):>28} "
+                     f"{_cpm_interval(row, 'given'):>28}  {kept}")
+    return "\n".join(lines)
+
+
+def _cpm_interval(row: dict, key: str) -> str:
+    if f"cpm_{key}" not in row:
+        return "-"
+    low, high = row[f"cpm_{key}_ci"]
+    return f"{row[f'cpm_{key}']:.6f} ({low:.6f}-{high:.6f})"
 
 
 def _portable(path: Path, work: Path) -> str:
