@@ -168,6 +168,20 @@ class DensenetConfig:
     growth_rate: int = limited(12, ge=1)
 
 
+# The UNet encoder classifier (models/unet_classifier.py) takes its architecture (depth,
+# base_filters, normalization, simplified) from the segmentation section, so the fold's
+# trained UNet fits it; only its head and the weight transfer are set here.
+@dataclass(frozen=True)
+class UnetEncoderConfig:
+    dropout: float = limited(0.3, ge=0.0, lt=1.0)
+    # Start from the encoder of the fold's trained UNet (WORK/segmentation/fold<k>/best.keras,
+    # train_segmentation.py): a transfer from the segmenter, which learnt from every voxel
+    # what a nodule looks like (Zhou et al. 2019, "Models Genesis"). Off: random weights.
+    # The whole network is then fine-tuned: keeping the encoder frozen and training only
+    # the head ranked lower on the quick profile's validation and test scans (README).
+    init_from_segmenter: bool = True
+
+
 @dataclass(frozen=True)
 class ClassificationConfig:
     cube_size: int = limited(32, ge=8, le=256)  # voxels at 1 mm: all but the largest nodules
@@ -187,6 +201,7 @@ class ClassificationConfig:
     inception: InceptionConfig = field(default_factory=InceptionConfig)
     resnet: ResnetConfig = field(default_factory=ResnetConfig)
     densenet: DensenetConfig = field(default_factory=DensenetConfig)
+    unet_encoder: UnetEncoderConfig = field(default_factory=UnetEncoderConfig)
 
     def builder_options(self, model: str) -> dict[str, Any]:
         """Keyword arguments of the builder of registry entry ``model``."""

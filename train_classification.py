@@ -5,6 +5,7 @@
     python train_classification.py --model densenet --resume
     python train_classification.py --model inception --candidates candidates work/detections.csv   # given + detected
     python train_classification.py --model densenet_bc --distribute mirrored --mixed-precision
+    python train_classification.py --model unet_encoder --fold 0   # after train_segmentation.py --fold 0
 
 Cubes of ``classification.cube_size`` around each candidate (``generators``): balanced to
 ``classification.positive_fraction`` positives with size-weighted sampling of small
@@ -15,6 +16,10 @@ accuracy, sensitivity and specificity at 0.5 (``val_*`` in the history and Tenso
 The best checkpoint is chosen by validation AUC; the test subset is never looked at.
 Early stopping on running averages of validation loss and accuracy, decaying the learning
 rate when only the loss stalls (``training.fit``).
+
+``unet_encoder`` is the segmentation UNet's encoder with a classification head; it has the
+segmenter's architecture (``segmentation.*``) and a new run starts from the fold's trained
+UNet (``WORK/segmentation/fold<k>/best.keras``; ``classification.unet_encoder.*``).
 
 Outputs in ``WORK/classification/<model>/fold<k>/``: ``best.keras``, ``last.keras``,
 ``history.csv``, ``config.json``, ``state.json``, ``summary.json``, TensorBoard logs in
@@ -74,14 +79,97 @@ def validation_callback(cache_dir, table: pd.DataFrame, cube_size: int, batch_si
     return ValidationMetrics()
 
 
-def build_and_compile(name: str, cfg: config_lib.Config):
-    """The registry classifier with the config's options, compiled."""
+# The classifier on the segmentation UNet's encoder (models/unet_classifier.py).
+UNET_ENCODER = "unet_encoder"
+
+
+def classifier_options(name: str, cfg: config_lib.Config) -> dict:
+    """Builder options of classifier ``name``: its family's config section; the UNet
+    encoder classifier takes the segmenter's architecture, so the fold's UNet fits it."""
+    if name != UNET_ENCODER:
+        return cfg.classification.builder_options(name)
+    seg = cfg.segmentation
+    return {"depth": seg.depth, "base_filters": seg.base_filters,
+            "normalization": seg.normalization, "simplified": seg.model == "unet_simple",
+            "dropout": cfg.classification.unet_encoder.dropout}
+
+
+def segmenter_to_transfer(name: str, cfg: config_lib.Config, work_dir: Path):
+    """The fold's trained UNet whose encoder starts classifier ``name`` (``None`` for the
+    other classifiers, or when ``classification.unet_encoder.init_from_segmenter`` is off),
+    checked to fit the classifier.
+
+    Raises:
+        FileNotFoundError: no trained UNet in the fold's segmentation folder (says how to
+            train one).
+        ValueError: a file that is not a segmenter, or whose encoder does not fit (names
+            both architectures).
+    """
+    if name != UNET_ENCODER or not cfg.classification.unet_encoder.init_from_segmenter:
+        return None
+    import models
+
+    fold = cfg.training.fold
+    path = paths.WorkPaths(work_dir).segmentation_run(fold) / paths.BEST_MODEL
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: no trained segmenter to initialise {name} from; train it first with "
+            f"python train_segmentation.py --cache-dir {cfg.paths.cache_dir} --work-dir "
+            f"{work_dir} --fold {fold} (same profile and segmentation settings), or start "
+            "from random weights with --classification.unet_encoder.init_from_segmenter=false")
+    segmenter = models.load_model_file(path, role="segmenter")
+    try:
+        models.transfer_encoder_weights(segmenter, build_classifier(name, cfg))
+    except models.unet_classifier.ArchitectureMismatch as err:
+        raise ValueError(
+            f"{path}: {err}. The classifier takes segmentation.model, depth, base_filters "
+            f"and normalization from the config (now {cfg.segmentation.model}, "
+            f"{cfg.segmentation.depth}, {cfg.segmentation.base_filters}, "
+            f"{cfg.segmentation.normalization}): give those the segmenter was trained with "
+            f"(its config.json), or set --classification.unet_encoder.init_from_segmenter=false") from None
+    return segmenter
+
+
+def continues_a_run(name: str, cfg: config_lib.Config, work_dir: Path, resume: bool) -> bool:
+    """Whether ``--resume`` will load the run's own checkpoint (``training.fit``): then no
+    new model is built, and nothing is taken from the segmenter."""
+    folder = training.RunFolder(paths.WorkPaths(work_dir).classification_run(name, cfg.training.fold))
+    state = folder.read_state() if resume else None
+    if state is None:
+        return False
+    pending = state.get("pending", {}).get(folder.last.name)  # a kill before its rename
+    return folder.last.exists() or bool(pending and (folder.root / pending).exists())
+
+
+def build_classifier(name: str, cfg: config_lib.Config):
+    """The registry classifier with the config's options, not compiled."""
+    import models
+
+    cube = cfg.classification.cube_size
+    return models.build_model(name, (cube,) * 3 + (1,), **classifier_options(name, cfg))
+
+
+def start_from_segmenter(model, segmenter) -> None:
+    """Copy ``segmenter``'s encoder weights into ``model`` (all layers stay trainable:
+    the whole network is fine-tuned) and say so."""
+    import models
+
+    copied = models.transfer_encoder_weights(segmenter, model)
+    print(f"{model.name}: {len(copied)} encoder layers initialised from the segmenter "
+          f"{segmenter.name}")
+
+
+def build_and_compile(name: str, cfg: config_lib.Config, segmenter=None):
+    """The registry classifier with the config's options, compiled; its encoder taken from
+    ``segmenter`` when given (``segmenter_to_transfer``)."""
     import keras
 
     import models
 
     cls = cfg.classification
-    model = models.build_model(name, (cls.cube_size,) * 3 + (1,), **cls.builder_options(name))
+    model = build_classifier(name, cfg)
+    if segmenter is not None:
+        start_from_segmenter(model, segmenter)
     if cls.loss == "focal":
         # Batches are already resampled to ``positive_fraction`` positives, so alpha only
         # has to even out what is left: alpha = 1 - f gives both classes the same weight.
@@ -125,14 +213,22 @@ def main(argv=None) -> int:
             print(f"error: {', '.join(args.candidates)}: the {part} scans of fold {cfg.training.fold} need "
                   "both positive and negative candidates", file=sys.stderr)
             return 2
+    try:
+        segmenter = None if continues_a_run(args.model, cfg, work_dir, args.resume) else \
+            segmenter_to_transfer(args.model, cfg, work_dir)
+    except (FileNotFoundError, ValueError) as err:  # InputError is a ValueError
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return train(args.model, cfg, cache_dir, work_dir, train_table, val_table, split,
-                 candidates=args.candidates, resume=args.resume)
+                 candidates=args.candidates, resume=args.resume, segmenter=segmenter)
 
 
 def train(name: str, cfg: config_lib.Config, cache_dir: Path, work_dir: Path,
           train_table: pd.DataFrame, val_table: pd.DataFrame, split: dict, *,
-          candidates=("candidates",), resume: bool = False, verbose: int = 2) -> int:
-    """Train classifier ``name`` into ``WORK/classification/<name>/fold<k>``."""
+          candidates=("candidates",), resume: bool = False, verbose: int = 2,
+          segmenter=None) -> int:
+    """Train classifier ``name`` into ``WORK/classification/<name>/fold<k>`` (a new run
+    starting from ``segmenter``'s encoder when given)."""
     import generators
 
     cls, tr = cfg.classification, cfg.training
@@ -152,7 +248,7 @@ def train(name: str, cfg: config_lib.Config, cache_dir: Path, work_dir: Path,
           f"({int(val_table['label'].sum())} positive); {cls.epochs} epochs of {cls.steps_per_epoch} steps")
     started = time.perf_counter()
     _, state = training.fit(
-        lambda: build_and_compile(name, cfg), folder, name, train_data, None,
+        lambda: build_and_compile(name, cfg, segmenter), folder, name, train_data, None,
         epochs=cls.epochs, steps_per_epoch=cls.steps_per_epoch, validation_steps=None,
         monitor="val_auc", mode="max", resume=resume, training_cfg=tr,
         early_stopping=("val_loss", "val_accuracy"), strategy=strategy, verbose=verbose,

@@ -26,6 +26,7 @@ from models.losses import (
 )
 from models.resnet import build_resnet3d
 from models.unet3d import build_unet3d
+from models.unet_classifier import build_unet_encoder_classifier, transfer_encoder_weights
 from models.vgg import build_vgg3d
 
 SEGMENTERS = {
@@ -41,6 +42,10 @@ CLASSIFIERS = {
     "densenet": partial(build_densenet3d, bottleneck=False, compression=1.0, name="densenet"),
     "densenet_bc": partial(build_densenet3d, bottleneck=True, compression=0.5,
                            name="densenet_bc"),
+    # The segmentation UNet's encoder with a classification head: its architecture options
+    # are the segmenter's (train_classification.classifier_options), so a trained UNet's
+    # encoder weights fit it (transfer_encoder_weights).
+    "unet_encoder": partial(build_unet_encoder_classifier, name="unet_encoder"),
 }
 
 MODELS = {**SEGMENTERS, **CLASSIFIERS}
@@ -140,7 +145,8 @@ def custom_objects() -> dict:
 __all__ = [
     "SEGMENTERS", "CLASSIFIERS", "MODELS", "build_model", "custom_objects", "load_model_file",
     "build_unet3d", "build_vgg3d", "build_inception3d", "build_resnet3d",
-    "build_densenet3d", "dice_coefficient", "dice_loss", "dice_bce_loss",
+    "build_densenet3d", "build_unet_encoder_classifier", "transfer_encoder_weights",
+    "dice_coefficient", "dice_loss", "dice_bce_loss",
     "binary_focal_loss", "weighted_binary_crossentropy", "BinaryFocalLoss",
     "WeightedBinaryCrossentropy",
 ]

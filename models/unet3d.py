@@ -44,6 +44,50 @@ def apply_up_concat(x, skip, filters: int, *, name: str):
     return keras.layers.Concatenate(axis=CHANNEL_AXIS, name=f"{name}_concat")([skip, x])
 
 
+def check_unet_arguments(input_shape, depth: int, base_filters: int, normalization: str):
+    """The checked ``(input_shape, depth, base_filters, normalization)`` of a UNet (or of
+    its encoder): spatial sizes must halve ``depth - 1`` times without remainder."""
+    input_shape = check_input_shape(input_shape)
+    depth = check_positive_int(depth, "depth")
+    if depth < 2:
+        raise ValueError(f"depth must be at least 2 (one pooling), got {depth}")
+    base_filters = check_positive_int(base_filters, "base_filters")
+    normalization = check_normalization(normalization)
+    factor = 2 ** (depth - 1)
+    bad = [d for d in input_shape[:-1] if d is not None and d % factor]
+    if bad:
+        good = tuple(None if d is None else max(factor, -(-d // factor) * factor)
+                     for d in input_shape[:-1])
+        raise ValueError(
+            f"spatial sizes {input_shape[:-1]} must be divisible by 2**(depth-1) = {factor} "
+            f"for depth={depth}; use a shape like {good + input_shape[-1:]} (pad or crop "
+            f"the volume) or a smaller depth")
+    return input_shape, depth, base_filters, normalization
+
+
+def apply_unet_encoder(x, depth: int, base_filters: int, *, normalization: str,
+                       simplified: bool, name: str):
+    """The UNet's contracting path: ``depth - 1`` levels each followed by 2x max pooling,
+    then the bottom (coarsest) level. Returns ``(bottom features, [skip of each level])``.
+
+    Its layers are named ``{name}_enc{level}_...`` and ``{name}_bottom_...`` whatever the
+    input size (convolution weights do not depend on it), so a classifier built on the same
+    encoder (``models.unet_classifier``) can take a trained UNet's weights layer by layer.
+    """
+    convs = 1 if simplified else 2
+    rank = spatial_rank(x)
+    skips = []
+    for level in range(depth - 1):
+        x = apply_unet_level(x, level_filters(level, base_filters, simplified), convs,
+                             normalization=normalization, name=f"{name}_enc{level}")
+        skips.append(x)
+        x = pool_layer(rank, "max", pool_size=2, name=f"{name}_enc{level}_pool")(x)
+    bottom = depth - 1
+    x = apply_unet_level(x, level_filters(bottom, base_filters, simplified), convs,
+                         normalization=normalization, name=f"{name}_bottom")
+    return x, skips
+
+
 # Nodule voxels are about 1% of a patch. Starting the output at that prior (Lin et al.
 # 2017, "Focal Loss for Dense Object Detection") keeps the first steps from marking every
 # voxel as nodule, which the dice loss is slow to undo.
@@ -96,37 +140,15 @@ def build_unet3d(input_shape=(64, 64, 64, 1), depth: int = 4, base_filters: int 
         (all of the input's spatial size), so losses and targets can be given per key;
         the output layers are named ``{name}_segmentation`` and ``{name}_aux_level{i}``.
     """
-    input_shape = check_input_shape(input_shape)
-    depth = check_positive_int(depth, "depth")
-    if depth < 2:
-        raise ValueError(f"depth must be at least 2 (one pooling), got {depth}")
-    base_filters = check_positive_int(base_filters, "base_filters")
-    normalization = check_normalization(normalization)
+    input_shape, depth, base_filters, normalization = check_unet_arguments(
+        input_shape, depth, base_filters, normalization)
     dropout = check_rate(dropout)
-    factor = 2 ** (depth - 1)
-    bad = [d for d in input_shape[:-1] if d is not None and d % factor]
-    if bad:
-        good = tuple(None if d is None else max(factor, -(-d // factor) * factor)
-                     for d in input_shape[:-1])
-        raise ValueError(
-            f"spatial sizes {input_shape[:-1]} must be divisible by 2**(depth-1) = {factor} "
-            f"for depth={depth}; use a shape like {good + input_shape[-1:]} (pad or crop "
-            f"the volume) or a smaller depth")
     convs = 1 if simplified else 2
 
     inputs = model_input(input_shape, name=name)
     rank = len(input_shape) - 1
-    x = inputs
-    skips = []
-    for level in range(depth - 1):
-        x = apply_unet_level(x, level_filters(level, base_filters, simplified), convs,
-                             normalization=normalization, name=f"{name}_enc{level}")
-        skips.append(x)
-        x = pool_layer(rank, "max", pool_size=2, name=f"{name}_enc{level}_pool")(x)
-
-    bottom = depth - 1
-    x = apply_unet_level(x, level_filters(bottom, base_filters, simplified), convs,
-                         normalization=normalization, name=f"{name}_bottom")
+    x, skips = apply_unet_encoder(inputs, depth, base_filters, normalization=normalization,
+                                  simplified=simplified, name=name)
     if dropout:
         x = spatial_dropout_layer(rank, dropout, name=f"{name}_bottom_dropout")(x)
 

@@ -100,3 +100,32 @@ def test_run_killed_mid_way_resumes_and_ends_as_an_uninterrupted_run(tiny_cache,
                              "--fold", "0", "--out", str(out)]) == 0
         scores[name] = pd.read_csv(out)
     pd.testing.assert_frame_equal(scores["resumed"], scores["reference"], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_unet_encoder_trains_from_the_folds_segmenter_and_resumes(tiny_cache, tmp_path, capsys):
+    """A new unet_encoder run starts from the fold's UNet (at a negligible learning rate
+    its kernels stay the UNet's); --resume continues from its own checkpoint."""
+    import models
+    import paths
+
+    work = tmp_path / "work"
+    best = paths.WorkPaths(work).segmentation_run(0) / paths.BEST_MODEL
+    best.parent.mkdir(parents=True)
+    unet = models.build_model("unet_simple", (32, 32, 32, 1), depth=3, base_filters=8)
+    rng = np.random.default_rng(0)
+    unet.set_weights([rng.normal(0.5, 0.2, w.shape).astype(np.float32) ** 2 for w in unet.get_weights()])
+    unet.save(best)
+    common = ["--model", "unet_encoder", "--cache-dir", str(tiny_cache), "--work-dir", str(work),
+              "--fold", "0", *TINY, "--classification.lr=1e-12"]
+    assert train_classification.main([*common, "--classification.epochs=1"]) == 0
+    assert "6 encoder layers initialised from the segmenter unet_simple" in capsys.readouterr().out
+    folder = work / "classification" / "unet_encoder" / "fold0"
+    trained = models.load_model_file(folder / "last.keras", role="classifier")
+    for part in ("enc0_conv1_conv", "enc1_conv1_conv", "bottom_conv1_conv"):
+        np.testing.assert_allclose(trained.get_layer(f"unet_encoder_{part}").get_weights()[0],
+                                   unet.get_layer(f"unet_simple_{part}").get_weights()[0], atol=1e-6)
+    best.unlink()  # a resumed run needs its own checkpoint only
+    assert train_classification.main([*common, "--classification.epochs=2", "--resume"]) == 0
+    assert "initialised from the segmenter" not in capsys.readouterr().out
+    assert json.loads((folder / "state.json").read_text())["epoch"] == 1
