@@ -424,19 +424,24 @@ class Pipeline:
         """Each classifier trained, then its scores; the UNet's scores last."""
         import train_classification
 
+        segmenter = self.work.segmentation_run(self.fold) / BEST_MODEL
         for name in self.cfg.ensemble.models:
             run_dir = self.work.classification_run(name, self.fold)
-            self.stages.run(f"classify {name}", [run_dir / RUN_SUMMARY], [detections],
+            # The UNet-encoder classifier takes its architecture and first weights from the
+            # fold's UNet: its settings and file are inputs too.
+            reads = ("classification", "training",
+                     *(["segmentation"] if name == train_classification.UNET_ENCODER else []))
+            inputs = [detections, *([segmenter] if "segmentation" in reads else [])]
+            self.stages.run(f"classify {name}", [run_dir / RUN_SUMMARY], inputs,
                             lambda resume: train_classification.main(
                                 [*self.common, "--model", name, "--candidates", *sources,
                                  *_resume(run_dir, resume)]),
-                            {**sections(self.cfg, "classification", "training"),
-                             "candidates": self.stamped(sources)})
+                            {**sections(self.cfg, *reads), "candidates": self.stamped(sources)})
             self.score_member(name, run_dir / BEST_MODEL, ["--model", name], sources,
                               detections, given)
         if self.cfg.ensemble.segmenter:
-            self.score_member(SEGMENTER_MEMBER, self.work.segmentation_run(self.fold) / BEST_MODEL,
-                              ["--segmenter"], sources, detections, given)
+            self.score_member(SEGMENTER_MEMBER, segmenter, ["--segmenter"], sources, detections,
+                              given)
 
     def score_member(self, name: str, model_file: Path, how: list[str], sources: list[str],
                      detections: Path, given: bool) -> None:
@@ -843,7 +848,7 @@ def pooled_members(work: WorkPaths, folds: list[int], models: list[str]) -> list
     folder): the ensemble's models in order, the mean and the selected ensemble, then any
     other by name."""
     found = [{path.stem for path in work.prediction_folder(k).glob("*.csv")}
-             - {work.fold_submission(k).stem} for k in folds]
+             - {ensemble.FEATURES_NAME, work.fold_submission(k).stem} for k in folds]
     common = set.intersection(*found) if found else set()
     known = [*models, MEAN_MEMBER, ENSEMBLE_MEMBER]
     return [name for name in known if name in common] + sorted(common - set(known))

@@ -143,7 +143,8 @@ class RunFolder:
 class RunningAverageEarlyStopping:
     """Early stopping on exponential running averages of validation loss and accuracy.
 
-    Seed document 002: if only the running loss has stopped improving for ``patience``
+    The recipe of Paperspace's "Building a CT Scan COVID-19 Classifier" tutorial (UCSD
+    COVID-CT): if only the running loss has stopped improving for ``patience``
     epochs, multiply the learning rate by ``decay`` and start counting again; if the running
     accuracy has stopped improving too, stop. Loss and accuracy can disagree (cross-entropy
     rewards confidence), so the run stops only when both stall.

@@ -232,9 +232,11 @@ def test_the_pipeline_writes_the_stacked_member_and_records_the_choice(tmp_path,
             *TINY_PIPELINE, "--ensemble.models=vgg_simple"]
     assert run_pipeline.main(argv) == 0
     out = capsys.readouterr().out
-    for stage in ("features", "features (validation scans, given candidates)", "stack",
+    # The UNet member's scoring stages write the features too (one pass over the candidates).
+    for stage in ("predict unet", "predict unet (validation scans, given candidates)", "stack",
                   "stack (given candidates)"):
         assert f"[{stage}] done" in out, stage
+    assert "[features" not in out
     folder = work / "predictions" / "fold0"
     for name in ("stacked.csv", "given_candidates/stacked.csv", "features.csv",
                  "validation/features.csv"):
