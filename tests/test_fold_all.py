@@ -218,7 +218,7 @@ def test_fold_all_pools_every_fold_then_skips_them(tmp_path, capsys):
     metrics = json.loads((work.evaluation / "froc_metrics.json").read_text())
     assert metrics["inputs"]["seriesuids"] == str(work.test_seriesuids(ALL_FOLDS))
     rows = json.loads((work.evaluation / "models.json").read_text())
-    assert [r["model"] for r in rows] == ["vgg_simple", "unet", "mean", "ensemble"]
+    assert [r["model"] for r in rows] == ["vgg_simple", "unet", "mean", "ensemble", "stacked"]
     assert all(len(r["cpm_all_ci"]) == 2 and "cpm_given" in r and r["folds"] == 3 for r in rows)
     assert all(0 <= r["kept_in_folds"] <= 3 for r in rows[:2])
     assert "Pooled CPM, held-out scans of all 3 folds" in out
