@@ -136,3 +136,14 @@ def keep_locale():
         yield
     finally:
         locale.setlocale(locale.LC_ALL, saved)
+
+
+@pytest.fixture
+def placeholder_data(tmp_path):
+    """A data folder with subsets 0-2 holding one placeholder scan each (for command-line
+    checks that never read a scan)."""
+    folder = tmp_path / "data"
+    for k in range(3):
+        (folder / f"subset{k}").mkdir(parents=True)
+        (folder / f"subset{k}" / "scan.mhd").write_text("not read\n")
+    return folder

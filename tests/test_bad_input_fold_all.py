@@ -12,16 +12,6 @@ import run_pipeline
 from paths import ALL_FOLDS, WorkPaths
 
 
-@pytest.fixture
-def data(tmp_path):
-    """A data folder with subsets 0-2 (the stages that would read it are replaced)."""
-    folder = tmp_path / "data"
-    for k in range(3):
-        (folder / f"subset{k}").mkdir(parents=True)
-        (folder / f"subset{k}" / "scan.mhd").write_text("not read\n")
-    return folder
-
-
 def _folds_ran(monkeypatch, work: WorkPaths, held_out: dict[int, list[str]], cached=None):
     """Every fold's run replaced by the files it leaves behind: its held-out list and a
     one-row submission per held-out scan; the cache holds ``cached`` (default: those scans)
@@ -64,10 +54,11 @@ def test_fold_all_on_one_subset_is_refused_before_anything_is_written(tmp_path, 
     assert "subsets present: 4" in err and not work.exists()
 
 
-def test_folds_holding_out_the_same_scan_are_not_pooled(data, tmp_path, monkeypatch, capsys):
+def test_folds_holding_out_the_same_scan_are_not_pooled(placeholder_data, tmp_path, monkeypatch,
+                                                         capsys):
     work = WorkPaths(tmp_path / "work")
     _folds_ran(monkeypatch, work, {0: ["1.1"], 1: ["1.2", "1.1"], 2: ["1.3"]})
-    code = run_pipeline.main(["--data-dir", str(data), "--work-dir", str(work.root),
+    code = run_pipeline.main(["--data-dir", str(placeholder_data), "--work-dir", str(work.root),
                               "--fold", "all"])
     err = capsys.readouterr().err
     assert code == 1 and "Traceback" not in err
@@ -75,12 +66,13 @@ def test_folds_holding_out_the_same_scan_are_not_pooled(data, tmp_path, monkeypa
     assert not work.submission.exists() and not work.test_seriesuids(ALL_FOLDS).exists()
 
 
-def test_a_cached_scan_no_fold_held_out_is_not_left_out_silently(data, tmp_path, monkeypatch,
+def test_a_cached_scan_no_fold_held_out_is_not_left_out_silently(placeholder_data, tmp_path,
+                                                                  monkeypatch,
                                                                   capsys):
     work = WorkPaths(tmp_path / "work")
     _folds_ran(monkeypatch, work, {0: ["1.1"], 1: ["1.2"], 2: ["1.3"]},
                cached={0: ["1.1"], 1: ["1.2"], 2: ["1.3"], 7: ["1.7"]})
-    code = run_pipeline.main(["--data-dir", str(data), "--work-dir", str(work.root),
+    code = run_pipeline.main(["--data-dir", str(placeholder_data), "--work-dir", str(work.root),
                               "--fold", "all"])
     err = capsys.readouterr().err
     assert code == 1
@@ -89,7 +81,7 @@ def test_a_cached_scan_no_fold_held_out_is_not_left_out_silently(data, tmp_path,
     assert not work.submission.exists()
 
 
-def test_a_broken_fold_submission_is_named(data, tmp_path, monkeypatch, capsys):
+def test_a_broken_fold_submission_is_named(placeholder_data, tmp_path, monkeypatch, capsys):
     work = WorkPaths(tmp_path / "work")
     _folds_ran(monkeypatch, work, {0: ["1.1"], 1: ["1.2"], 2: ["1.3"]})
     original = run_pipeline.Pipeline.run
@@ -100,7 +92,7 @@ def test_a_broken_fold_submission_is_named(data, tmp_path, monkeypatch, capsys):
             work.fold_submission(2).write_text("seriesuid,coordX,coordY,coordZ\n1.3,1,2,3\n")
 
     monkeypatch.setattr(run_pipeline.Pipeline, "run", run_and_break)
-    code = run_pipeline.main(["--data-dir", str(data), "--work-dir", str(work.root),
+    code = run_pipeline.main(["--data-dir", str(placeholder_data), "--work-dir", str(work.root),
                               "--fold", "all"])
     err = capsys.readouterr().err
     assert code == 1 and "Traceback" not in err

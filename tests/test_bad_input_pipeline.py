@@ -14,16 +14,6 @@ import sample_data
 
 
 @pytest.fixture
-def data(tmp_path):
-    """A data folder with subsets 0-2 (the stages that would read it are replaced)."""
-    folder = tmp_path / "data"
-    for k in range(3):
-        (folder / f"subset{k}").mkdir(parents=True)
-        (folder / f"subset{k}" / "scan.mhd").write_text("not read\n")
-    return folder
-
-
-@pytest.fixture
 def no_stage_runs(monkeypatch):
     """Refusals must come before any stage: one that starts fails the test."""
     def forbidden(*_args, **_kwargs):
@@ -46,10 +36,11 @@ MIXED = ["--inference.threshold", "0.3", "--ensemble.method", "rank",
          "--segmentation.epochs=2", "--preprocess.window_hu", "-1000,400"]
 
 
-def test_overrides_in_both_forms_reach_the_stages_as_parsed(data, tmp_path, monkeypatch, capsys):
+def test_overrides_in_both_forms_reach_the_stages_as_parsed(placeholder_data, tmp_path, monkeypatch,
+                                                            capsys):
     seen = []
     monkeypatch.setattr(preprocess, "main", lambda argv: seen.append(list(argv)) or 3)
-    argv = ["--data-dir", str(data), "--work-dir", str(tmp_path / "work"), *MIXED]
+    argv = ["--data-dir", str(placeholder_data), "--work-dir", str(tmp_path / "work"), *MIXED]
     assert run_pipeline.main(argv) == 1  # the stand-in preprocessing fails: exit 1
     assert "stage preprocess failed" in capsys.readouterr().err
     forwarded = seen[0]
@@ -78,13 +69,15 @@ def test_forwarded_overrides_are_one_token_each():
 
 
 @pytest.mark.parametrize("fold", ["99", "-1", "3"])
-def test_a_fold_the_data_lacks_is_refused_before_anything_is_written(data, tmp_path, capsys,
+def test_a_fold_the_data_lacks_is_refused_before_anything_is_written(placeholder_data, tmp_path,
+                                                                     capsys,
                                                                      no_stage_runs, fold):
     work = tmp_path / "work"
-    code = run_pipeline.main(["--data-dir", str(data), "--work-dir", str(work), "--fold", fold])
+    code = run_pipeline.main(["--data-dir", str(placeholder_data), "--work-dir", str(work),
+                              "--fold", fold])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
-    assert err.startswith(f"error: {data}: --fold {fold} holds out subset{fold}")
+    assert err.startswith(f"error: {placeholder_data}: --fold {fold} holds out subset{fold}")
     assert "subsets present: 0, 1, 2" in err
     assert not work.exists()
 
