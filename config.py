@@ -182,6 +182,41 @@ class UnetEncoderConfig:
     init_from_segmenter: bool = True
 
 
+# The 2D transfer members (models/transfer2d.py, views2d.py): ImageNet backbones on 2.5D
+# views of each candidate (Setio et al. 2016, IEEE TMI 35:1160, "Pulmonary nodule detection
+# in CT images: false positive reduction using multi-view convolutional networks").
+@dataclass(frozen=True)
+class Transfer2dConfig:
+    # "multiview": the 9 planes of Setio et al. (3 orthogonal + 6 diagonal), one shared
+    # backbone, features fused before the head; "tri": axial, coronal and sagittal as the
+    # three channels of one image.
+    views: Literal["multiview", "tri"] = "multiview"
+    fov_mm: float = limited(64.0, gt=0.0, le=512.0)  # Setio et al.: 50 mm around the candidate
+    size_px: int = limited(64, ge=32, le=512)  # Keras' ImageNet backbones take >= 32 pixels
+    # multiview: each plane's channels are the plane and its neighbours this far along the
+    # plane's normal (a little depth for the 2D backbone); 0 repeats the plane.
+    channel_spacing_mm: float = limited(1.0, ge=0.0, le=16.0)
+    fusion: Literal["mean", "concat"] = "mean"  # of the views' features, before the head
+    # "feature": frozen backbone, features cached once (WORK/features2d/), a small head trained
+    # on them; "finetune": head first, then the top of the backbone at a lower rate.
+    mode: Literal["feature", "finetune"] = "feature"
+    head_units: int = limited(128, ge=1)
+    dropout: float = limited(0.5, ge=0.0, lt=1.0)
+    max_shift_mm: int = limited(2, ge=0, le=32)  # training views: random shift of the centre
+    # finetune: epochs of the head alone (backbone frozen), then the last `unfreeze_layers`
+    # layers of the backbone train at lr * finetune_lr_factor (the Keras transfer-learning
+    # guide's recipe: BatchNormalization stays in inference mode).
+    head_epochs: int = limited(2, ge=0)
+    unfreeze_layers: int = limited(20, ge=0)
+    finetune_lr_factor: float = limited(0.1, gt=0.0, le=1.0)
+    # vit_2d: a keras_hub ViTBackbone built from this config (no preset: small for CPUs).
+    vit_patch_size: int = limited(8, ge=1)
+    vit_layers: int = limited(4, ge=1)
+    vit_heads: int = limited(4, ge=1)
+    vit_hidden_dim: int = limited(128, ge=1)
+    vit_mlp_dim: int = limited(256, ge=1)
+
+
 @dataclass(frozen=True)
 class ClassificationConfig:
     cube_size: int = limited(32, ge=8, le=256)  # voxels at 1 mm: all but the largest nodules
@@ -202,6 +237,11 @@ class ClassificationConfig:
     resnet: ResnetConfig = field(default_factory=ResnetConfig)
     densenet: DensenetConfig = field(default_factory=DensenetConfig)
     unet_encoder: UnetEncoderConfig = field(default_factory=UnetEncoderConfig)
+    transfer2d: Transfer2dConfig = field(default_factory=Transfer2dConfig)
+    # Backbone weights of the 2D members: "none" (random), "imagenet" (Keras' own download
+    # into $KERAS_HOME/models) or the path of a local .h5 / .weights.h5 file (a keras-hub
+    # preset folder for vit_2d).
+    weights: str = limited("none", nonempty=True)
 
     def builder_options(self, model: str) -> dict[str, Any]:
         """Keyword arguments of the builder of registry entry ``model``."""

@@ -698,3 +698,43 @@ def classification_dataset(cache_dir, table: pd.DataFrame,
 
     return _pair_dataset(fetch, (sampler.size,) * 3 + (1,), (1,),
                          _counter(epoch_offset, per_epoch), batch_size, workers, True)
+
+
+def view_dataset(cache_dir, table: pd.DataFrame, settings, cfg: ClassificationConfig = ClassificationConfig(),
+                 batch_size: int | None = None, steps_per_epoch: int | None = None,
+                 seed: int = 0, augment: bool = True, epoch_offset: int = 0,
+                 workers: int = TrainingConfig().workers, **sampler_options):
+    """Endless ``tf.data`` of balanced batches of 2D views (``views2d.ViewSampler``, views
+    of ``settings``, a ``views2d.ViewSettings``) for ``model.fit(..., steps_per_epoch=)``."""
+    import views2d
+
+    batch_size = batch_size or cfg.batch_size
+    per_epoch = (steps_per_epoch or cfg.steps_per_epoch) * batch_size
+    sampler = views2d.ViewSampler(cache_dir, table, settings, cfg, seed, augment=augment,
+                                  **sampler_options)
+
+    def fetch(k):
+        return sampler.sample(k // per_epoch, k % per_epoch)
+
+    return _pair_dataset(fetch, settings.shape, (1,), _counter(epoch_offset, per_epoch),
+                         batch_size, workers, True)
+
+
+def feature_dataset(features: np.ndarray, sampler: ClassificationSampler,
+                    batch_size: int, steps_per_epoch: int, seed: int = 0, epoch_offset: int = 0,
+                    workers: int = TrainingConfig().workers):
+    """Endless ``tf.data`` of balanced batches of cached 2D-backbone features: row
+    ``sampler.draw_row`` (rows of ``sampler.table``, which ``features`` follows) of each
+    sample, deterministic per ``(seed, epoch, index)``."""
+    features = np.asarray(features, dtype=np.float32)
+    if len(features) != len(sampler.table):
+        raise ValueError(f"{len(features)} feature rows for {len(sampler.table)} candidates")
+    labels = sampler.table["label"].to_numpy(np.float32)
+    per_epoch = int(steps_per_epoch) * int(batch_size)
+
+    def fetch(k):
+        row = sampler.draw_row(_sample_rng(seed, k // per_epoch, k % per_epoch))
+        return features[row], labels[row:row + 1].copy()
+
+    return _pair_dataset(fetch, features.shape[1:], (1,), _counter(epoch_offset, per_epoch),
+                         batch_size, workers, True)

@@ -25,6 +25,7 @@ from models.losses import (
     weighted_binary_crossentropy,
 )
 from models.resnet import build_resnet3d
+from models.transfer2d import build_transfer2d
 from models.unet3d import build_unet3d
 from models.unet_classifier import build_unet_encoder_classifier, transfer_encoder_weights
 from models.vgg import build_vgg3d
@@ -47,8 +48,19 @@ CLASSIFIERS = {
     # encoder weights fit it (transfer_encoder_weights).
     "unet_encoder": partial(build_unet_encoder_classifier, name="unet_encoder"),
 }
+# 2D transfer members on 2.5D views of the candidate (models/transfer2d.py, views2d.py):
+# input (views, H, W, 3) or (H, W, 3), not a cube, so kept apart from the cube classifiers;
+# the command lines accept both (CLASSIFIER_NAMES).
+TRANSFER2D = {
+    f"{backbone}_2d": partial(build_transfer2d, backbone=backbone, name=f"{backbone}_2d")
+    for backbone in ("vgg16", "vgg19", "resnet50", "densenet121", "efficientnetv2b0",
+                     "convnext_tiny", "vit")
+}
+TRANSFER2D["vgg19_bn_2d"] = partial(build_transfer2d, backbone="vgg19", batch_norm=True,
+                                    name="vgg19_bn_2d")
+CLASSIFIER_NAMES = sorted({**CLASSIFIERS, **TRANSFER2D})
 
-MODELS = {**SEGMENTERS, **CLASSIFIERS}
+MODELS = {**SEGMENTERS, **CLASSIFIERS, **TRANSFER2D}
 
 
 def _builder_parameters(builder) -> list[str]:
@@ -143,7 +155,7 @@ def custom_objects() -> dict:
 
 
 __all__ = [
-    "SEGMENTERS", "CLASSIFIERS", "MODELS", "build_model", "custom_objects", "load_model_file",
+    "SEGMENTERS", "CLASSIFIERS", "TRANSFER2D", "CLASSIFIER_NAMES", "build_transfer2d", "MODELS", "build_model", "custom_objects", "load_model_file",
     "build_unet3d", "build_vgg3d", "build_inception3d", "build_resnet3d",
     "build_densenet3d", "build_unet_encoder_classifier", "transfer_encoder_weights",
     "dice_coefficient", "dice_loss", "dice_bce_loss",
