@@ -119,6 +119,11 @@ class WorkPaths:
         pattern = f"*/fold{fold}" if fold is not None else "*/fold*"
         return sorted((self.root / "classification").glob(pattern))
 
+    def features2d(self, model: str, key: str) -> Path:
+        """Cached backbone features of a 2D member's candidate views (train_classification.py,
+        feature mode); ``key`` hashes everything they depend on."""
+        return self.root / "features2d" / f"{model}-{key}.npz"
+
     # -- detection
     def detections(self, fold: int, scans: str = "all") -> Path:
         return self.root / "detections" / f"fold{fold}_{scans}.csv"

@@ -13,6 +13,11 @@ with ``--segmenter``) unless ``--model-path`` is given. Writes
 ``seriesuid,coordX,coordY,coordZ,probability`` (world mm), one row per candidate, for the
 ``--scans`` of the fold (default: its test subset).
 
+A 2D member (``--model resnet50_2d``, ``models.TRANSFER2D``) scores the candidates' 2.5D
+views (``views2d``) instead of cubes, with the view settings its run was trained with (the
+run folder's ``config.json``; else ``classification.transfer2d.*``); ``--tta`` averages
+over the views' flips. It writes the same CSV, so ``ensemble.py`` takes it unchanged.
+
 ``--segmenter --features F.csv`` also (without ``--out``: only) writes the candidate
 features that ``ensemble.py --method stack`` reads, one row per candidate in the same order
 and coordinates as the scores: ``seriesuid,coordX,coordY,coordZ`` + ``unet_probability``
@@ -64,6 +69,29 @@ def load_classifier(path):
     return models.load_model_file(path, "classifier")
 
 
+def load_view_classifier(path):
+    """A 2D member's ``.keras`` file (``models.transfer2d.load_view_classifier``), with a
+    hint where the file does not exist."""
+    import models
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: model does not exist; train it with "
+                                "train_classification.py, or give --model-path")
+    return models.transfer2d.load_view_classifier(path)
+
+
+def _names_view_model(args) -> bool:
+    import models
+
+    return bool(args.model) and args.model in models.TRANSFER2D
+
+
+def is_view_model(model) -> bool:
+    """Whether ``model`` takes 2D views (``(batch, [views,] H, W, 3)``) rather than cubes."""
+    return tuple(model.input_shape)[-1] == 3
+
+
 def load_segmenter(path):
     """``detect.load_segmenter``, with a hint where the file does not exist."""
     path = Path(path)
@@ -112,6 +140,50 @@ def score_table(model, cache_dir, table: pd.DataFrame, cube_size: int, batch_siz
         bar.update(len(positions))
     bar.close()
     return probabilities
+
+
+def score_views(model, cache_dir, table: pd.DataFrame, settings, batch_size: int = 32,
+                tta: bool = False, progress: bool = False) -> np.ndarray:
+    """One probability per row of ``table`` from a 2D member on the rows' views
+    (``views2d.ViewSettings``), in row order. With ``tta`` the mean over the views and
+    their flips of rows, of columns and of both (the same on every plane)."""
+    import views2d
+
+    flips = ((False, False), (True, False), (False, True), (True, True)) if tta else ((False, False),)
+    probabilities = np.zeros(len(table), dtype=np.float64)
+    table = table.reset_index(drop=True)
+    bar = tqdm(total=len(table), desc="scoring", unit="candidate", disable=not progress,
+               file=sys.stderr)
+    for views, positions in views2d.view_batches(cache_dir, table, settings, batch_size):
+        variants = [np.stack([views2d.transform_views(v, flip, 0) for v in views])
+                    for flip in flips]
+        probabilities[positions] = np.mean(
+            [np.asarray(model.predict_on_batch(v), dtype=np.float64).reshape(-1)
+             for v in variants], axis=0)
+        bar.update(len(positions))
+    bar.close()
+    return probabilities
+
+
+def view_settings_of(model, model_path, cfg: config_lib.Config):
+    """The view settings a 2D member scores with: those of its training run (the
+    ``config.json`` beside ``model_path``, else ``cfg``), checked against the model's
+    input (``InputError`` naming the file)."""
+    import views2d
+
+    run_config = Path(model_path).with_name("config.json")
+    source = cfg
+    if run_config.is_file():
+        try:
+            source = config_lib.load_config(run_config)
+        except (ValueError, KeyError, TypeError):
+            source = cfg
+    settings = views2d.ViewSettings.from_config(source.classification.transfer2d)
+    if tuple(model.input_shape[1:]) != settings.shape:
+        raise InputError(f"{model_path}: the model takes views of shape {model.input_shape[1:]}, "
+                         f"the view settings give {settings.shape}: set "
+                         "--classification.transfer2d.views / size_px to the model's")
+    return settings
 
 
 def centre_ball(size: int, radius_vox: float) -> np.ndarray:
@@ -246,7 +318,7 @@ def _parse_args(argv):
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=sorted(models.CLASSIFIERS), help="registry name of the trained model")
+    parser.add_argument("--model", choices=models.CLASSIFIER_NAMES, help="registry name of the trained model")
     parser.add_argument("--model-path", help="a .keras file (default: WORK/classification/<model>/fold<k>/best.keras)")
     parser.add_argument("--segmenter", action="store_true",
                         help="score with the fold's UNet instead (WORK/segmentation/fold<k>/best.keras "
@@ -336,6 +408,10 @@ def _score(model, model_path: Path, table: pd.DataFrame, args, cfg, cache_dir: P
         window = scoring_size(model, model_path, args.cube_size, cfg.segmentation.patch_size)
         return score_with_segmenter(model, cache_dir, table, window,
                                     batch_size=cfg.inference.batch_size, tta=args.tta, progress=True)
+    if is_view_model(model):
+        return score_views(model, cache_dir, table, view_settings_of(model, model_path, cfg),
+                           batch_size=max(cfg.classification.batch_size, 16), tta=args.tta,
+                           progress=True)
     cube_size = scoring_size(model, model_path, args.cube_size)
     return score_table(model, cache_dir, table, cube_size,
                        batch_size=max(cfg.classification.batch_size, 16), tta=args.tta, progress=True)
@@ -390,7 +466,9 @@ def main(argv=None) -> int:
             check_output_path(output, _input_files(cache_dir, args.candidates, model_path),
                               kind="predictions output")
         table = _candidate_table(cache_dir, args.candidates, args.scans, fold)
-        model = load_segmenter(model_path) if args.segmenter else load_classifier(model_path)
+        model = (load_segmenter(model_path) if args.segmenter else
+                 load_view_classifier(model_path) if _names_view_model(args) else
+                 load_classifier(model_path))
         if args.features:
             features = _features(model, model_path, table, args, cfg, cache_dir)
             probabilities = features["unet_probability"].to_numpy()

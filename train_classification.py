@@ -21,6 +21,16 @@ rate when only the loss stalls (``training.fit``).
 segmenter's architecture (``segmentation.*``) and a new run starts from the fold's trained
 UNet (``WORK/segmentation/fold<k>/best.keras``; ``classification.unet_encoder.*``).
 
+2D members (``--model resnet50_2d``, ``models.TRANSFER2D``) see 2.5D views of each candidate
+(``views2d``: ``classification.transfer2d.views`` tri or the 9-view multiview, ``fov_mm``,
+``size_px``) through an ImageNet backbone (``--classification.weights imagenet | none |
+PATH``; weights that cannot be had stop the run before training). ``transfer2d.mode``:
+``feature`` trains only a head on the frozen backbone's features, computed once and cached
+in ``WORK/features2d/<model>-<key>.npz``; ``finetune`` trains the head on views with the
+backbone frozen (``transfer2d.head_epochs``, run folder ``head/``), then the last
+``transfer2d.unfreeze_layers`` backbone layers too at ``lr * transfer2d.finetune_lr_factor``.
+Either way ``best.keras`` maps views to a probability (``predict.py --model resnet50_2d``).
+
 Outputs in ``WORK/classification/<model>/fold<k>/``: ``best.keras``, ``last.keras``,
 ``history.csv``, ``config.json``, ``state.json``, ``summary.json``, TensorBoard logs in
 ``logs/<model>-run-<date>-<hour>-<minute>``.
@@ -34,6 +44,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 import cache
@@ -52,9 +63,11 @@ def validation_table(table: pd.DataFrame, max_negatives: int, seed: int) -> pd.D
     return pd.concat([table[table["label"] == 1], negatives]).sort_index()
 
 
-def validation_callback(cache_dir, table: pd.DataFrame, cube_size: int, batch_size: int):
-    """Scores the validation cubes once per epoch and logs loss, AUC, accuracy,
-    sensitivity and specificity (exact, over the whole validation table)."""
+def validation_callback(cache_dir, table: pd.DataFrame, cube_size: int, batch_size: int,
+                        score=None):
+    """Scores the validation cubes (or, given ``score(model) -> probabilities``, what that
+    scores) once per epoch and logs loss, AUC, accuracy, sensitivity and specificity
+    (exact, over the whole validation table)."""
     import keras
 
     import predict
@@ -66,7 +79,8 @@ def validation_callback(cache_dir, table: pd.DataFrame, cube_size: int, batch_si
         def on_epoch_end(self, epoch, logs=None):
             if logs is None:
                 return
-            probabilities = predict.score_table(self.model, cache_dir, table, cube_size, batch_size)
+            probabilities = (score(self.model) if score is not None else
+                             predict.score_table(self.model, cache_dir, table, cube_size, batch_size))
             # Clipped as Keras' own binary cross-entropy clips (keras.config.epsilon()).
             logs["val_loss"] = cross_entropy(labels, probabilities, keras.config.epsilon())
             metrics = classification_metrics(labels, probabilities)
@@ -145,6 +159,8 @@ def build_classifier(name: str, cfg: config_lib.Config):
     """The registry classifier with the config's options, not compiled."""
     import models
 
+    if name in models.TRANSFER2D:  # backbone frozen: the feature mode and finetune's head phase
+        return models.build_model(name, view_settings(cfg).shape, **transfer2d_options(name, cfg))
     cube = cfg.classification.cube_size
     return models.build_model(name, (cube,) * 3 + (1,), **classifier_options(name, cfg))
 
@@ -184,13 +200,196 @@ def build_and_compile(name: str, cfg: config_lib.Config, segmenter=None):
     return model
 
 
+# --------------------------------------------------------------------------- 2D members
+
+
+def is_transfer2d(name: str) -> bool:
+    """Whether ``name`` is a 2D member (``models.TRANSFER2D``): it sees views, not cubes."""
+    import models
+
+    return name in models.TRANSFER2D
+
+
+def view_settings(cfg: config_lib.Config):
+    """The 2.5D views of ``classification.transfer2d``."""
+    import views2d
+
+    return views2d.ViewSettings.from_config(cfg.classification.transfer2d)
+
+
+def transfer2d_options(name: str, cfg: config_lib.Config, trainable_layers: int = 0) -> dict:
+    """Builder options of 2D member ``name`` from ``classification.transfer2d`` and
+    ``classification.weights``."""
+    t = cfg.classification.transfer2d
+    options = {"fusion": t.fusion, "head_units": t.head_units, "dropout": t.dropout,
+               "weights": cfg.classification.weights, "trainable_layers": trainable_layers}
+    if name == "vit_2d":
+        options["vit"] = {"patch_size": t.vit_patch_size, "layers": t.vit_layers,
+                          "heads": t.vit_heads, "hidden_dim": t.vit_hidden_dim,
+                          "mlp_dim": t.vit_mlp_dim}
+    return options
+
+
+def check_backbone_weights(name: str, cfg: config_lib.Config) -> None:
+    """Build 2D member ``name`` once, so weights that cannot be had
+    (``models.transfer2d.WeightsUnavailable``, a ``FileNotFoundError`` naming the file) stop
+    the run before any training; "none" needs no check."""
+    if cfg.classification.weights != "none":
+        build_classifier(name, cfg)
+
+
+def feature_key(name: str, cfg: config_lib.Config, table: pd.DataFrame) -> str:
+    """``views2d.feature_cache_key`` of member ``name``'s features of ``table``: model,
+    backbone options, weights (a file by its hash; random weights by their seed), views."""
+    import views2d
+
+    options = transfer2d_options(name, cfg)
+    weights = options.pop("weights")
+    description = {"name": name, "options": options, "weights": views2d.weights_digest(weights),
+                   "seed": cfg.training.seed if weights == "none" else None}
+    return views2d.feature_cache_key(description, view_settings(cfg), table)
+
+
+def compile_head(head, reference):
+    """Compile ``head`` as ``build_and_compile`` compiled ``reference`` (a copy of its
+    optimizer, its loss), with the classifiers' metrics."""
+    import keras
+
+    optimizer = keras.optimizers.deserialize(keras.optimizers.serialize(reference.optimizer))
+    head.compile(optimizer=optimizer, loss=reference.loss,
+                 metrics=[keras.metrics.BinaryAccuracy(name="accuracy"), keras.metrics.AUC(name="auc")])
+    return head
+
+
+def save_model_atomic(model, path: Path) -> None:
+    partial = path.with_name(path.stem + ".partial.keras")
+    model.save(partial)
+    partial.replace(path)
+
+
+def train_feature_mode(name: str, cfg: config_lib.Config, cache_dir: Path, work_dir: Path,
+                       train_table: pd.DataFrame, val_table: pd.DataFrame,
+                       folder: training.RunFolder, strategy, *, resume: bool, verbose: int):
+    """Frozen backbone: the features of every candidate's views, cached on disk, then a
+    head trained on them (``training.fit`` in ``head/``); ``best.keras`` is the backbone
+    with the best head. Returns ``(head state, best model path)``."""
+    import generators
+    import views2d
+    from models import transfer2d
+
+    cls, tr = cfg.classification, cfg.training
+    training.seed_everything(tr)  # random backbone weights: the same for the same seed
+    reference = build_and_compile(name, cfg)
+    fusion = reference.get_layer("view_fusion")
+    sampler = generators.ClassificationSampler(cache_dir, train_table, cls, tr.seed, augment=False)
+    table = pd.concat([sampler.table, val_table], ignore_index=True)
+    cache_file = paths.WorkPaths(work_dir).features2d(name, feature_key(name, cfg, table))
+    features = views2d.cached_features(cache_file, lambda: fusion, cache_dir, table,
+                                       view_settings(cfg), max(cls.batch_size, 16))
+    train_features, val_features = features[:len(sampler.table)], features[len(sampler.table):]
+    head_folder = training.RunFolder(folder.root / "head")
+    state = head_folder.read_state() if resume else None
+    data = generators.feature_dataset(train_features, sampler, cls.batch_size, cls.steps_per_epoch,
+                                      tr.seed, int(state["epoch"]) + 1 if state else 0, tr.workers)
+    t = cls.transfer2d
+    _, state = training.fit(
+        lambda: compile_head(transfer2d.build_head(features.shape[1], t.head_units, t.dropout),
+                             reference),
+        head_folder, name, data, None, epochs=cls.epochs, steps_per_epoch=cls.steps_per_epoch,
+        validation_steps=None, monitor="val_auc", mode="max", resume=resume, training_cfg=tr,
+        early_stopping=("val_loss", "val_accuracy"), strategy=strategy, verbose=verbose,
+        extra_callbacks=[validation_callback(cache_dir, val_table, 0, 0, score=lambda m: np.asarray(
+            m.predict(val_features, batch_size=256, verbose=0), np.float64).reshape(-1))])
+    import keras
+
+    head = keras.saving.load_model(head_folder.best, safe_mode=True, compile=False)
+    save_model_atomic(transfer2d.assemble(fusion, head, name), folder.best)
+    return state
+
+
+def train_finetune_mode(name: str, cfg: config_lib.Config, cache_dir: Path,
+                        train_table: pd.DataFrame, val_table: pd.DataFrame,
+                        folder: training.RunFolder, strategy, *, resume: bool, verbose: int):
+    """The head on views with the backbone frozen (``transfer2d.head_epochs``, in
+    ``head/``), then the last ``transfer2d.unfreeze_layers`` backbone layers too, at
+    ``lr * transfer2d.finetune_lr_factor`` (BatchNormalization stays in inference mode:
+    the backbone is called with ``training=False``). Returns the second phase's state."""
+    import dataclasses
+
+    import generators
+    import predict
+    from models import transfer2d
+
+    cls, tr, t = cfg.classification, cfg.training, cfg.classification.transfer2d
+    settings = view_settings(cfg)
+    batch = cls.batch_size * strategy.num_replicas_in_sync
+    callback = validation_callback(cache_dir, val_table, 0, 0, score=lambda m: predict.score_views(
+        m, cache_dir, val_table, settings, max(batch, 16)))
+
+    def run(run_folder, build, epochs):
+        state = run_folder.read_state() if resume else None
+        data = generators.view_dataset(cache_dir, train_table, settings, cls, batch_size=batch,
+                                       seed=tr.seed, epoch_offset=int(state["epoch"]) + 1 if state else 0,
+                                       workers=tr.workers, max_shift_mm=t.max_shift_mm)
+        return training.fit(build, run_folder, name, data, None, epochs=epochs,
+                            steps_per_epoch=cls.steps_per_epoch, validation_steps=None,
+                            monitor="val_auc", mode="max", resume=resume, training_cfg=tr,
+                            early_stopping=("val_loss", "val_accuracy"), strategy=strategy,
+                            verbose=verbose, extra_callbacks=[callback])[1]
+
+    head_weights = None
+    if t.head_epochs > 0:
+        head_folder = training.RunFolder(folder.root / "head")
+        run(head_folder, lambda: build_and_compile(name, cfg), t.head_epochs)
+        head_weights = head_folder.root / "best.weights.h5"
+        import keras
+
+        keras.saving.load_model(head_folder.best, safe_mode=True).save_weights(head_weights)
+    tuned = dataclasses.replace(cfg, classification=dataclasses.replace(
+        cls, lr=cls.lr * t.finetune_lr_factor))
+
+    def build_unfrozen():
+        model = build_and_compile(name, tuned)
+        if head_weights is not None:
+            model.load_weights(head_weights)
+        # Before the first fit: Keras builds the optimizer and the train step then, from
+        # the trainable variables of that moment.
+        transfer2d.set_trainable_top(model, t.unfreeze_layers)
+        return model
+
+    return run(folder, build_unfrozen, cls.epochs)
+
+
+def train_transfer2d(name: str, cfg: config_lib.Config, cache_dir: Path, work_dir: Path,
+                     train_table: pd.DataFrame, val_table: pd.DataFrame,
+                     folder: training.RunFolder, strategy, *, resume: bool, verbose: int) -> int:
+    """Train 2D member ``name`` in ``classification.transfer2d.mode`` and write its summary."""
+    cls, t = cfg.classification, cfg.classification.transfer2d
+    print(f"{name} ({t.mode}, {t.views} views of {t.size_px} px over {t.fov_mm:g} mm, weights "
+          f"{cls.weights}), fold {cfg.training.fold}: {len(train_table)} training candidates "
+          f"({int(train_table['label'].sum())} positive), {len(val_table)} validation")
+    started = time.perf_counter()
+    if t.mode == "feature":
+        state = train_feature_mode(name, cfg, cache_dir, work_dir, train_table, val_table, folder,
+                                   strategy, resume=resume, verbose=verbose)
+    else:
+        state = train_finetune_mode(name, cfg, cache_dir, train_table, val_table, folder,
+                                    strategy, resume=resume, verbose=verbose)
+    write_summary(folder, {
+        "model": name, "fold": cfg.training.fold, "mode": t.mode,
+        "best_epoch": state.get("best_epoch"), "best_val_auc": state.get("best_value"),
+        "epochs_done": state["epoch"] + 1,
+        "seconds_this_run": round(time.perf_counter() - started, 1), "best_model": str(folder.best)})
+    return 0
+
+
 def main(argv=None) -> int:
     config_lib.setup_tensorflow_environment()  # before TensorFlow is imported
     import models
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, choices=sorted(models.CLASSIFIERS))
+    parser.add_argument("--model", required=True, choices=models.CLASSIFIER_NAMES)
     parser.add_argument("--candidates", nargs="+", default=["candidates"],
                         help="'candidates' (the cache's candidates.csv) and/or detection CSVs from detect.py")
     training.add_training_arguments(parser)
@@ -216,6 +415,8 @@ def main(argv=None) -> int:
     try:
         segmenter = None if continues_a_run(args.model, cfg, work_dir, args.resume) else \
             segmenter_to_transfer(args.model, cfg, work_dir)
+        if args.model in models.TRANSFER2D:
+            check_backbone_weights(args.model, cfg)
     except (FileNotFoundError, ValueError) as err:  # InputError is a ValueError
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -240,6 +441,9 @@ def train(name: str, cfg: config_lib.Config, cache_dir: Path, work_dir: Path,
                            {"model": name, "candidates": list(candidates), "split": split})
     strategy = training.setup_strategy(tr)
     batch = cls.batch_size * strategy.num_replicas_in_sync
+    if is_transfer2d(name):
+        return train_transfer2d(name, cfg, cache_dir, work_dir, train_table, val_table, folder,
+                                strategy, resume=resume, verbose=verbose)
     train_data = generators.classification_dataset(
         cache_dir, train_table, cls, batch_size=batch, seed=tr.seed, epoch_offset=epoch_offset,
         workers=tr.workers)
@@ -257,9 +461,13 @@ def train(name: str, cfg: config_lib.Config, cache_dir: Path, work_dir: Path,
                "best_val_auc": state.get("best_value"), "epochs_done": state["epoch"] + 1,
                "seconds_this_run": round(time.perf_counter() - started, 1),
                "best_model": str(folder.best)}
+    write_summary(folder, summary)
+    return 0
+
+
+def write_summary(folder: training.RunFolder, summary: dict) -> None:
     (folder.root / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(json.dumps(summary))
-    return 0
 
 
 if __name__ == "__main__":

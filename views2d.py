@@ -34,7 +34,10 @@ every plane; deterministic per ``np.random.default_rng([seed, epoch, index])`` a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -236,3 +239,78 @@ class ViewSampler:
         if self.augment:
             views = random_transform(views, rng)
         return views.astype(np.float32), self.rows._labels[row:row + 1].copy()
+
+
+# --------------------------------------------------------------------------- feature cache
+
+
+def table_digest(table: pd.DataFrame) -> str:
+    """SHA-256 of the candidates (seriesuid and world centre of every row, in order)."""
+    import hashlib
+
+    text = table[["seriesuid", *WORLD_COLUMNS]].to_csv(index=False, float_format="%.6f")
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def weights_digest(weights: str) -> str:
+    """What identifies backbone weights: "none" / "imagenet" as such, a local file (or
+    every file of a preset folder) by its SHA-256 (``hashlib.file_digest``)."""
+    import hashlib
+
+    path = Path(weights)
+    if weights in ("none", "imagenet") or not path.exists():
+        return weights
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    digest = hashlib.sha256()
+    for file in files:
+        with open(file, "rb") as handle:
+            digest.update(hashlib.file_digest(handle, "sha256").digest())
+    return digest.hexdigest()
+
+
+def feature_cache_key(description: dict, settings: ViewSettings, table: pd.DataFrame) -> str:
+    """16 hex digits over ``description`` (model, backbone options, weights digest, the
+    seed of random weights), the view settings and the candidate table: a change of any
+    of them gives a new cache file."""
+    import hashlib
+
+    text = json.dumps({"model": description, "views": asdict(settings),
+                       "candidates": table_digest(table)}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def compute_features(feature_model, cache_dir, table: pd.DataFrame, settings: ViewSettings,
+                     batch_size: int = 32) -> np.ndarray:
+    """``feature_model`` (views -> fused features) on the views of every row of ``table``,
+    in row order: float32 ``(rows, features)``."""
+    table = table.reset_index(drop=True)
+    features = None
+    for views, positions in view_batches(cache_dir, table, settings, batch_size):
+        batch = np.asarray(feature_model.predict_on_batch(views), dtype=np.float32)
+        if features is None:
+            features = np.zeros((len(table), batch.shape[1]), dtype=np.float32)
+        features[positions] = batch
+    return features if features is not None else np.zeros((0, 0), dtype=np.float32)
+
+
+def cached_features(path, make_feature_model, cache_dir, table: pd.DataFrame,
+                    settings: ViewSettings, batch_size: int = 32) -> np.ndarray:
+    """The features of ``table``'s views from ``path`` (an ``.npz`` read with
+    ``allow_pickle=False``) when it holds them, else computed with ``make_feature_model()``
+    (called only then) and written there atomically. ``path`` names a key of everything
+    the features depend on (``feature_cache_key``)."""
+    path = Path(path)
+    if path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as stored:
+                features = stored["features"]
+            if len(features) == len(table):
+                return features
+        except (OSError, ValueError, KeyError):
+            pass  # a damaged file is recomputed
+    features = compute_features(make_feature_model(), cache_dir, table, settings, batch_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.stem + ".partial.npz")
+    np.savez(partial, features=features)
+    os.replace(partial, path)
+    return features
