@@ -112,3 +112,27 @@ def test_2d_member_trains_predicts_and_joins_an_ensemble(tiny_cache, tmp_path):
     submission = tmp_path / "submission.csv"
     run("ensemble.py", str(prediction), str(prediction), "--out", str(submission))
     assert len(pd.read_csv(submission)) == len(scores)
+
+
+@pytest.mark.slow
+def test_finetune_mode_trains_the_head_then_the_top_of_the_backbone(tiny_cache, tmp_path):
+    import train_classification
+
+    work = tmp_path / "work"
+    argv = ["--model", "vgg16_2d", "--cache-dir", str(tiny_cache), "--work-dir", str(work),
+            "--profile", "quick", "--classification.transfer2d.mode=finetune",
+            "--classification.transfer2d.views=tri", "--classification.transfer2d.size_px=32",
+            "--classification.transfer2d.head_epochs=1", "--classification.transfer2d.unfreeze_layers=2",
+            "--classification.epochs=1", "--classification.steps_per_epoch=1",
+            "--classification.batch_size=2"]
+    assert train_classification.main(argv) == 0
+    folder = work / "classification" / "vgg16_2d" / "fold0"
+    head = transfer2d.load_view_classifier(folder / "head" / "best.keras")
+    tuned = transfer2d.load_view_classifier(folder / "best.keras")
+    top = [layer.name for layer in transfer2d.backbone_of(tuned).layers if layer.weights][-1]
+    before = transfer2d.backbone_of(head).get_layer(top).get_weights()[0]
+    after = transfer2d.backbone_of(tuned).get_layer(top).get_weights()[0]
+    assert not np.array_equal(before, after)  # the unfrozen top trained
+    first = transfer2d.backbone_of(tuned).layers[1].name
+    np.testing.assert_array_equal(transfer2d.backbone_of(head).get_layer(first).get_weights()[0],
+                                  transfer2d.backbone_of(tuned).get_layer(first).get_weights()[0])
