@@ -217,6 +217,24 @@ class Transfer2dConfig:
     vit_mlp_dim: int = limited(256, ge=1)
 
 
+# The 3D Swin-transformer classifiers (models/swin3d.py; Liu et al. 2021, "Swin
+# Transformer"; Hatamizadeh et al. 2022, "Swin UNETR"). Their sizes (embed_dim, depths,
+# num_heads) are the registry names: "swin" (a small base for a GPU) and "swin_tiny" (CPU).
+@dataclass(frozen=True)
+class SwinConfig:
+    # Swin UNETR's 2-voxel patches: a 32 mm cube is 16^3 tokens, a 3 mm nodule still spans
+    # a token or two.
+    patch_size: int = limited(2, ge=1, le=16)
+    # 4^3-token windows: the 16^3 tokens of a 32 mm cube are 4^3 windows, so the shifted
+    # windows connect them within the first stage.
+    window_size: int = limited(4, ge=1, le=16)
+    mlp_ratio: float = limited(4.0, gt=0.0, le=16.0)  # the paper's MLP width
+    # Stochastic depth of the last block (linearly less before it): the paper's 0.1 for
+    # its smallest model.
+    drop_path_rate: float = limited(0.1, ge=0.0, lt=1.0)
+    dropout: float = limited(0.3, ge=0.0, lt=1.0)  # in the MLP head
+
+
 @dataclass(frozen=True)
 class ClassificationConfig:
     cube_size: int = limited(32, ge=8, le=256)  # voxels at 1 mm: all but the largest nodules
@@ -242,6 +260,24 @@ class ClassificationConfig:
     # into $KERAS_HOME/models) or the path of a local .h5 / .weights.h5 file (a keras-hub
     # preset folder for vit_2d).
     weights: str = limited("none", nonempty=True)
+    swin: SwinConfig = field(default_factory=SwinConfig)
+    # The optimizer of every classifier. "adam" at a constant ``lr`` is the Tianchi
+    # solution's; transformers train with "adamw" (decoupled weight decay, Loshchilov &
+    # Hutter 2019) at ``lr`` reached by a linear warm-up over ``warmup_epochs`` and then
+    # decayed to 0 by a half cosine ("cosine") over the remaining epochs: the Swin
+    # Transformer's recipe (Liu et al. 2021: AdamW, weight decay 0.05, linear warm-up,
+    # cosine decay). With a schedule, the learning rate is the schedule's.
+    optimizer: Literal["adam", "adamw"] = "adam"
+    weight_decay: float = limited(0.05, ge=0.0, le=1.0)  # adamw only
+    warmup_epochs: float = limited(0.0, ge=0.0, le=1000.0)
+    schedule: Literal["constant", "cosine"] = "constant"
+    # Train only the head: the encoder layers ({model}_encoder_* of the Swin classifiers,
+    # the UNet encoder of unet_encoder) keep their weights.
+    freeze_encoder: bool = False
+    # Start the encoder from this file ("" = no file): a .keras model (its encoder layers
+    # by name) or a .weights.h5 file written by Keras' save_weights from a model of the
+    # same architecture (Keras stores those by layer order).
+    encoder_weights: str = ""
 
     def builder_options(self, model: str) -> dict[str, Any]:
         """Keyword arguments of the builder of registry entry ``model``."""

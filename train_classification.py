@@ -175,9 +175,160 @@ def start_from_segmenter(model, segmenter) -> None:
           f"{segmenter.name}")
 
 
+def encoder_layers(model) -> dict:
+    """The model's encoder layers holding weights, by name without the model-name prefix
+    (the same keys in every model of a family): ``encoder_*`` of the Swin classifiers,
+    ``enc*`` / ``bottom*`` of a UNet or the UNet encoder classifier; empty for the others."""
+    from models import swin3d, unet_classifier
+
+    prefix = f"{model.name}_"
+    found = {layer.name[len(prefix):]: layer for layer in swin3d.encoder_layers(model)
+             if layer.weights}
+    return found or unet_classifier.encoder_layers(model)
+
+
+def check_encoder_options(name: str, cfg: config_lib.Config) -> None:
+    """Refuse ``classification.freeze_encoder`` / ``encoder_weights`` before any training
+    when classifier ``name`` has no encoder, or the weights file is missing or does not fit
+    (``load_encoder_weights`` on a throw-away model).
+
+    Raises:
+        FileNotFoundError: no such weights file.
+        ValueError: a classifier without encoder, or a file that does not fit it.
+    """
+    cls = cfg.classification
+    if not (cls.freeze_encoder or cls.encoder_weights):
+        return
+    model = build_classifier(name, cfg)
+    if not encoder_layers(model):
+        option = "encoder_weights" if cls.encoder_weights else "freeze_encoder"
+        raise ValueError(f"--classification.{option}: {name} has no encoder layers to "
+                         "freeze or load (the swin classifiers and unet_encoder have)")
+    if cls.encoder_weights:
+        load_encoder_weights(model, Path(cls.encoder_weights))
+
+
+def load_encoder_weights(model, path: Path) -> list[str]:
+    """Copy the encoder weights in ``path`` into ``model``'s encoder; returns the layer
+    names (without prefix) loaded.
+
+    A ``.keras`` file (loaded in safe mode) gives its encoder layers by name (another
+    size of the same family does not fit); a ``.weights.h5`` file (Keras' ``save_weights``
+    of a whole model or of its encoder) holds no layer names, so Keras reads it in layer
+    order into the encoder part of ``model``.
+
+    Raises:
+        FileNotFoundError: no such file.
+        tables.InputError: ``"<path>: <problem>"``, naming the first layer that does not fit.
+    """
+    from tables import InputError
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: encoder weights file does not exist")
+    target = encoder_layers(model)
+    if path.name.endswith(".weights.h5"):
+        _load_encoder_in_layer_order(model, target, path)
+    elif path.suffix == ".keras":
+        _load_encoder_by_name(model, target, path)
+    else:
+        raise InputError(f"{path}: encoder weights must be a .keras or .weights.h5 file")
+    return sorted(target)
+
+
+def _load_encoder_by_name(model, target: dict, path: Path) -> None:
+    """Every encoder layer of ``model`` from the layer of the same name in the ``.keras``
+    file's model, after checking all of them fit."""
+    import models
+    from tables import InputError
+
+    source_model = models.load_model_file(path, role="encoder weights file")
+    source = encoder_layers(source_model)
+    for part, layer in target.items():
+        if part not in source:
+            raise InputError(f"{path}: does not fit {model.name}: its model "
+                             f"{source_model.name} has no layer {source_model.name}_{part} "
+                             f"for {layer.name}")
+        shapes = [tuple(w.shape) for w in source[part].weights]
+        wanted = [tuple(w.shape) for w in layer.weights]
+        if shapes != wanted:
+            raise InputError(f"{path}: does not fit {model.name}: layer {source[part].name} "
+                             f"has weights {shapes}, {layer.name} needs {wanted}")
+    for part, layer in target.items():
+        layer.set_weights(source[part].get_weights())
+
+
+def _load_encoder_in_layer_order(model, target: dict, path: Path) -> None:
+    """Keras' ``load_weights`` into the part of ``model`` up to its last encoder layer."""
+    import warnings
+
+    import h5py
+    import keras
+
+    from tables import InputError
+
+    if not h5py.is_hdf5(path):
+        raise InputError(f"{path}: not a Keras weights file (no HDF5 data)")
+    encoder = keras.Model(model.inputs, list(target.values())[-1].output)
+    try:
+        with warnings.catch_warnings():  # Keras warns of containers a sub-model lacks
+            warnings.simplefilter("ignore")
+            encoder.load_weights(path)
+    except Exception as err:  # noqa: BLE001 - whatever does not fit, said with the file
+        raise InputError(f"{path}: does not fit {model.name}'s encoder: "
+                         f"{_loading_problem(str(err)) or type(err).__name__}") from None
+
+
+def _loading_problem(text: str) -> str:
+    """``layer <name>: <problem>``: the first layer of a Keras ``load_weights`` error (the
+    variable's path where the message gives one) and its problem in one line."""
+    import re
+
+    variable = re.search(r"path=([^,\s]+)/[^/,\s]+,", text)
+    layer = re.search(r"object <\w+ name=([^,>]+)", text)
+    lines = [line for line in text.split("Target variable")[0].splitlines() if line.strip()]
+    problem = lines[-1].strip() if lines else ""
+    name = variable.group(1) if variable else layer.group(1) if layer else None
+    return f"layer {name}: {problem}" if name else problem
+
+
+def freeze_encoder(model) -> int:
+    """Make the encoder layers untrainable (only the head learns); returns how many."""
+    layers = encoder_layers(model)
+    for layer in layers.values():
+        layer.trainable = False
+    return len(layers)
+
+
+def learning_rate(cls: config_lib.ClassificationConfig):
+    """``classification.lr``, as a number (constant, no warm-up) or a Keras schedule: a
+    linear warm-up from 0 over ``warmup_epochs``, then a half cosine to 0 (``cosine``) or
+    the constant rate (a cosine whose floor ``alpha`` is the rate itself)."""
+    import keras
+
+    warmup = round(cls.warmup_epochs * cls.steps_per_epoch)
+    if cls.schedule == "constant" and not warmup:
+        return cls.lr
+    rest = max(cls.epochs * cls.steps_per_epoch - warmup, 1)
+    alpha = 0.0 if cls.schedule == "cosine" else 1.0
+    if not warmup:
+        return keras.optimizers.schedules.CosineDecay(cls.lr, rest, alpha=alpha)
+    return keras.optimizers.schedules.CosineDecay(0.0, rest, alpha=alpha, warmup_target=cls.lr,
+                                                  warmup_steps=warmup)
+
+
+def make_optimizer(cls: config_lib.ClassificationConfig):
+    """Adam, or AdamW with ``classification.weight_decay``, at ``learning_rate(cls)``."""
+    import keras
+
+    if cls.optimizer == "adamw":
+        return keras.optimizers.AdamW(learning_rate(cls), weight_decay=cls.weight_decay)
+    return keras.optimizers.Adam(learning_rate(cls))
+
+
 def build_and_compile(name: str, cfg: config_lib.Config, segmenter=None):
     """The registry classifier with the config's options, compiled; its encoder taken from
-    ``segmenter`` when given (``segmenter_to_transfer``)."""
+    ``segmenter`` when given (``segmenter_to_transfer``), then from
+    ``classification.encoder_weights``, and frozen with ``classification.freeze_encoder``."""
     import keras
 
     import models
@@ -186,6 +337,11 @@ def build_and_compile(name: str, cfg: config_lib.Config, segmenter=None):
     model = build_classifier(name, cfg)
     if segmenter is not None:
         start_from_segmenter(model, segmenter)
+    if cls.encoder_weights:
+        loaded = load_encoder_weights(model, Path(cls.encoder_weights))
+        print(f"{model.name}: {len(loaded)} encoder layers loaded from {cls.encoder_weights}")
+    if cls.freeze_encoder:
+        print(f"{model.name}: {freeze_encoder(model)} encoder layers frozen: only the head trains")
     if cls.loss == "focal":
         # Batches are already resampled to ``positive_fraction`` positives, so alpha only
         # has to even out what is left: alpha = 1 - f gives both classes the same weight.
@@ -195,7 +351,7 @@ def build_and_compile(name: str, cfg: config_lib.Config, segmenter=None):
     else:
         # Balanced batches still hold (1 - f) / f negatives per positive.
         loss = models.weighted_binary_crossentropy((1 - cls.positive_fraction) / cls.positive_fraction)
-    model.compile(optimizer=keras.optimizers.Adam(cls.lr), loss=loss,
+    model.compile(optimizer=make_optimizer(cls), loss=loss,
                   metrics=[keras.metrics.BinaryAccuracy(name="accuracy"), keras.metrics.AUC(name="auc")])
     return model
 
@@ -395,6 +551,12 @@ def main(argv=None) -> int:
     training.add_training_arguments(parser)
     args, cfg = training.parse_training_arguments(parser, argv)
     cache_dir, work_dir = Path(cfg.paths.cache_dir), Path(cfg.paths.work_dir)
+    try:  # a new run's encoder options, refused before the data are read
+        if not continues_a_run(args.model, cfg, work_dir, args.resume):
+            check_encoder_options(args.model, cfg)
+    except (FileNotFoundError, ValueError) as err:  # InputError is a ValueError
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     try:
         import generators
 

@@ -140,6 +140,14 @@ class RunFolder:
                     writer.writerows(kept)
 
 
+def _constant_rate(optimizer) -> bool:
+    """Whether the optimizer's learning rate is a variable that may be decayed (not a
+    ``keras.optimizers.schedules.LearningRateSchedule``, which sets it every step)."""
+    import keras
+
+    return isinstance(optimizer.learning_rate, keras.Variable)
+
+
 class RunningAverageEarlyStopping:
     """Early stopping on exponential running averages of validation loss and accuracy.
 
@@ -208,10 +216,13 @@ def _callback_class():
             action = "continue"
             if self.stopper is not None and self.loss_key in logs and self.accuracy_key in logs:
                 action = self.stopper.update(logs[self.loss_key], logs[self.accuracy_key])
-                if action == "decay":
+                if action == "decay" and _constant_rate(self.model.optimizer):
                     self.model.optimizer.learning_rate.assign(lr * self.stopper.decay)
                     print(f"\nrunning validation loss stalled: learning rate {lr:.3g} -> "
                           f"{lr * self.stopper.decay:.3g}")
+                elif action == "decay":
+                    print("\nrunning validation loss stalled: the learning-rate schedule "
+                          "sets the rate, left as it is")
                 elif action == "stop":
                     print("\nrunning validation loss and accuracy both stalled: stopping")
                     self.model.stop_training = True

@@ -3,6 +3,7 @@
     python benchmarks/bench_training.py
     python benchmarks/bench_training.py --profile full --steps 10 --repeats 3
     python benchmarks/bench_training.py --quick     # the quick UNet only, 3 steps
+    python benchmarks/bench_training.py --models resnet,swin_tiny   # CNN vs transformer
 
 ``config.setup_tensorflow_environment`` (called first by every entry point) sets
 ``TF_ENABLE_ONEDNN_OPTS=1`` before TensorFlow is imported; the CPU wheel
@@ -14,8 +15,10 @@ Models, as the training scripts build and compile them for ``--profile`` (defaul
 ``quick``, the CPU profile): the segmentation UNet (``train_segmentation.build_and_compile``,
 ``segmentation.patch_size`` patches, ``segmentation.batch_size``) and the classifiers in
 ``--models`` (``train_classification.build_and_compile``, ``classification.cube_size``
-cubes, ``classification.batch_size``). Random inputs and targets (fixed seed): the
-arithmetic of a step does not depend on the values.
+cubes, ``classification.batch_size``), any ``models.CLASSIFIERS`` name: e.g. ``resnet``
+against the Swin transformer ``swin_tiny`` at the same cube size and batch (the table gives
+samples per second too). Random inputs and targets (fixed seed): the arithmetic of a step
+does not depend on the values.
 
 Methods: ``onednn`` (``TF_ENABLE_ONEDNN_OPTS=1``, op determinism on: what the scripts run),
 ``tf-kernels`` (``=0``) and ``nondeterministic`` (oneDNN, ``training.deterministic=false``:
@@ -98,23 +101,25 @@ def measure(model: str, profile: str, steps: int, repeats: int, deterministic: b
             "batch": int(x.shape[0]),
             "input": list(x.shape[1:4]), "seconds_per_step": seconds,
             "median_seconds_per_step": statistics.median(seconds),
+            "samples_per_second": int(x.shape[0]) / statistics.median(seconds),
             "peak_rss_gib": peak_kib * 1024 / GIB}
 
 
 def markdown_report(report: dict) -> str:
     lines = [f"# Training steps: oneDNN vs TensorFlow's kernels ({report['profile']} profile)",
              "", f"Machine: {machine_line(report['machine'])}", "",
-             "| model | batch x input | oneDNN s/step | TF kernels s/step | speed-up "
-             "| oneDNN without op determinism s/step | cost of determinism |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+             "| model | batch x input | oneDNN s/step | oneDNN samples/s | TF kernels s/step "
+             "| speed-up | oneDNN without op determinism s/step | cost of determinism |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for row in report["rows"]:
         fast, slow, free = row["onednn"], row[BASELINE], row["nondeterministic"]
         if "speedup" not in row:
             error = fast.get("error") or slow.get("error") or free.get("error")
-            lines.append(f"| {row['model']} | | | | | | error: {error} |")
+            lines.append(f"| {row['model']} | | | | | | | error: {error} |")
             continue
         lines.append(f"| {fast['model']} | {fast['batch']} x {'x'.join(map(str, fast['input']))} "
                      f"| {fast['median_seconds_per_step']:.3f} "
+                     f"| {fast['batch'] / fast['median_seconds_per_step']:.1f} "
                      f"| {slow['median_seconds_per_step']:.3f} | {row['speedup']:.1f}x "
                      f"| {free['median_seconds_per_step']:.3f} "
                      f"| {row['determinism_cost']:.2f}x |")

@@ -26,6 +26,7 @@ from models.losses import (
 )
 from models.resnet import build_resnet3d
 from models.transfer2d import build_transfer2d
+from models.swin3d import build_swin3d
 from models.unet3d import build_unet3d
 from models.unet_classifier import build_unet_encoder_classifier, transfer_encoder_weights
 from models.vgg import build_vgg3d
@@ -47,6 +48,13 @@ CLASSIFIERS = {
     # are the segmenter's (train_classification.classifier_options), so a trained UNet's
     # encoder weights fit it (transfer_encoder_weights).
     "unet_encoder": partial(build_unet_encoder_classifier, name="unet_encoder"),
+    # 3D Swin transformers (models/swin3d.py); patch, window, MLP and regularisation options
+    # come from classification.swin. "swin": a small base size for a GPU; "swin_tiny": for
+    # the quick profile on a CPU (cubes of 24-32).
+    "swin": partial(build_swin3d, embed_dim=48, depths=(2, 2, 2), num_heads=(3, 6, 12),
+                    name="swin"),
+    "swin_tiny": partial(build_swin3d, embed_dim=24, depths=(2, 2), num_heads=(3, 6),
+                         name="swin_tiny"),
 }
 # 2D transfer members on 2.5D views of the candidate (models/transfer2d.py, views2d.py):
 # input (views, H, W, 3) or (H, W, 3), not a cube, so kept apart from the cube classifiers;
@@ -155,9 +163,11 @@ def custom_objects() -> dict:
 
 
 __all__ = [
-    "SEGMENTERS", "CLASSIFIERS", "TRANSFER2D", "CLASSIFIER_NAMES", "build_transfer2d", "MODELS", "build_model", "custom_objects", "load_model_file",
+    "SEGMENTERS", "CLASSIFIERS", "TRANSFER2D", "CLASSIFIER_NAMES", "MODELS", "build_model",
+    "custom_objects", "load_model_file", "build_transfer2d",
     "build_unet3d", "build_vgg3d", "build_inception3d", "build_resnet3d",
     "build_densenet3d", "build_unet_encoder_classifier", "transfer_encoder_weights",
+    "build_swin3d",
     "dice_coefficient", "dice_loss", "dice_bce_loss",
     "binary_focal_loss", "weighted_binary_crossentropy", "BinaryFocalLoss",
     "WeightedBinaryCrossentropy",

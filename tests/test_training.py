@@ -56,3 +56,34 @@ def test_fit_resumes_with_optimizer_state(tmp_path):
     history = folder.history.read_text().splitlines()
     assert [line.split(",")[0] for line in history[1:]] == ["0", "1", "2", "3"]
     assert (folder.root / "logs" / run).is_dir()
+
+
+@pytest.mark.parametrize("schedule", [False, True])
+def test_a_stalled_loss_decays_a_constant_rate_and_leaves_a_schedule_alone(tmp_path, schedule,
+                                                                          capsys, monkeypatch):
+    import keras
+    import tensorflow as tf
+
+    monkeypatch.setattr(training.RunningAverageEarlyStopping, "update",
+                        lambda self, loss, accuracy: "decay")
+    cfg = override(load_profile("quick"), "training.seed", "3").training
+    x = np.random.default_rng(0).normal(size=(32, 4)).astype("float32")
+    data = tf.data.Dataset.from_tensor_slices((x, (x[:, :1] > 0).astype("float32"))).batch(16)
+    rate = keras.optimizers.schedules.CosineDecay(1e-2, 100) if schedule else 1e-2
+
+    def build():
+        inputs = keras.Input((4,), name="x")
+        model = keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(inputs))
+        model.compile(optimizer=keras.optimizers.Adam(rate), loss="binary_crossentropy",
+                      metrics=[keras.metrics.BinaryAccuracy(name="accuracy")])
+        return model
+
+    model, _ = training.fit(build, training.RunFolder(tmp_path / "run"), "tiny", data, data,
+                            epochs=2, steps_per_epoch=None, validation_steps=None,
+                            monitor="val_loss", mode="min", training_cfg=cfg,
+                            early_stopping=("val_loss", "val_accuracy"), verbose=0, resume=False)
+    out = capsys.readouterr().out
+    assert out.count("running validation loss stalled") == 2
+    assert ("schedule sets the rate" in out) == schedule
+    if not schedule:  # decayed twice: 0.01 -> 0.001 -> 0.0001
+        assert float(model.optimizer.learning_rate.numpy()) == pytest.approx(1e-4)
