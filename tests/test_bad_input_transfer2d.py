@@ -27,6 +27,8 @@ def test_missing_weights_file_is_named_before_training(tiny_cache, tmp_path, cap
     assert not (tmp_path / "work" / "classification").exists()
 
 
+# Keras warns about each layer of the other backbone it cannot place before the refusal.
+@pytest.mark.filterwarnings("ignore:Skipping nested container")
 def test_weights_file_of_another_backbone_is_refused(tiny_cache, tmp_path, capsys):
     import models
     from models import transfer2d
