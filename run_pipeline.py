@@ -722,7 +722,8 @@ def ensemble_members(cfg) -> list[str]:
 
 
 def model_table(work: WorkPaths, fold: int, models) -> list[dict]:
-    """CPM of each ensemble member and of the ensemble on the held-out subset: on given +
+    """CPM of each ensemble member, of the mean of all members, of the selected ensemble and
+    of the stacker on the held-out subset: on given +
     detected candidates (key ``cpm_all``) and on the given candidates alone (LUNA16's
     false-positive-reduction track); and on the validation subset (what weighs the members).
     Figures whose file is missing are left out."""
@@ -733,7 +734,7 @@ def model_table(work: WorkPaths, fold: int, models) -> list[dict]:
     val = cache.split_by_subset(cache.load_scan_metas(work.cache), fold)["val"]
     val_has_nodules = annotations["seriesuid"].isin(val).any()
     rows = []
-    for name in [*models, ENSEMBLE_MEMBER]:
+    for name in [*models, MEAN_MEMBER, ENSEMBLE_MEMBER, ensemble.STACKED_MEMBER]:
         files = {"all": (work.predictions(fold, name), test),
                  "given": (work.predictions(fold, name, given=True), test),
                  "validation": (work.predictions(fold, name, validation=True), val)}

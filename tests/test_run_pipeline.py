@@ -45,7 +45,8 @@ def test_pipeline_runs_every_stage_then_skips_them(tmp_path, capsys):
     assert (work / "submission.csv").read_bytes() == Path(chosen["from"]).read_bytes()
     assert f"submitting the {ensemble.CANDIDATE_LISTS[chosen['candidate_list']]}" in out
     rows = json.loads((work / "evaluation" / "models.json").read_text())
-    assert [r["model"] for r in rows] == ["vgg_simple", "resnet", "unet", "ensemble"]
+    assert [r["model"] for r in rows] == ["vgg_simple", "resnet", "unet", "mean", "ensemble",
+                                          "stacked"]
     assert all(0.0 <= r["cpm_all"] <= 1.0 and "cpm_given" in r for r in rows)
     assert run_pipeline.main(argv) == 0
     again = capsys.readouterr().out
