@@ -224,12 +224,20 @@ def score_with_segmenter(model, cache_dir, table: pd.DataFrame, patch_size: int 
     needs). ``batch_size`` windows a call (1 is fastest on CPUs: see the quick profile).
     """
     scores = np.zeros(len(table), dtype=np.float64)
+    for maps, positions, ball in _scored_windows(model, cache_dir, table, patch_size,
+                                                 radius_vox, batch_size, tta, progress):
+        scores[positions] = maps[:, ball].max(axis=1)
+    return scores
+
+
+def _scored_windows(model, cache_dir, table, patch_size, radius_vox, batch_size, tta, progress):
+    """``segmenter_windows`` with the ball of voxels within ``radius_vox`` of each window's
+    centre, where a candidate's score is read: ``(maps, positions, ball)``."""
     ball = None
     for maps, positions in segmenter_windows(model, cache_dir, table, patch_size, batch_size,
                                              tta, progress):
         ball = centre_ball(maps.shape[1], radius_vox) if ball is None else ball
-        scores[positions] = maps[:, ball].max(axis=1)
-    return scores
+        yield maps, positions, ball
 
 
 # --------------------------------------------------------------------------- candidate features
@@ -287,10 +295,8 @@ def segmenter_features(model, cache_dir, table: pd.DataFrame, threshold: float,
     uids = table["seriesuid"].to_numpy()
     scores = np.zeros(len(table), dtype=np.float64)
     diameters = np.zeros(len(table), dtype=np.float64)
-    ball = None
-    for maps, positions in segmenter_windows(model, cache_dir, table, patch_size, batch_size,
-                                             tta, progress):
-        ball = centre_ball(maps.shape[1], radius_vox) if ball is None else ball
+    for maps, positions, ball in _scored_windows(model, cache_dir, table, patch_size,
+                                                 radius_vox, batch_size, tta, progress):
         scores[positions] = maps[:, ball].max(axis=1)
         for window_map, row in zip(maps, positions):
             spacing = metas[uids[row]].geometry.spacing_zyx_mm
