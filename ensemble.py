@@ -92,6 +92,9 @@ METHODS = ("mean", "weighted", "rank", "geometric")
 CANDIDATE_LISTS = {"all": "given + detected candidates", "given": "given candidates only"}
 GIVEN_FOLDER = "given_candidates"  # scores of the given list, as paths.WorkPaths lays them out
 STACKED_MEMBER = "stacked"  # the stacker's scores, beside the members' own
+SEGMENTER_MEMBER = "unet"  # the UNet's own score of each candidate (predict.py --segmenter)
+ENSEMBLE_MEMBER = "ensemble"  # the merged scores of the selected members
+MEAN_MEMBER = "mean"  # every member merged with the plain mean, selected or not
 FEATURES_NAME = "features"  # the candidate features, beside the members' scores
 
 

@@ -17,10 +17,14 @@ layout is one edit. The cache folder has its own layout in ``cache.py``.
       predictions/fold<k>/<member>.csv     held-out scores of given + detected candidates
       predictions/fold<k>/given_candidates/<member>.csv              the given list alone
       predictions/fold<k>/validation/[given_candidates/]<member>.csv validation scans
-      predictions/fold<k>/ensemble.csv (and given_candidates/ensemble.csv)
+      predictions/fold<k>/ensemble.csv, mean.csv, stacked.csv (+ .stack.json), features.csv
+                                           (each also under given_candidates/, validation/)
+      predictions/fold<k>/submission.csv   the fold's submission, kept for --fold all
+      features2d/<model>-<key>.npz         cached backbone features of the 2D members
       predictions/fold<k>/mean.csv (and given_candidates/mean.csv)  every member, plain mean
       predictions/fold<k>/submission.csv   the fold's submission (+ .config.json: what chose it)
-      submission.csv                       what run_pipeline.py submits (--fold all: the
+      submission.csv                       what run_pipeline.py submits (all folds pooled
+                                           with --fold all; test_seriesuids_foldall.csv) (--fold all: the
                                            held-out parts of every fold's submission)
       evaluation/                          evaluate.py output of the submission, models.json
       report/                              report.py output

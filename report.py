@@ -36,6 +36,7 @@ import evaluate
 import visual_utils as vu
 from detect import distinct_points
 from paths import ALL_FOLDS, BEST_MODEL, WorkPaths, fold_argument
+from pipeline_evaluation import MODELS_TABLE
 from tables import (WORLD_COLUMNS, InputError, atomic_write_text, check_output_path,
                     read_predictions, read_seriesuids, require_folder)
 from training import RunFolder
@@ -45,7 +46,6 @@ REPORT_FILES = ("top_detections.png", "missed_nodules.png", "training_curves.png
 REPORT_TEXT = "report.md"
 FROC_METRICS = "froc_metrics.json"  # evaluate.py --out
 FROC_PLOT = "froc.png"  # evaluate.py --out
-MODELS_TABLE = "models.json"  # run_pipeline.model_table
 
 
 class Unavailable(Exception):

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 import evaluate
+import pipeline_evaluation
 import predict
 import report as run_report
 import run_pipeline
@@ -99,7 +100,7 @@ def test_all_folds_are_every_subset_of_the_data(tmp_path):
 def test_pooled_submission_is_each_folds_held_out_rows_as_written(monkeypatch, tmp_path, capsys):
     work, _ = _finished_folds(monkeypatch, tmp_path)
     cfg = run_pipeline.config_lib.load_profile("quick")
-    run_pipeline.pool_submissions(cfg, work, FOLDS)
+    pipeline_evaluation.pool_submissions(cfg, work, FOLDS)
     lines = work.submission.read_text().splitlines()
     assert lines[0] == "seriesuid,coordX,coordY,coordZ,probability"
     expected = [line for k in FOLDS
@@ -117,7 +118,7 @@ def test_pooled_submission_is_each_folds_held_out_rows_as_written(monkeypatch, t
 def test_scans_in_no_subset_train_in_every_fold_and_are_not_pooled(monkeypatch, tmp_path, capsys):
     work, _ = _finished_folds(monkeypatch, tmp_path)
     _fake_cache(monkeypatch, work, extra=["1.2.9.x"])
-    held_out = run_pipeline.held_out_scans(work, FOLDS)
+    held_out = pipeline_evaluation.held_out_scans(work, FOLDS)
     assert held_out == SCANS
     assert "1 scan(s) in no subset" in capsys.readouterr().out
     assert "1.2.9.x" not in work.test_seriesuids(ALL_FOLDS).read_text()
@@ -130,8 +131,8 @@ def test_pooled_model_table_scores_every_member_of_every_fold(monkeypatch, tmp_p
     for k in FOLDS:  # nor is a member scored by every fold but without a given-only file
         work.predictions(k, "rank").write_text(work.predictions(k, "unet").read_text())
     work.predictions(2, "unet", given=True).unlink()  # given list: only where every fold has it
-    run_pipeline.held_out_scans(work, FOLDS)
-    rows = run_pipeline.pooled_model_table(work, FOLDS, ["resnet", "unet"])
+    pipeline_evaluation.held_out_scans(work, FOLDS)
+    rows = pipeline_evaluation.pooled_model_table(work, FOLDS, ["resnet", "unet"])
     assert [r["model"] for r in rows] == ["resnet", "unet", "mean", "ensemble", "rank"]
     by_name = {r["model"]: r for r in rows}
     assert by_name["resnet"]["kept_in_folds"] == 3 and by_name["unet"]["kept_in_folds"] == 1
@@ -148,7 +149,7 @@ def test_pooled_model_table_scores_every_member_of_every_fold(monkeypatch, tmp_p
     ci = evaluate.bootstrap_froc(pooled, nodules, None, scans, n_samples=1000, seed=0)
     assert (low, high) == (round(ci.cpm_lower, 6), round(ci.cpm_upper, 6))
     assert low <= by_name["resnet"]["cpm_all"] <= high
-    table = run_pipeline.format_pooled_model_table(rows, 3)
+    table = pipeline_evaluation.format_pooled_model_table(rows, 3)
     assert "held-out scans of all 3 folds" in table and "in 1 of 3 folds" in table
     assert f"{by_name['resnet']['cpm_all']:.6f} ({low:.6f}-{high:.6f})" in table
 
