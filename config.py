@@ -605,6 +605,22 @@ def load_config(path) -> Config:
     return from_dict(data.get("config", data))
 
 
+def int_at_least(minimum: int, unit: str = ""):
+    """An argparse ``type``: a whole number of at least ``minimum`` (``unit`` names what it
+    counts in the message), else an argparse error saying so."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if value < minimum:
+            bound = "positive" if minimum == 1 else f"{minimum} or more"
+            raise argparse.ArgumentTypeError(
+                f"must be {bound}{f' ({unit})' if unit else ''}, got {value}")
+        return value
+    return parse
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``--profile``; ``--section.key=value`` overrides are taken by ``parse_args``."""
     parser.add_argument("--profile", default=os.environ.get("LUNGNOD_PROFILE", "full"),

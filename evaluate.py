@@ -54,6 +54,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+import config as config_lib
 from metrics import (classification_metrics, format_classification, new_figure, plot_roc,
                      save_figure)
 from tables import (
@@ -652,16 +653,6 @@ def _count_in_range(low: int, high: int, zero_means: str):
     return parse
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
-
-
 def _finite_float(text: str) -> float:
     try:
         value = float(text)
@@ -686,10 +677,10 @@ def _parse_args(argv):
                         type=_count_in_range(2, MAX_BOOTSTRAP_SAMPLES, "none"),
                         help=f"bootstrap samples of scans for 95%% intervals (0: none; "
                              f"at most {MAX_BOOTSTRAP_SAMPLES:,})")
-    parser.add_argument("--seed", type=_non_negative_int, default=0, help="bootstrap seed")
+    parser.add_argument("--seed", type=config_lib.int_at_least(0), default=0, help="bootstrap seed")
     parser.add_argument("--threshold", type=_finite_float, default=0.5,
                         help="probability threshold of the per-candidate metrics")
-    parser.add_argument("--max-marks", type=_non_negative_int, default=MAX_CAD_MARKS,
+    parser.add_argument("--max-marks", type=config_lib.int_at_least(0), default=MAX_CAD_MARKS,
                         help="marks kept per scan (official: 100; 0 keeps all)")
     return parser.parse_args(argv)
 

@@ -309,16 +309,6 @@ def segmenter_features(model, cache_dir, table: pd.DataFrame, threshold: float,
 # --------------------------------------------------------------------------- command line
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} voxels: a cube size must be positive")
-    return value
-
-
 def _parse_args(argv):
     import models
 
@@ -336,7 +326,7 @@ def _parse_args(argv):
                         help="'candidates' (the cache's candidates.csv) and/or detection CSVs")
     parser.add_argument("--scans", choices=["test", "val", "train", "all"], default="test")
     parser.add_argument("--tta", action="store_true", help="average over flips (test-time augmentation)")
-    parser.add_argument("--cube-size", type=_positive_int,
+    parser.add_argument("--cube-size", type=config_lib.int_at_least(1, "voxels"),
                         help="default: the model's input size (a model built for one size takes only that)")
     parser.add_argument("--out", help="prediction CSV to write")
     parser.add_argument("--features", metavar="CSV",
