@@ -1,7 +1,8 @@
-"""python sample_data.py --out data/sample --scans 10 --seed 0 [--subsets K] [--scale F] [--nodules 1-4] [--empty-every 5]
-python sample_data.py --out /tmp/tiny --scans 3 --seed 1 --scale 0.5 --quiet
+"""Writes the project's built-in synthetic chest-CT data set in LUNA16 layout.
 
-Writes the project's built-in synthetic chest-CT data set in LUNA16 layout.
+    python sample_data.py --out data/sample --scans 10 --seed 0 [--subsets K] [--scale F] \
+        [--nodules 1-4] [--empty-every 5]
+    python sample_data.py --out /tmp/tiny --scans 3 --seed 1 --scale 0.5 --quiet
 
 Output, deterministic in the arguments (same arguments -> byte-identical files)::
 
