@@ -27,15 +27,24 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_cache(tmp_path_factory) -> Path:
-    """A preprocessed cache of three half-size sample scans, one per subset, with nodules
-    in each (seed 2): enough for a train / validation / test fold in seconds."""
-    import preprocess
+def tiny_data(tmp_path_factory) -> Path:
+    """Three half-size sample scans in LUNA16 layout, one per subset, with nodules in each
+    (seed 2): enough for a train / validation / test fold in seconds. Read only: the
+    commands under test write into their own work folders."""
     import sample_data
 
     data = tmp_path_factory.mktemp("tiny_data")
-    cache_dir = tmp_path_factory.mktemp("tiny_cache")
     sample_data.generate_dataset(data, 3, seed=2, scale=0.5, progress=False)
+    return data
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tiny_data, tmp_path_factory) -> Path:
+    """``tiny_data`` preprocessed into a cache."""
+    import preprocess
+
+    data = tiny_data
+    cache_dir = tmp_path_factory.mktemp("tiny_cache")
     # Half-size phantoms have half-size lungs: lower the "no lungs found" limit.
     assert preprocess.main(["--data-dir", str(data), "--cache-dir", str(cache_dir), "--workers", "1",
                             "--no-progress", "--preprocess.min_lung_volume_ml=20"]) == 0

@@ -9,11 +9,8 @@ from conftest import ROOT, TINY_PIPELINE
 
 
 @pytest.mark.slow
-def test_two_fresh_pipeline_runs_write_byte_identical_outputs(tmp_path):
-    import sample_data
-
-    data = tmp_path / "data"
-    sample_data.generate_dataset(data, 3, seed=2, scale=0.5, progress=False)
+def test_two_fresh_pipeline_runs_write_byte_identical_outputs(tiny_data, tmp_path):
+    data = tiny_data
     # Two input workers and more than one step per epoch: the parallel parts that could
     # reorder work (tf.data map, intra-op threads) must not change a bit.
     settings = [*TINY_PIPELINE, "--training.workers=2", "--segmentation.steps_per_epoch=4",

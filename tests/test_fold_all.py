@@ -16,7 +16,6 @@ import pipeline_evaluation
 import predict
 import report as run_report
 import run_pipeline
-import sample_data
 import visual_utils as vu
 from conftest import TINY_PIPELINE
 from paths import ALL_FOLDS, WorkPaths, config_beside, fold_argument
@@ -192,9 +191,8 @@ def test_report_of_all_folds_shows_each_mark_with_the_model_of_its_fold(tmp_path
 
 
 @pytest.mark.slow
-def test_fold_all_pools_every_fold_then_skips_them(tmp_path, capsys):
-    data = tmp_path / "data"
-    sample_data.generate_dataset(data, 3, seed=2, scale=0.5, progress=False)
+def test_fold_all_pools_every_fold_then_skips_them(tiny_data, tmp_path, capsys):
+    data = tiny_data
     work = WorkPaths(tmp_path / "work")
     argv = ["--data-dir", str(data), "--work-dir", str(work.root), "--fold", "all",
             "--workers", "1", *TINY_PIPELINE, "--ensemble.models=vgg_simple"]

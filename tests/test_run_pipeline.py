@@ -8,16 +8,14 @@ import pytest
 
 import ensemble
 import run_pipeline
-import sample_data
 from conftest import TINY_PIPELINE
 
 TINY = TINY_PIPELINE
 
 
 @pytest.mark.slow
-def test_pipeline_runs_every_stage_then_skips_them(tmp_path, capsys):
-    data = tmp_path / "data"
-    sample_data.generate_dataset(data, 3, seed=2, scale=0.5, progress=False)
+def test_pipeline_runs_every_stage_then_skips_them(tiny_data, tmp_path, capsys):
+    data = tiny_data
     work = tmp_path / "work"
     argv = ["--data-dir", str(data), "--work-dir", str(work), "--fold", "0", "--workers", "1", *TINY]
     assert run_pipeline.main(argv) == 0
@@ -70,10 +68,9 @@ def test_pipeline_runs_every_stage_then_skips_them(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_member_selection_alone_scores_the_validation_scans(tmp_path, capsys):
+def test_member_selection_alone_scores_the_validation_scans(tiny_data, tmp_path, capsys):
     """Unweighted, with the list fixed: the validation scans are scored for the selection."""
-    data = tmp_path / "data"
-    sample_data.generate_dataset(data, 3, seed=2, scale=0.5, progress=False)
+    data = tiny_data
     work = tmp_path / "work"
     argv = ["--data-dir", str(data), "--work-dir", str(work), "--fold", "0", "--workers", "1",
             *TINY, "--ensemble.weigh_by_validation=false", "--ensemble.candidate_list=all"]

@@ -220,13 +220,12 @@ def test_wall_distance_of_candidates_in_a_box_shaped_mask():
 
 
 @pytest.mark.slow
-def test_the_pipeline_writes_the_stacked_member_and_records_the_choice(tmp_path, capsys):
+def test_the_pipeline_writes_the_stacked_member_and_records_the_choice(tiny_data, tmp_path,
+                                                                       capsys):
     import run_pipeline
-    import sample_data
     from conftest import TINY_PIPELINE
 
-    data = tmp_path / "data"
-    sample_data.generate_dataset(data, 3, seed=2, scale=0.5, progress=False)
+    data = tiny_data
     work = tmp_path / "work"
     argv = ["--data-dir", str(data), "--work-dir", str(work), "--fold", "0", "--workers", "1",
             *TINY_PIPELINE, "--ensemble.models=vgg_simple"]
