@@ -96,6 +96,10 @@ SEGMENTER_MEMBER = "unet"  # the UNet's own score of each candidate (predict.py 
 ENSEMBLE_MEMBER = "ensemble"  # the merged scores of the selected members
 MEAN_MEMBER = "mean"  # every member merged with the plain mean, selected or not
 FEATURES_NAME = "features"  # the candidate features, beside the members' scores
+# run_pipeline.py --fold all (cross_fold.py): the selected ensemble and the stacker chosen
+# and fitted on the other folds' validation scans, pooled.
+POOLED_ENSEMBLE_MEMBER = "ensemble_pooled"
+POOLED_STACKED_MEMBER = "stacked_pooled"
 
 
 class EnsembleError(InputError):
@@ -223,6 +227,23 @@ def combine(probabilities: np.ndarray, method: str, weights=None) -> np.ndarray:
     if method == "geometric":
         return np.exp(np.log(np.clip(probabilities, GEOMETRIC_FLOOR, 1.0)).mean(axis=1))
     raise EnsembleError(f"unknown method {method!r}; choose mean, weighted, rank or geometric")
+
+
+def merge_files(files, method: str, weights=None) -> pd.DataFrame:
+    """The members' prediction ``files`` (same candidates: ``align``) merged by ``combine``
+    into one prediction table."""
+    files = list(files)
+    candidates, probabilities = align([read_predictions(p) for p in files], files)
+    return candidates.assign(probability=combine(probabilities, method, weights))[PREDICTION_COLUMNS]
+
+
+def selected_merge(selection: "Selection", method: str,
+                   weights=None) -> tuple[str, list[float] | None]:
+    """How a selection's members are merged: weighted by its validation weights, else by
+    ``method`` (with ``weights``, for ``weighted``)."""
+    if selection.weights is None:
+        return method, weights
+    return "weighted", [float(w) for w in selection.weight_option.split(",")]
 
 
 # --------------------------------------------------------------------------- selection
@@ -749,19 +770,16 @@ def main(argv=None) -> int:
         selection = None
         if args.select_on:
             selection = _select(args, cfg, names, validation)
-            if selection.weights is not None:
-                method, weights = "weighted", [float(w) for w in selection.weight_option.split(",")]
+            method, weights = selected_merge(selection, method, weights)
         files = inputs["all"]
         if selection is not None:
             files = [inputs[selection.candidate_list][names.index(m)] for m in selection.members]
         if method == "weighted":
             check_weights(weights, len(files))
-        candidates, probabilities = align([read_predictions(p) for p in files], files)
-        merged = combine(probabilities, method, weights)
+        submission = merge_files(files, method, weights)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    submission = candidates.assign(probability=merged)[PREDICTION_COLUMNS]
     write_csv_atomic(submission, out)
     extra = {} if selection is None else {"selection": {
         "members": selection.members, "candidate_list": selection.candidate_list,

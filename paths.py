@@ -18,14 +18,19 @@ layout is one edit. The cache folder has its own layout in ``cache.py``.
       predictions/fold<k>/given_candidates/<member>.csv              the given list alone
       predictions/fold<k>/validation/[given_candidates/]<member>.csv validation scans
       predictions/fold<k>/ensemble.csv, mean.csv, stacked.csv (+ .stack.json), features.csv
-                                           (each also under given_candidates/, validation/)
-      predictions/fold<k>/submission.csv   the fold's submission, kept for --fold all
-      features2d/<model>-<key>.npz         cached backbone features of the 2D members
-      predictions/fold<k>/mean.csv (and given_candidates/mean.csv)  every member, plain mean
+                                           (each also under given_candidates/, validation/);
+                                           mean.csv: every member, plain mean
       predictions/fold<k>/submission.csv   the fold's submission (+ .config.json: what chose it)
-      submission.csv                       what run_pipeline.py submits (all folds pooled
-                                           with --fold all; test_seriesuids_foldall.csv) (--fold all: the
-                                           held-out parts of every fold's submission)
+      predictions/fold<k>/other_folds_validation/[given_candidates/]<member>.csv
+                                           --fold all: the validation scores of the other
+                                           folds, pooled (cross_fold.py chooses on them)
+      predictions/fold<k>/ensemble_pooled.csv, stacked_pooled.csv (+ given_candidates/)
+                                           --fold all: the merge chosen there, and
+      predictions/fold<k>/submission_pooled.csv   the one submitted (+ .config.json)
+      features2d/<model>-<key>.npz         cached backbone features of the 2D members
+      submission.csv                       what run_pipeline.py submits (--fold all: the
+                                           held-out rows of every fold's submission_pooled,
+                                           over the scans of test_seriesuids_foldall.csv)
       evaluation/                          evaluate.py output of the submission, models.json
       report/                              report.py output
 """
@@ -145,6 +150,20 @@ class WorkPaths:
         """The fold's submission, kept for ``--fold all`` (``submission`` is overwritten by
         every fold's run)."""
         return self.prediction_folder(fold) / "submission.csv"
+
+    def pooled_submission(self, fold: int) -> Path:
+        """The fold's submission with its merge chosen on the other folds' validation
+        scans (``cross_fold.py``, ``--fold all``)."""
+        return self.prediction_folder(fold) / "submission_pooled.csv"
+
+    def other_folds_validation(self, fold: int, member: str, *, given: bool = False) -> Path:
+        """Scores of ``member`` on the validation scans of the folds whose validation
+        subset is not ``fold``'s held-out subset, each scan scored by its own fold, pooled
+        (``cross_fold.py``)."""
+        folder = self.prediction_folder(fold) / "other_folds_validation"
+        if given:
+            folder = folder / "given_candidates"
+        return folder / f"{member}.csv"
 
     def predictions(self, fold: int, member: str, *, given: bool = False,
                     validation: bool = False) -> Path:

@@ -141,16 +141,26 @@ def _cpm(row: dict, key: str) -> str:
 # --------------------------------------------------------------------------- --fold all: pooled
 
 
+def fold_submission_to_pool(work: WorkPaths, fold: int) -> Path:
+    """The fold's submission that the pooled one takes its rows from: the one whose merge
+    was chosen on the other folds' validation scans (``cross_fold.py``) where there is
+    one, else the fold's own."""
+    pooled = work.pooled_submission(fold)
+    return pooled if pooled.exists() else work.fold_submission(fold)
+
+
 def pool_submissions(cfg, work: WorkPaths, folds: list[int]) -> None:
-    """``WORK/submission.csv``: the held-out rows of every fold's submission, fold after
-    fold, each row's text as the fold wrote it; beside it what each fold chose. Every held
-    out scan is listed in ``WORK/test_seriesuids_foldall.csv``."""
+    """``WORK/submission.csv``: the held-out rows of every fold's submission
+    (``fold_submission_to_pool``), fold after fold, each row's text as the fold wrote it;
+    beside it what each fold chose. Every held-out scan is listed in
+    ``WORK/test_seriesuids_foldall.csv``."""
     held_out = held_out_scans(work, folds)
-    parts = [held_out_rows_as_text(work.fold_submission(k), held_out[k]) for k in folds]
+    sources = {k: fold_submission_to_pool(work, k) for k in folds}
+    parts = [held_out_rows_as_text(sources[k], held_out[k]) for k in folds]
     atomic_write_text(work.submission, pd.concat(parts, ignore_index=True).to_csv(index=False))
     chosen = fold_selections(work, folds)
     config_lib.save_config(cfg, config_beside(work.submission), {
-        "pooled_folds": folds, "from": [str(work.fold_submission(k)) for k in folds],
+        "pooled_folds": folds, "from": [str(sources[k]) for k in folds],
         "members": {str(k): chosen[k].get("members") for k in folds},
         "candidate_list": {str(k): chosen[k].get("candidate_list") for k in folds}})
     scans = sum(map(len, held_out.values()))
@@ -203,12 +213,13 @@ def held_out_rows_as_text(path: Path, scans: list[str]) -> pd.DataFrame:
 
 
 def fold_selections(work: WorkPaths, folds: list[int]) -> dict[int, dict]:
-    """What each fold's validation selection chose (the settings ``Pipeline.submit`` saved
-    beside its submission, less the config); empty for a fold whose file is unreadable."""
+    """What chose each fold's pooled rows (the settings saved beside its
+    ``fold_submission_to_pool``, less the config); empty for a fold whose file is
+    unreadable."""
     chosen = {}
     for k in folds:
         try:
-            saved = json.loads(config_beside(work.fold_submission(k)).read_text())
+            saved = json.loads(config_beside(fold_submission_to_pool(work, k)).read_text())
         except (OSError, ValueError):
             saved = None
         saved = saved if isinstance(saved, dict) else {}
@@ -221,9 +232,11 @@ def pooled_members(work: WorkPaths, folds: list[int], models: list[str]) -> list
     folder): the ensemble's models in order, the mean and the selected ensemble, then any
     other by name."""
     found = [{path.stem for path in work.prediction_folder(k).glob("*.csv")}
-             - {ensemble.FEATURES_NAME, work.fold_submission(k).stem} for k in folds]
+             - {ensemble.FEATURES_NAME, work.fold_submission(k).stem,
+                work.pooled_submission(k).stem} for k in folds]
     common = set.intersection(*found) if found else set()
-    known = [*models, MEAN_MEMBER, ENSEMBLE_MEMBER]
+    known = [*models, MEAN_MEMBER, ENSEMBLE_MEMBER, ensemble.STACKED_MEMBER,
+             ensemble.POOLED_ENSEMBLE_MEMBER, ensemble.POOLED_STACKED_MEMBER]
     return [name for name in known if name in common] + sorted(common - set(known))
 
 

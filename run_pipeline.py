@@ -44,8 +44,11 @@ the unselected ensemble beside the selected one) and keeps its submission as
 are shared: made once), each fold exactly as ``--fold K`` runs it (same stages and stamps:
 a rerun skips the finished folds, a killed run resumes in the fold it stopped in), then
 scores the cross-validated result as the LUNA16 challenge does (Setio et al. 2017: ten-fold
-cross-validation over the subsets, one FROC of all scans). The held-out part of every
-fold's submission, concatenated, is ``WORK/submission.csv`` over all scans (listed in
+cross-validation over the subsets, one FROC of all scans). Once every fold has run, each
+fold's merge is chosen again on far more scans than its own validation subset: the
+validation scans of the other folds, its held-out scans never among them (``cross_fold.py``).
+The held-out part of every fold's submission so chosen, concatenated, is
+``WORK/submission.csv`` over all scans (listed in
 ``WORK/test_seriesuids_foldall.csv``); ``evaluate.py`` gives its FROC with 95% bootstrap
 intervals over scans, and ``WORK/evaluation/models.json`` the pooled CPM (and interval) of
 every member found in every fold's ``predictions/fold<k>/``, with the number of folds whose
@@ -66,6 +69,7 @@ from pathlib import Path
 
 import cache
 import config as config_lib
+import cross_fold
 import ensemble
 import pipeline_evaluation
 import sample_data
@@ -197,6 +201,7 @@ def main(argv=None) -> int:
     try:
         run_folds(cfg, work, folds, settings, args.workers, data_dir)
         if args.fold == ALL_FOLDS:
+            cross_fold.submissions(cfg, work, folds)
             pipeline_evaluation.pool_submissions(cfg, work, folds)
     except (StageFailed, InputError) as err:
         print(f"error: {err}", file=sys.stderr)

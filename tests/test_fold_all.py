@@ -202,14 +202,15 @@ def test_fold_all_pools_every_fold_then_skips_them(tiny_data, tmp_path, capsys):
         assert f"===== fold {k} ({k + 1} of 3)" in out
         assert (work.fold_submission(k)).exists() and work.predictions(k, "mean").exists()
     assert "[mean ensemble] done" in out and "[mean ensemble (given candidates)] done" in out
-    # One submission over every scan, each row the row of the fold that held its scan out.
+    # One submission over every scan, each row the row of the fold that held its scan out,
+    # that fold's merge chosen on the other folds' validation scans.
     everyone = sorted(p.stem for p in data.glob("subset*/*.mhd"))
     assert work.test_seriesuids(ALL_FOLDS).read_text().split() == everyone
     pooled = work.submission.read_text().splitlines()
     assert sorted({line.split(",")[0] for line in pooled[1:]}) == everyone
     for k in FOLDS:
         held = set(work.test_seriesuids(k).read_text().split())
-        own = [line for line in work.fold_submission(k).read_text().splitlines()[1:]
+        own = [line for line in work.pooled_submission(k).read_text().splitlines()[1:]
                if line.split(",")[0] in held]
         assert own and [line for line in pooled[1:] if line.split(",")[0] in held] == own
     # The pooled FROC, with its interval, and the pooled table of every member.
@@ -217,7 +218,8 @@ def test_fold_all_pools_every_fold_then_skips_them(tiny_data, tmp_path, capsys):
     metrics = json.loads((work.evaluation / "froc_metrics.json").read_text())
     assert metrics["inputs"]["seriesuids"] == str(work.test_seriesuids(ALL_FOLDS))
     rows = json.loads((work.evaluation / "models.json").read_text())
-    assert [r["model"] for r in rows] == ["vgg_simple", "unet", "mean", "ensemble", "stacked"]
+    assert [r["model"] for r in rows] == ["vgg_simple", "unet", "mean", "ensemble", "stacked",
+                                          "ensemble_pooled", "stacked_pooled"]
     assert all(len(r["cpm_all_ci"]) == 2 and "cpm_given" in r and r["folds"] == 3 for r in rows)
     assert all(0 <= r["kept_in_folds"] <= 3 for r in rows[:2])
     assert "Pooled CPM, held-out scans of all 3 folds" in out
