@@ -5,8 +5,9 @@
 
 INPUT: any mix of DICOM folders (every series found under them is one scan, named by its
 SeriesInstanceUID), ``.mhd`` (+ ``.raw``), NIfTI (``.nii``, ``.nii.gz``) and NRRD files
-(named by the file name without its suffix; a repeated name gets ``_2``, ``_3`` ...), read
-by ``ct_io``. ``--models``: a work folder of run_pipeline.py or a bundle of export.py
+(named by the file name without its suffix), read by ``ct_io``. Inside one folder names
+must differ, as in preprocess.py's data folders (a repeat is reported and skipped); a name
+that another INPUT already gave gets ``_2``, ``_3`` ... ``--models``: a work folder of run_pipeline.py or a bundle of export.py
 (checked against its manifest first: a changed file is refused). ``--fold``: default the
 bundle's fold, or the work folder's only finished fold.
 
