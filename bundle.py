@@ -7,7 +7,9 @@ the sha256 of every file, the package versions it was made with, the fold and it
 changed or damaged model file is refused before anything is loaded.
 
 What the run selected is read from the fold's submission record
-(``predictions/fold<k>/submission.csv.config.json``, written by run_pipeline.py): the
+(``predictions/fold<k>/submission.csv.config.json``, written by run_pipeline.py; after
+``--fold all``, ``submission_pooled.csv.config.json``, the merge chosen on the other folds'
+validation scans, as the pooled submission used it): the
 members and their weights (``ensemble.select_members``), or the stacker
 (``predictions/fold<k>/[given_candidates/]stacked.csv.stack.json``) when the stacked scores
 were submitted. ``Merge.apply`` is the one place that merges member scores of new scans, by
@@ -89,7 +91,7 @@ def _read_json(path: Path, what: str) -> dict:
 
 
 def _weighting(record: dict, record_path: Path, cfg) -> tuple[str, tuple[float, ...]]:
-    """The method and weights of ``run_pipeline._weighting``'s options in the record
+    """The method and weights of ``ensemble.weighting_options`` in the record
     (none: ``ensemble.method`` and ``ensemble.weights`` of the run's config)."""
     options = list(record.get("weighting") or [])
     if not options:
@@ -103,15 +105,26 @@ def _weighting(record: dict, record_path: Path, cfg) -> tuple[str, tuple[float, 
                           "[--weights W,...]") from None
 
 
+def submission_record(work: WorkPaths, fold: int) -> Path:
+    """The record of what the fold submitted: of the merge chosen on the other folds'
+    validation scans where ``--fold all`` chose one (the pooled submission used it), else
+    of the fold's own (a bundle holds the records, not the submissions)."""
+    pooled = config_beside(work.pooled_submission(fold))
+    return pooled if pooled.exists() else config_beside(work.fold_submission(fold))
+
+
 def read_merge(work: WorkPaths, fold: int) -> tuple[Merge, Path | None]:
     """The merge the fold submitted and, for a stacker, its file."""
-    record_path = config_beside(work.fold_submission(fold))
+    record_path = submission_record(work, fold)
     record = _read_json(record_path, f"the submission record of fold {fold} (run_pipeline.py "
                                      "writes it when the fold's run finishes)")
     stacked = (record.get("stack") or {}).get("submitted") == "stacked"
     if stacked:
+        member = (ensemble.POOLED_STACKED_MEMBER
+                  if record_path == config_beside(work.pooled_submission(fold))
+                  else ensemble.STACKED_MEMBER)
         stack_file = ensemble.stack_model_path(work.predictions(
-            fold, ensemble.STACKED_MEMBER, given=record.get("candidate_list") == "given"))
+            fold, member, given=record.get("candidate_list") == "given"))
         model = stacking.load_stack(stack_file)
         return Merge(tuple(model.members), "stack", (), model), stack_file
     members = record.get("members")
@@ -166,7 +179,7 @@ class TrainedSystem:
 
     def files(self) -> list[Path]:
         """Every file the system reads (what a bundle holds besides its manifest)."""
-        found = [self.work.config, config_beside(self.work.fold_submission(self.fold)),
+        found = [self.work.config, submission_record(self.work, self.fold),
                  *dict.fromkeys(self.network_files.values())]
         # A 2D member scores with the view settings of its own run (predict.view_settings_of).
         found += [f.with_name(RUN_CONFIG) for m, f in self.network_files.items()

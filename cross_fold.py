@@ -77,7 +77,8 @@ def _given_lists(work: WorkPaths, folds: list[int], members: list[str]) -> list[
     return [False, True] if given else [False]
 
 
-def _missing_validation_scores(work: WorkPaths, donors: list[int], members: list[str]) -> Path | None:
+def _missing_validation_scores(work: WorkPaths, donors: list[int],
+                               members: list[str]) -> Path | None:
     """The first validation file of a member that a donor fold lacks (None: all there)."""
     for j in donors:
         for name in members:
@@ -188,6 +189,6 @@ class FoldMerge:
               flush=True)
         config_lib.save_config(self.cfg, config_beside(out), {
             "candidate_list": choice.candidate_list, "from": str(source), "members": members,
-            "weights": None if choice.stacked else selection.weights,
+            "weighting": [] if choice.stacked else ensemble.weighting_options(selection),
             "chosen_on_folds": self.donors, "why": selection.why, "stack": choice.record})
         return out

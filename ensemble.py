@@ -246,6 +246,14 @@ def selected_merge(selection: "Selection", method: str,
     return "weighted", [float(w) for w in selection.weight_option.split(",")]
 
 
+def weighting_options(selection: "Selection") -> list[str]:
+    """``ensemble.py`` options of a selection's validation weights (none: the members are
+    merged with ``ensemble.method``); submission records keep them as ``weighting``."""
+    if selection.weights is None:
+        return []
+    return ["--method", "weighted", "--weights", selection.weight_option]
+
+
 # --------------------------------------------------------------------------- selection
 
 

@@ -469,12 +469,13 @@ class Pipeline:
         """The chosen members merged (``ensemble.py``), per candidate list: its file."""
         ens = {k: v for k, v in sections(self.cfg, "ensemble")["ensemble"].items()
                if not k.startswith("stack")}  # the stacker's settings are its own stage's
-        merging = {"ensemble": ens, "weighting": _weighting(selection)}
+        merging = {"ensemble": ens, "weighting": ensemble.weighting_options(selection)}
         merged = {}
         for given_list in (False, True) if given else (False,):
             inputs = [self.work.predictions(self.fold, m, given=given_list) for m in selection.members]
             out = self.work.predictions(self.fold, ENSEMBLE_MEMBER, given=given_list)
-            argv = [*map(str, inputs), "--out", str(out), *self.settings, *_weighting(selection)]
+            argv = [*map(str, inputs), "--out", str(out), *self.settings,
+                    *ensemble.weighting_options(selection)]
             self.stages.run("ensemble (given candidates)" if given_list else "ensemble", [out],
                             inputs, lambda _, argv=argv: ensemble.main(argv),
                             {**merging, "members": self.stamped(inputs)})
@@ -601,7 +602,8 @@ class Pipeline:
                                {"candidate_list": choice.candidate_list, "why": why,
                                 "from": str(chosen),
                                 "members": self.members if choice.stacked else selection.members,
-                                "weighting": [] if choice.stacked else _weighting(selection),
+                                "weighting": ([] if choice.stacked
+                                              else ensemble.weighting_options(selection)),
                                 "stack": choice.record})
 
     def merge_all_members_mean(self, given: bool) -> None:
@@ -638,13 +640,6 @@ def _copy_if_changed(source: Path, copy: Path) -> None:
 def _predict_title(name: str, given: bool, validation: bool) -> str:
     notes = [*(["validation scans"] if validation else []), *(["given candidates"] if given else [])]
     return f"predict {name}" + (f" ({', '.join(notes)})" if notes else "")
-
-
-def _weighting(selection: ensemble.Selection) -> list[str]:
-    """``ensemble.py`` options of the validation weights (none: ``ensemble.method``)."""
-    if selection.weights is None:
-        return []
-    return ["--method", "weighted", "--weights", selection.weight_option]
 
 
 def _portable(path: Path, work: Path) -> str:

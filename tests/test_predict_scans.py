@@ -146,6 +146,27 @@ def test_the_merge_is_the_selected_weights_or_the_stacker(tmp_path):
                                stacking.load_stack(stack_file).scores(probabilities, features))
 
 
+def test_after_fold_all_the_merge_chosen_on_the_other_folds_is_read(tmp_path):
+    work = WorkPaths(fake_work(tmp_path / "work"))
+    cfg = config_lib.load_profile("quick")
+    pooled_record = config_beside(work.pooled_submission(0))
+    config_lib.save_config(cfg, pooled_record, {
+        "candidate_list": "given", "members": ["unet"], "weighting": [],
+        "stack": {"submitted": "ensemble"}})
+    merge, stack_file = bundle.read_merge(work, 0)
+    assert (merge.members, merge.method, stack_file) == (("unet",), "mean", None)
+    assert bundle.submission_record(work, 0) == pooled_record
+    config_lib.save_config(cfg, pooled_record, {
+        "candidate_list": "given", "members": ["resnet", "unet"], "weighting": [],
+        "stack": {"submitted": "stacked"}})
+    model = stacking.StackModel(("resnet", "unet"), (), (0.0,) * 2, (1.0,) * 2, (0.5, 0.5),
+                                0.0, 0.1, "1.0")
+    pooled_stack = ensemble.stack_model_path(work.predictions(0, "stacked_pooled", given=True))
+    stacking.save_stack(model, pooled_stack)
+    merge, stack_file = bundle.read_merge(work, 0)
+    assert merge.method == "stack" and stack_file == pooled_stack
+
+
 def test_the_only_finished_fold_is_the_default(tmp_path):
     work = fake_work(tmp_path / "work", fold=3)
     system = bundle.load_system(work)
