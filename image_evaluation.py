@@ -126,7 +126,7 @@ def grad_cams_2d(model, images: np.ndarray, class_index: int = 0, layer_name: st
 
     from models import transfer2d
 
-    features_model = transfer2d._view_features(model)
+    features_model = model.get_layer("view_fusion").get_layer("view_features")
     base = transfer2d.backbone_of(model)
     name = layer_name or find_feature_map_layer(base)
     probe = keras.Model(base.inputs, [base.get_layer(name).output, base.output])

@@ -467,9 +467,12 @@ def train_command(args, cfg, run_dir: Path) -> int:
                "mode": cfg.images.mode, "weights": cfg.images.weights, "classes": list(classes),
                "size_px": cfg.images.size_px, "resize_px": cfg.images.resize_px,
                "crop_body": cfg.images.crop_body, "best_epoch": state.get("best_epoch"),
+               "stages": args.stages if args.model == AGCNN else None,
                "best_val_auc": state.get("best_value"), "seconds": round(time.perf_counter() - started, 1),
                **{f"{part}_{key}": r[key] for part, r in results.items()
                   for key in ("mean_auc", "mean_accuracy", "mean_f1")}}
+    if args.model == AGCNN:
+        summary["agcnn"] = state  # per-stage best validation mean AUC and model paths
     (run_dir / "run.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     print(json.dumps(summary, default=str))
     return 0

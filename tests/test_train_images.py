@@ -76,14 +76,16 @@ def check_run(run_dir, part="val"):
 
 
 @pytest.mark.slow
-def test_finetune_run_writes_metrics_figures_and_predicts(folders, tmp_path):
+@pytest.mark.parametrize("model, phases", [("cnn_2d", ["train"]), ("vgg16_2d", ["head", "finetune"])])
+def test_finetune_run_writes_metrics_figures_and_predicts(folders, tmp_path, model, phases):
     train, val = folders
     run_dir = tmp_path / "run"
-    assert train_images.main(["--data-dir", str(train), "--val-dir", str(val), "--model", "cnn_2d",
+    assert train_images.main(["--data-dir", str(train), "--val-dir", str(val), "--model", model,
                               "--mode", "finetune", "--run-dir", str(run_dir), "--test-dir",
                               str(val), "--work-dir", str(tmp_path / "work"), "--verbose", "0",
                               *TINY]) == 0
-    assert (run_dir / "model.keras").is_file() and (run_dir / "train" / "history.csv").is_file()
+    assert (run_dir / "model.keras").is_file()
+    assert all((run_dir / phase / "history.csv").is_file() for phase in phases)
     check_run(run_dir)
     check_run(run_dir, "test")
     run = json.loads((run_dir / "run.json").read_text())
