@@ -68,13 +68,16 @@ def run_row(label: str, argv: list[str], run_dir: Path) -> dict:
 
 def covid_rows(args, base: list[str], work: Path) -> list[dict]:
     data = ["--task", "binary", "--data", "covid_ct", "--data-dir", str(args.data / "covid_ct"),
-            "--weights", args.weights, "--work-dir", str(work / "work")]
+            "--work-dir", str(work / "work")]
     rows = []
     for label, model, mode, extra in (*COVID_ROWS, SCRATCH_ROW):
+        if args.only and args.only.lower() not in label.lower():
+            continue
         argv = [*base, *data, "--model", model, "--mode", mode]
         if "epochs_factor" in extra:
-            argv += [f"--images.epochs={args.scratch_epochs}", "--images.lr=0.01"]
-            argv = [a for a in argv if not a.startswith("--weights")] + ["--weights", "none"]
+            argv += [f"--images.epochs={args.scratch_epochs}", "--weights", "none"]
+        else:
+            argv += ["--weights", args.weights]
         rows.append(run_row(label, argv, work / f"covid_{model}_{mode}"))
         print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -134,6 +137,7 @@ def main(argv=None) -> int:
                         help="epochs of the from-scratch row (default 3x images.epochs)")
     parser.add_argument("--cxr14", action="store_true", help="also the AG-CNN rows")
     parser.add_argument("--agcnn-backbone", default="densenet121", choices=["resnet50", "densenet121"])
+    parser.add_argument("--only", help="only the COVID-CT rows whose label contains this text")
     parser.add_argument("--keep", type=Path, help="keep the run folders here")
     parser.add_argument("--out", type=Path, help="write images.md and images.json here")
     args = parser.parse_args(argv)
