@@ -366,6 +366,47 @@ class DebugConfig:
     save_images: bool = False
 
 
+# 2D chest-image classification (train_images.py, image_data.py): COVID-CT slices and
+# ChestX-ray14 on the 2D transfer backbones. The fine-tuning recipe is the UCSD COVID-CT
+# baseline's (Zhao et al. 2020, "COVID-CT-Dataset: a CT scan dataset about COVID-19"):
+# resize 256, random resized crop 224 (scale 0.5-1) and horizontal flip for training,
+# SGD lr 0.01 momentum 0.9, batch 8.
+@dataclass(frozen=True)
+class ImagesConfig:
+    resize_px: int = limited(256, ge=8, le=2048)  # every image first, before the crop
+    size_px: int = limited(224, ge=8, le=2048)  # what the network sees (evaluation: resize)
+    crop_scale_min: float = limited(0.5, gt=0.0, le=1.0)  # random resized crop: area fraction
+    flip: bool = True  # training: random horizontal flip
+    # CT slices: crop to the body's bounding box (Otsu threshold, largest component) first.
+    crop_body: bool = False
+    # Binary task: every batch holds as many images of each class (sampled with replacement).
+    balanced: bool = True
+    # Binary task: the class whose probability is scored ("" = the last class name in
+    # sorted order, e.g. 1_abnormal; COVID-CT: "COVID").
+    positive_class: str = ""
+    weights: str = limited("none", nonempty=True)  # "none", "imagenet" or a local file
+    mode: Literal["feature", "finetune"] = "finetune"
+    lr: float = limited(0.01, gt=0.0, le=1.0)  # finetune: SGD
+    momentum: float = limited(0.9, ge=0.0, lt=1.0)
+    batch_size: int = limited(8, ge=1)
+    epochs: int = limited(60, ge=1)
+    steps_per_epoch: int = limited(0, ge=0)  # 0: one pass over the training images
+    # finetune: epochs of the head alone (backbone frozen), then the backbone's last
+    # `unfreeze_layers` layers train too at lr * finetune_lr_factor; BatchNormalization
+    # stays in inference mode (the Keras transfer-learning guide).
+    head_epochs: int = limited(3, ge=0)
+    unfreeze_layers: int = limited(20, ge=0)
+    finetune_lr_factor: float = limited(0.1, gt=0.0, le=1.0)
+    feature_lr: float = limited(1e-3, gt=0.0, le=1.0)  # feature mode: Adam on the head
+    head_units: int = limited(128, ge=1)
+    dropout: float = limited(0.5, ge=0.0, lt=1.0)
+    threshold: float = limited(0.5, ge=0.0, le=1.0)  # a probability at or above is positive
+    # ChestX-ray14 (and any CSV with patient ids): patient-disjoint validation and test parts.
+    val_fraction: float = limited(0.15, gt=0.0, lt=1.0)
+    test_fraction: float = limited(0.15, ge=0.0, lt=1.0)
+    gradcam_images: int = limited(4, ge=0, le=64)  # per row of the Grad-CAM figure
+
+
 @dataclass(frozen=True)
 class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
@@ -376,6 +417,7 @@ class Config:
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
+    images: ImagesConfig = field(default_factory=ImagesConfig)
     profile: str = "full"
 
 
@@ -406,6 +448,11 @@ PROFILES: dict[str, dict[str, Any]] = {
         # resnet from scratch, in a fraction of the time; README); inception is the best
         # network trained from scratch on LIDC-IDRI.
         "ensemble.models": ("unet_encoder", "inception"),
+        # 2D chest images on 2 CPU cores: small images, few epochs.
+        "images.resize_px": 72,
+        "images.size_px": 64,
+        "images.epochs": 3,
+        "images.head_epochs": 1,
     },
 }
 
