@@ -28,6 +28,8 @@ layout is one edit. The cache folder has its own layout in ``cache.py``.
                                            --fold all: the merge chosen there, and
       predictions/fold<k>/submission_pooled.csv   the one submitted (+ .config.json)
       features2d/<model>-<key>.npz         cached backbone features of the 2D members
+                                           (and of train_images.py, images-<model>-<key>)
+      images/<data>_<task>/<model>_<mode>/ train_images.py run folders
       submission.csv                       what run_pipeline.py submits (--fold all: the
                                            held-out rows of every fold's submission_pooled,
                                            over the scans of test_seriesuids_foldall.csv)
@@ -132,6 +134,10 @@ class WorkPaths:
         """Cached backbone features of a 2D member's candidate views (train_classification.py,
         feature mode); ``key`` hashes everything they depend on."""
         return self.root / "features2d" / f"{model}-{key}.npz"
+
+    def images_run(self, data: str, task: str, model: str, mode: str) -> Path:
+        """A 2D chest-image run of ``train_images.py``."""
+        return self.root / "images" / f"{data}_{task}" / f"{model}_{mode}"
 
     # -- detection
     def detections(self, fold: int, scans: str = "all") -> Path:

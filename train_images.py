@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 import config as config_lib
+from paths import WorkPaths
 import image_data
 import training
 from tables import InputError
@@ -548,8 +549,8 @@ def parse_arguments(argv):
 
 
 def default_run_dir(args, cfg: config_lib.Config) -> Path:
-    return (Path(cfg.paths.work_dir) / "images" / f"{args.data}_{args.task}"
-            / f"{args.model}_{cfg.images.mode}")
+    return WorkPaths(cfg.paths.work_dir).images_run(args.data, args.task, args.model,
+                                                    cfg.images.mode)
 
 
 def main(argv=None) -> int:
