@@ -49,11 +49,10 @@ CONNECTIVITY = np.ones((3, 3), dtype=bool)
 # --------------------------------------------------------------------------- the crop step
 
 
-def attention_crop_box(heatmap: np.ndarray, tau: float = DEFAULT_TAU) -> tuple[int, int, int, int]:
-    """``(y0, x0, y1, x1)`` (``y1``, ``x1`` exclusive) on the heatmap's grid: the bounding box
-    of the largest 8-connected region where the heatmap reaches ``tau`` times its maximum
-    (ties: the region found first in row order). A heatmap without any positive value
-    gives the whole grid."""
+def attention_region(heatmap: np.ndarray, tau: float = DEFAULT_TAU) -> np.ndarray:
+    """The largest 8-connected region where ``heatmap`` reaches ``tau`` times its maximum,
+    as a boolean mask (ties: the region found first in row order); all of the grid for a
+    heatmap without any positive value."""
     heatmap = np.asarray(heatmap, dtype=np.float64)
     if heatmap.ndim != 2 or heatmap.size == 0:
         raise ValueError(f"heatmap of shape {heatmap.shape}: one 2D map expected")
@@ -61,11 +60,16 @@ def attention_crop_box(heatmap: np.ndarray, tau: float = DEFAULT_TAU) -> tuple[i
         raise ValueError(f"tau {tau}: a fraction of the heatmap's maximum in [0, 1]")
     peak = float(np.nanmax(heatmap)) if np.isfinite(heatmap).any() else 0.0
     if peak <= 0.0:
-        return 0, 0, heatmap.shape[0], heatmap.shape[1]
+        return np.ones(heatmap.shape, dtype=bool)
     labels, count = ndimage.label(heatmap >= tau * peak, structure=CONNECTIVITY)
     sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:]
-    largest = int(np.argmax(sizes))
-    rows, cols = ndimage.find_objects(labels)[largest]
+    return labels == int(np.argmax(sizes)) + 1
+
+
+def attention_crop_box(heatmap: np.ndarray, tau: float = DEFAULT_TAU) -> tuple[int, int, int, int]:
+    """``(y0, x0, y1, x1)`` (``y1``, ``x1`` exclusive) on the heatmap's grid: the bounding box
+    of its ``attention_region``."""
+    rows, cols = ndimage.find_objects(attention_region(heatmap, tau).astype(np.int32))[0]
     return rows.start, cols.start, rows.stop, cols.stop
 
 
