@@ -140,12 +140,15 @@ def patient_split(patients: np.ndarray, seed: int, test_fraction: float = 0.2,
 
 
 def batches(images, labels, batch_size: int, shuffle_seed: int | None = None):
+    """``(images, labels)`` batches; shuffled with ``shuffle_seed`` (training)."""
     import tensorflow as tf
 
     dataset = tf.data.Dataset.from_tensor_slices((images, labels))
-    if shuffle_seed is not None:
-        dataset = dataset.shuffle(len(images), seed=shuffle_seed)
-    return dataset.batch(batch_size)
+    if shuffle_seed is None:
+        return dataset.batch(batch_size)
+    # Training: reshuffled every epoch, full batches only (a short one would trace the
+    # training step a second time).
+    return dataset.shuffle(len(images), seed=shuffle_seed).batch(batch_size, drop_remainder=True)
 
 
 # --------------------------------------------------------------------------- the stages

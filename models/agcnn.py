@@ -263,12 +263,25 @@ def mean_auc(labels: np.ndarray, probabilities: np.ndarray) -> tuple[float, list
     return (float(np.mean(scored)) if scored else float("nan")), per_class
 
 
+def predict_padded(model: keras.Model, images, batch_size: int) -> np.ndarray:
+    """``model.predict_on_batch`` of ``images`` padded with zeros to ``batch_size`` rows, the
+    padding's rows dropped: a short last batch reuses the traced predict function instead
+    of tracing the whole network again."""
+    images = np.asarray(images)
+    count = len(images)
+    if count < batch_size:
+        padding = np.zeros((batch_size - count, *images.shape[1:]), dtype=images.dtype)
+        images = np.concatenate([images, padding])
+    return np.asarray(model.predict_on_batch(images), dtype=np.float64)[:count]
+
+
 def predict_dataset(model: keras.Model, dataset) -> tuple[np.ndarray, np.ndarray]:
     """``(labels, probabilities)`` of every batch of ``dataset`` (pairs of images and
     labels), kept together so a shuffled dataset cannot mismatch them."""
-    labels, probabilities = [], []
+    labels, probabilities, batch_size = [], [], None
     for images, batch_labels in dataset:
-        probabilities.append(np.asarray(model.predict_on_batch(images), dtype=np.float64))
+        batch_size = batch_size or len(images)
+        probabilities.append(predict_padded(model, images, batch_size))
         labels.append(np.asarray(batch_labels))
     return np.concatenate(labels), np.concatenate(probabilities)
 
@@ -443,7 +456,8 @@ def predict_agcnn(run_dir: Path, images: np.ndarray, batch_size: int = 32) -> np
     stage of ``run_dir`` (the global stage where no fusion stage was trained)."""
     model = final_stage_model(Path(run_dir))
     images = as_model_images(images, model)
-    batches = [np.asarray(model.predict_on_batch(images[i:i + batch_size]))
+    batch_size = max(1, min(batch_size, len(images)))
+    batches = [predict_padded(model, images[i:i + batch_size], batch_size)
                for i in range(0, len(images), batch_size)]
     return np.concatenate(batches).astype(np.float32) if batches else \
         np.zeros((0, model.output_shape[-1]), np.float32)

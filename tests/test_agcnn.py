@@ -178,6 +178,17 @@ def test_mean_auc_leaves_out_classes_without_both_labels():
     assert mean == 0.75
 
 
+def test_short_last_batch_is_padded_and_its_padding_dropped():
+    import tensorflow as tf
+
+    model = tiny_global_model()
+    images, labels, _ = random_batches(19)
+    dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(8)
+    got_labels, probabilities = agcnn.predict_dataset(model, dataset)
+    np.testing.assert_array_equal(got_labels, labels)
+    np.testing.assert_allclose(probabilities, model.predict_on_batch(images), rtol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     _, _, dataset = random_batches()
