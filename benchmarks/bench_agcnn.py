@@ -1,7 +1,7 @@
 """AG-CNN benchmark on ChestX-ray14: the global, local and fusion stages' test mean AUC
 against the global branch alone, and the attention crop step drawn on full-size X-rays.
 
-    python benchmarks/bench_agcnn.py --quick                  # ~4 min on 2 shared CPU cores
+    python benchmarks/bench_agcnn.py --quick     # ~280 CPU-s; 7.6 min wall on 2 busy shared cores
     python benchmarks/bench_agcnn.py --backbone densenet121 --image-size 128 --epochs 10 \\
         --out benchmarks/results/agcnn --figure benchmarks/results/agcnn/crops.png
 
