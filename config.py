@@ -441,8 +441,12 @@ PROFILES: dict[str, dict[str, Any]] = {
         "segmentation.validation_scans_every": 10,
         "classification.cube_size": 24,
         "classification.lr": 1e-3,
-        "classification.epochs": 16,
-        "classification.steps_per_epoch": 40,
+        # 4000 steps: unet_encoder's held-out AUC on the given candidates of fold 0 rose from
+        # 0.72 (640 steps) to 0.89, and the validation selection of --fold all then keeps it
+        # in every fold (README); patience 10 lets it run them.
+        "classification.epochs": 40,
+        "classification.steps_per_epoch": 100,
+        "training.patience": 10,
         "inference.batch_size": 1,  # CPU Conv3DTranspose slows down per window at batch > 1
         # unet_encoder starts from the fold's UNet (fold 0: validation AUC 0.92 vs 0.81 for
         # resnet from scratch, in a fraction of the time; README); inception is the best

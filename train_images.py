@@ -389,21 +389,13 @@ def train_finetune_mode(name, cfg, data: dict[str, Split], run_dir: Path, resume
 # --------------------------------------------------------------------------- AG-CNN
 
 
-def agcnn_module():
-    """``models.agcnn``, or ``InputError`` saying it is not there."""
-    try:
-        from models import agcnn
-    except ImportError as err:
-        raise InputError(f"models/agcnn.py: the AG-CNN model is not available ({err})") from None
-    return agcnn
-
-
 def train_agcnn(args, cfg, data: dict[str, Split], run_dir: Path):
     """``models.agcnn.train_agcnn_stages`` on the training and validation images; returns
     ``(predict(images) -> probabilities, summary)``."""
     import tensorflow as tf
 
-    agcnn = agcnn_module()
+    from models import agcnn
+
     im = cfg.images
     train, val = data["train"], data["val"]
     steps = steps_per_epoch(cfg, len(train.images))
@@ -495,7 +487,9 @@ def predict_command(args, run_dir: Path) -> int:
         raise InputError(f"{args.predict}: none of its {len(files)} images could be read")
     images = image_data.to_unit(pixels, run["size_px"])
     if run["model"] == AGCNN:
-        probabilities = agcnn_module().predict_agcnn(run_dir, images)
+        from models import agcnn
+
+        probabilities = agcnn.predict_agcnn(run_dir, images)
     else:
         model = keras.saving.load_model(run_dir / "model.keras", safe_mode=True, compile=False)
         probabilities = model.predict(images, batch_size=32, verbose=0)
@@ -521,8 +515,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", choices=model_names(), default="vgg19_bn_2d")
     p.add_argument("--mode", choices=["feature", "finetune"], help="images.mode")
     p.add_argument("--weights", help="images.weights: imagenet, none or a local file")
-    p.add_argument("--backbone", default="densenet121", choices=["resnet50", "densenet121"],
-                   help="--model agcnn: the branches' backbone")
+    p.add_argument("--backbone", default="densenet121", choices=["resnet50", "densenet121", "tiny"],
+                   help="--model agcnn: the branches' backbone (tiny: a small CNN for smoke runs)")
     p.add_argument("--stages", default="global,local,fusion", help="--model agcnn: stages to train")
     p.add_argument("--run-dir", help="run folder (default WORK/images/<data>_<task>/<model>_<mode>)")
     p.add_argument("--work-dir", help="work folder (feature cache; default paths.work_dir)")
@@ -560,8 +554,6 @@ def main(argv=None) -> int:
     try:
         if args.predict:
             return predict_command(args, run_dir)
-        if args.model == AGCNN:
-            agcnn_module()
         return train_command(args, cfg, run_dir)
     except (FileNotFoundError, ValueError) as err:  # InputError is a ValueError
         print(f"error: {err}", file=sys.stderr)

@@ -101,6 +101,22 @@ TINY_PIPELINE = [
     "--classification.steps_per_epoch=2", "--ensemble.models=vgg_simple,resnet",
     "--training.workers=1"]
 
+# The tiny UNet (one short epoch) keeps its probabilities near 0.01: a threshold there
+# gives candidates to score (the tests that use it are of the chain, not of the model).
+TRAINED_WORK_ARGS = [*TINY_PIPELINE, "--inference.threshold=0.01"]
+
+
+@pytest.fixture(scope="session")
+def trained_work(tiny_data, tmp_path_factory) -> Path:
+    """A work folder of run_pipeline.py on ``tiny_data`` (fold 0), trained once a session;
+    read only (copy it to change it)."""
+    import run_pipeline
+
+    work = tmp_path_factory.mktemp("trained_work")
+    assert run_pipeline.main(["--data-dir", str(tiny_data), "--work-dir", str(work),
+                              "--fold", "0", "--workers", "1", *TRAINED_WORK_ARGS]) == 0
+    return work
+
 
 # The default preprocessing window and pad (config.PreprocessConfig), for hand-built caches.
 CACHE_WINDOW_HU = (-1200.0, 600.0)

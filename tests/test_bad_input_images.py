@@ -121,14 +121,3 @@ def test_predict_refuses_a_folder_as_output(tmp_path, capsys):
     code, err = run(["--run-dir", str(tmp_path / "run"), "--predict", str(root), "--out",
                      str(root)], capsys)
     assert code == 2 and f"error: {root}: predictions path is a folder" in err
-
-
-def test_agcnn_without_its_module_is_a_clear_error(tmp_path, capsys, monkeypatch):
-    import sys
-
-    monkeypatch.setitem(sys.modules, "models.agcnn", None)  # as if models/agcnn.py were absent
-    root = make_class_folder(tmp_path / "data")
-    code, err = run(["--data-dir", str(root), "--model", "agcnn", "--run-dir",
-                     str(tmp_path / "run")], capsys)
-    assert code == 2 and "error: models/agcnn.py: the AG-CNN model is not available" in err
-    assert not (tmp_path / "run").exists()

@@ -11,7 +11,7 @@ import bundle
 import export
 import predict_scans
 from paths import BEST_MODEL
-from test_predict_scans import fake_work, trained_work_folder
+from test_predict_scans import fake_work
 
 
 def _export(work, out, *extra) -> int:
@@ -64,8 +64,8 @@ def test_a_changed_byte_in_a_model_file_is_refused(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_a_moved_bundle_gives_the_same_nodules(tmp_path_factory, tiny_data, tmp_path):
-    trained = trained_work_folder(tmp_path_factory, tiny_data)
+def test_a_moved_bundle_gives_the_same_nodules(trained_work, tiny_data, tmp_path):
+    trained = trained_work
     work = tmp_path / "work"
     shutil.copytree(trained, work)
     scans = [next((tiny_data / f"subset{k}").glob("*.mhd")) for k in (0, 1)]

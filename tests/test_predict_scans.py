@@ -14,31 +14,8 @@ import config as config_lib
 import ensemble
 import predict_scans
 import stacking
-from conftest import TINY_PIPELINE, keep_locale
+from conftest import keep_locale
 from paths import BEST_MODEL, WorkPaths, config_beside
-
-# The tiny UNet (one short epoch) keeps its probabilities near 0.01: a threshold there
-# gives candidates to score (the test is of the chain, not of the model).
-TRAINED_WORK_ARGS = [*TINY_PIPELINE, "--inference.threshold=0.01"]
-FINISHED = Path("predictions") / "fold0" / "submission.csv.config.json"
-
-
-def trained_work_folder(tmp_path_factory, tiny_data) -> Path:
-    """A work folder of run_pipeline.py on ``tiny_data`` (fold 0), made once a session
-    (the test modules that call this share it: the first call runs the pipeline)."""
-    import run_pipeline
-
-    work = tmp_path_factory.getbasetemp() / "predict_scans_trained_work"
-    if not (work / FINISHED).exists():
-        assert run_pipeline.main(["--data-dir", str(tiny_data), "--work-dir", str(work),
-                                  "--fold", "0", "--workers", "1", *TRAINED_WORK_ARGS]) == 0
-    return work
-
-
-@pytest.fixture
-def trained_work(tmp_path_factory, tiny_data) -> Path:
-    return trained_work_folder(tmp_path_factory, tiny_data)
-
 
 def fake_work(root: Path, fold: int = 0, members=("resnet", "unet"),
               weighting=("--method", "weighted", "--weights", "0.250000,0.750000"),

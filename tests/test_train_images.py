@@ -113,3 +113,26 @@ def test_feature_mode_caches_features_and_trains_a_head(folders, tmp_path):
     stamps = [c.stat().st_mtime_ns for c in caches]
     assert train_images.main([*argv, "--run-dir", str(tmp_path / "again")]) == 0
     assert [c.stat().st_mtime_ns for c in caches] == stamps  # read back, not recomputed
+
+
+@pytest.mark.slow
+def test_agcnn_trains_its_three_stages_from_the_command_line_and_predicts(tmp_path):
+    from test_image_data import make_cxr14
+
+    findings = ["Effusion", "Mass", "No Finding", "Effusion|Mass"]
+    rows = [(f"{i:03d}.png", findings[i % 4], f"p{i // 2}") for i in range(40)]
+    csv = make_cxr14(tmp_path / "cxr", rows)
+    run_dir = tmp_path / "run"
+    assert train_images.main([
+        "--task", "multilabel", "--data", "cxr14", "--data-dir", str(tmp_path / "cxr" / "images"),
+        "--csv", str(csv), "--model", "agcnn", "--backbone", "tiny", "--run-dir", str(run_dir),
+        "--work-dir", str(tmp_path / "work"), "--verbose", "0", *TINY,
+        "--images.epochs=1"]) == 0
+    run = json.loads((run_dir / "run.json").read_text())
+    assert list(run["agcnn"]) == ["global", "local", "fusion"]
+    assert all((run_dir / stage / "best.keras").is_file() for stage in run["agcnn"])
+    out = tmp_path / "scores.csv"
+    assert train_images.main(["--run-dir", str(run_dir), "--predict",
+                              str(tmp_path / "cxr" / "images"), "--out", str(out)]) == 0
+    scores = pd.read_csv(out)
+    assert len(scores) == 40 and scores.drop(columns="image").stack().between(0, 1).all()
