@@ -12,11 +12,14 @@ Layers, bottom up:
 * samplers: ``SegmentationSampler`` and ``ClassificationSampler`` map
   ``(epoch, index) -> (image, target)`` with ``rng = np.random.default_rng([seed, epoch,
   index])``, so a sample never depends on worker scheduling, on what was drawn before, or
-  on where a run was resumed;
+  on where a run was resumed; ``sample_batch(epoch, indices)`` writes many such samples
+  straight into one batch array (``sample`` is a batch of one, so both give the same);
 * ``tf.data`` wrappers (TensorFlow is imported inside them, so ``import generators`` is
   cheap): ``segmentation_dataset``, ``segmentation_validation_dataset``,
   ``classification_dataset``; ``cube_batches`` for inference (and the classifier's
-  validation).
+  validation). The training pipelines make one numpy call per batch, not per sample:
+  per-element ``tf.numpy_function`` overhead and batching copies cost more than a 32^3
+  cube's augmentation.
 
 Images are float32 ``(z, y, x, 1)`` in [0, 1] (the cache's uint8 / 255); targets are
 float32 ``(z, y, x, 1)`` masks for the segmenter and float32 ``(1,)`` labels for the
@@ -36,7 +39,7 @@ import numpy as np
 import pandas as pd
 
 import cache
-from augmentation import NO_AUGMENTATION, Augmentation, augment
+from augmentation import IDENTITY, NO_AUGMENTATION, Augmentation, apply_transform, draw_transform
 from config import ClassificationConfig, PreprocessConfig, SegmentationConfig, TrainingConfig
 from ct_io import world_to_voxel
 from tables import WORLD_COLUMNS
@@ -85,6 +88,17 @@ def crop_patch(volume: np.ndarray, center_zyx_vox, size_zyx, pad_value=0) -> np.
         dst = tuple(slice(a, b) for a, b in zip(lo - start, hi - start))
         out[dst] = volume[src]
     return out
+
+
+def crop_view(volume: np.ndarray, center_zyx_vox, size_zyx, pad_value=0) -> np.ndarray:
+    """``crop_patch``, but a read-only view of ``volume`` (no copy) when the crop lies
+    inside it: the training samplers read the memory-mapped cache once, in the pass that
+    converts and augments."""
+    size = _triple(size_zyx)
+    start = crop_start(center_zyx_vox, size)
+    if np.all(start >= 0) and np.all(start + size <= np.asarray(volume.shape[:3])):
+        return np.asarray(volume[tuple(slice(a, a + n) for a, n in zip(start, size))])
+    return crop_patch(volume, center_zyx_vox, size, pad_value)
 
 
 def sphere_mask(shape_zyx, center_zyx_vox, radius_vox: float) -> np.ndarray:
@@ -343,19 +357,37 @@ class SegmentationSampler:
         return self._draw_plan(_sample_rng(self.seed, epoch, index))
 
     def sample(self, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray]:
-        rng = _sample_rng(self.seed, epoch, index)
-        return self.render(self._draw_plan(rng), rng)
+        images, targets = self.sample_batch(epoch, [index])
+        return images[0], targets[0]
 
-    def render(self, plan: PatchPlan, rng: np.random.Generator | None = None):
-        """Crop (and, given ``rng``, augment) the patch of ``plan``."""
+    def sample_batch(self, epoch: int, indices) -> tuple[np.ndarray, np.ndarray]:
+        """Samples ``indices`` of ``epoch``: images and targets float32 ``(n, s, s, s, 1)``,
+        each exactly ``sample(epoch, index)``."""
+        images, targets = self._empty_batch(len(indices))
+        for j, index in enumerate(indices):
+            rng = _sample_rng(self.seed, epoch, index)
+            self.render(self._draw_plan(rng), rng, out=(images[j], targets[j]))
+        return images, targets
+
+    def _empty_batch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        shape = (int(n),) + (self.size,) * 3 + (1,)
+        return np.empty(shape, dtype=np.float32), np.empty(shape, dtype=np.float32)
+
+    def render(self, plan: PatchPlan, rng: np.random.Generator | None = None, out=None):
+        """Crop (and, given ``rng``, augment) the patch of ``plan``: ``(image, target)``
+        float32 ``(s, s, s, 1)``, written into ``out`` (such a pair) when given."""
+        if out is None:
+            images, targets = self._empty_batch(1)
+            return self.render(plan, rng, (images[0], targets[0]))
+        image, target = out
         scan = self.pool.get(plan.seriesuid)
-        patch = crop_patch(scan.volume, plan.center_zyx_vox, self.size,
-                           self.pad_values[plan.seriesuid])
-        target = self._target(plan)
-        image = to_unit(patch)
-        if rng is not None and self.augmentation != NO_AUGMENTATION:
-            image, target = augment(image, target, rng, self.augmentation)
-        return image[..., None], target.astype(np.float32)[..., None]
+        patch = crop_view(scan.volume, plan.center_zyx_vox, self.size,
+                          self.pad_values[plan.seriesuid])
+        transform = IDENTITY if rng is None else draw_transform(rng, self.augmentation,
+                                                                patch.shape)
+        _, mask = apply_transform(patch, self._target(plan), transform, image[..., 0])
+        target[..., 0] = mask
+        return image, target
 
     def _target(self, plan: PatchPlan) -> np.ndarray:
         if self.nodule_masks_dir is not None:
@@ -566,14 +598,25 @@ class ClassificationSampler:
         return int(self.negatives[rng.integers(len(self.negatives))])
 
     def sample(self, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray]:
-        rng = _sample_rng(self.seed, epoch, index)
-        row = self.draw_row(rng)
-        shift = rng.integers(-self.max_shift_vox, self.max_shift_vox + 1, size=3)
-        uid = self._uids[row]
-        cube = crop_patch(self.pool.get(uid).volume, self._centers[row] + shift, self.size,
-                          self.pad_values[uid])
-        image, _ = augment(to_unit(cube), None, rng, self.augmentation)
-        return image[..., None], self._labels[row:row + 1].copy()
+        images, labels = self.sample_batch(epoch, [index])
+        return images[0], labels[0]
+
+    def sample_batch(self, epoch: int, indices) -> tuple[np.ndarray, np.ndarray]:
+        """Samples ``indices`` of ``epoch``: cubes float32 ``(n, c, c, c, 1)`` and labels
+        float32 ``(n, 1)``, each exactly ``sample(epoch, index)``."""
+        images = np.empty((len(indices),) + (self.size,) * 3 + (1,), dtype=np.float32)
+        labels = np.empty((len(indices), 1), dtype=np.float32)
+        for j, index in enumerate(indices):
+            rng = _sample_rng(self.seed, epoch, index)
+            row = self.draw_row(rng)
+            shift = rng.integers(-self.max_shift_vox, self.max_shift_vox + 1, size=3)
+            uid = self._uids[row]
+            cube = crop_view(self.pool.get(uid).volume, self._centers[row] + shift, self.size,
+                             self.pad_values[uid])
+            transform = draw_transform(rng, self.augmentation, cube.shape)
+            apply_transform(cube, None, transform, images[j, ..., 0])
+            labels[j] = self._labels[row]
+        return images, labels
 
 
 def cube_batches(cache_dir, table: pd.DataFrame, cube_size: int, batch_size: int = 64):
@@ -629,6 +672,34 @@ def _pair_dataset(fetch, image_shape, target_shape, indices, batch_size: int, wo
             .prefetch(tf.data.AUTOTUNE).with_options(options))
 
 
+def _batch_dataset(sampler, image_shape, target_shape, batch_size: int, per_epoch: int,
+                   epoch_offset: int, workers: int):
+    """Endless batches ``sampler.sample_batch``, one numpy call per batch: batch ``b``
+    (counted from the first of epoch ``epoch_offset``) holds samples ``b * batch_size ...``
+    of the endless count (see ``_counter``), in order whatever the number of parallel
+    calls. ``per_epoch`` is a multiple of ``batch_size``, so no batch spans two epochs."""
+    import tensorflow as tf
+
+    def fetch(b):
+        first = int(b) * batch_size
+        epoch, index = divmod(first, per_epoch)
+        return sampler.sample_batch(epoch, range(index, index + batch_size))
+
+    def load(b):
+        images, targets = tf.numpy_function(fetch, [b], (tf.float32, tf.float32),
+                                            stateful=False)
+        images.set_shape((batch_size, *image_shape))
+        targets.set_shape((batch_size, *target_shape))
+        return images, targets
+
+    options = tf.data.Options()
+    options.deterministic = True
+    first_batch = int(epoch_offset) * per_epoch // batch_size
+    return (tf.data.Dataset.counter(first_batch)
+            .map(load, num_parallel_calls=max(1, int(workers)), deterministic=True)
+            .prefetch(tf.data.AUTOTUNE).with_options(options))
+
+
 def _counter(epoch_offset: int, per_epoch: int):
     """Endless sample counter from the first sample of ``epoch_offset``: count k is sample
     ``k % per_epoch`` of epoch ``k // per_epoch``. Keras keeps one iterator across epochs
@@ -647,20 +718,15 @@ def segmentation_dataset(cache_dir, seriesuids, cfg: SegmentationConfig = Segmen
 
     Batch ``b`` of epoch ``e`` holds samples ``b * batch_size ...`` of epoch ``e`` (see
     ``SegmentationSampler``); start a resumed run with ``epoch_offset`` = epochs done.
-    ``workers`` parallel numpy calls in threads (``PyDataset`` worker processes would
-    pickle every patch).
+    ``workers`` parallel numpy calls (one per batch) in threads (``PyDataset`` worker
+    processes would pickle every patch).
     """
     batch_size = batch_size or cfg.batch_size
     per_epoch = (steps_per_epoch or cfg.steps_per_epoch) * batch_size
     sampler = SegmentationSampler(cache_dir, seriesuids, cfg, seed, augment=augment,
                                   **sampler_options)
-
-    def fetch(k):
-        return sampler.sample(k // per_epoch, k % per_epoch)
-
     shape = (sampler.size,) * 3 + (1,)
-    return _pair_dataset(fetch, shape, shape, _counter(epoch_offset, per_epoch),
-                         batch_size, workers, True)
+    return _batch_dataset(sampler, shape, shape, batch_size, per_epoch, epoch_offset, workers)
 
 
 def segmentation_validation_dataset(cache_dir, seriesuids,
@@ -692,12 +758,8 @@ def classification_dataset(cache_dir, table: pd.DataFrame,
     per_epoch = (steps_per_epoch or cfg.steps_per_epoch) * batch_size
     sampler = ClassificationSampler(cache_dir, table, cfg, seed, augment=augment,
                                     **sampler_options)
-
-    def fetch(k):
-        return sampler.sample(k // per_epoch, k % per_epoch)
-
-    return _pair_dataset(fetch, (sampler.size,) * 3 + (1,), (1,),
-                         _counter(epoch_offset, per_epoch), batch_size, workers, True)
+    return _batch_dataset(sampler, (sampler.size,) * 3 + (1,), (1,), batch_size, per_epoch,
+                          epoch_offset, workers)
 
 
 def view_dataset(cache_dir, table: pd.DataFrame, settings, cfg: ClassificationConfig = ClassificationConfig(),
