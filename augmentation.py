@@ -134,13 +134,15 @@ def augment(patch: np.ndarray, target: np.ndarray | None, rng: np.random.Generat
     (float32, C-contiguous, shape of ``patch``) when given; deterministic given ``rng``.
     """
     transform = draw_transform(rng, cfg, patch.shape)
-    return apply_transform(patch, target, transform, out)
+    image, target = apply_transform(patch, target, transform, out)
+    return image, None if target is None else np.ascontiguousarray(target)
 
 
 def apply_transform(patch: np.ndarray, target: np.ndarray | None, transform: Transform,
                     out: np.ndarray | None = None):
     """``transform`` applied to ``patch`` (uint8 cache values or float in [0, 1]) and
-    ``target``; see ``augment``."""
+    ``target``; see ``augment``. The target comes back as a view where it can (flips and
+    turns), for the caller to copy where it wants it."""
     if target is not None and target.shape[:3] != patch.shape[:3]:
         raise ValueError(f"target shape {target.shape} does not match patch shape {patch.shape}")
     if patch.ndim < 3:
@@ -160,7 +162,7 @@ def apply_transform(patch: np.ndarray, target: np.ndarray | None, transform: Tra
     _add_noise(out, transform)
     if (transform.scale != 1.0 or transform.offset != 0.0 or transform.noise_sigma != 0.0):
         np.clip(out, 0.0, 1.0, out=out)
-    return out, None if target is None else np.ascontiguousarray(target)
+    return out, target
 
 
 def _flipped(arrays: list, transform: Transform) -> list:

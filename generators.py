@@ -250,6 +250,17 @@ def _check_seriesuids(cache_dir, seriesuids) -> tuple[dict[str, cache.ScanMeta],
     return metas, uids
 
 
+def aligned_empty(shape, dtype, zero: bool = False, alignment: int = 64) -> np.ndarray:
+    """An uninitialised (or zero) array whose data start on an ``alignment``-byte
+    boundary: ``tf.numpy_function`` hands such an array to TensorFlow without copying it
+    (TensorFlow needs its own 64-byte alignment), which saves a copy of every batch."""
+    dtype = np.dtype(dtype)
+    count = int(np.prod(shape))
+    raw = (np.zeros if zero else np.empty)(count * dtype.itemsize + alignment, dtype=np.uint8)
+    start = -raw.ctypes.data % alignment
+    return raw[start:start + count * dtype.itemsize].view(dtype).reshape(shape)
+
+
 def _sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), int(epoch), int(index)])
 
@@ -360,22 +371,25 @@ class SegmentationSampler:
         images, targets = self.sample_batch(epoch, [index])
         return images[0], targets[0]
 
-    def sample_batch(self, epoch: int, indices) -> tuple[np.ndarray, np.ndarray]:
-        """Samples ``indices`` of ``epoch``: images and targets float32 ``(n, s, s, s, 1)``,
-        each exactly ``sample(epoch, index)``."""
-        images, targets = self._empty_batch(len(indices))
+    def sample_batch(self, epoch: int, indices, target_dtype=np.float32) \
+            -> tuple[np.ndarray, np.ndarray]:
+        """Samples ``indices`` of ``epoch``: images float32 and targets ``target_dtype``
+        (0 / 1) ``(n, s, s, s, 1)``, each exactly ``sample(epoch, index)``."""
+        images, targets = self._empty_batch(len(indices), target_dtype)
         for j, index in enumerate(indices):
             rng = _sample_rng(self.seed, epoch, index)
             self.render(self._draw_plan(rng), rng, out=(images[j], targets[j]))
         return images, targets
 
-    def _empty_batch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+    def _empty_batch(self, n: int, target_dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
         shape = (int(n),) + (self.size,) * 3 + (1,)
-        return np.empty(shape, dtype=np.float32), np.empty(shape, dtype=np.float32)
+        # zeros: the pages of a negative's empty target are never touched
+        return aligned_empty(shape, np.float32), aligned_empty(shape, target_dtype, zero=True)
 
     def render(self, plan: PatchPlan, rng: np.random.Generator | None = None, out=None):
         """Crop (and, given ``rng``, augment) the patch of ``plan``: ``(image, target)``
-        float32 ``(s, s, s, 1)``, written into ``out`` (such a pair) when given."""
+        float32 ``(s, s, s, 1)``, written into ``out`` (such a pair, the target zero)
+        when given."""
         if out is None:
             images, targets = self._empty_batch(1)
             return self.render(plan, rng, (images[0], targets[0]))
@@ -386,25 +400,28 @@ class SegmentationSampler:
         transform = IDENTITY if rng is None else draw_transform(rng, self.augmentation,
                                                                 patch.shape)
         _, mask = apply_transform(patch, self._target(plan), transform, image[..., 0])
-        target[..., 0] = mask
+        if mask is not None:
+            target[..., 0] = mask
         return image, target
 
-    def _target(self, plan: PatchPlan) -> np.ndarray:
+    def _target(self, plan: PatchPlan) -> np.ndarray | None:
+        """Boolean target mask of ``plan``'s patch; None where it is empty."""
         if self.nodule_masks_dir is not None:
             path = self.nodule_masks_dir / f"{plan.seriesuid}.npy"
             if path.exists():
                 masks = np.load(path, mmap_mode="r", allow_pickle=False)
                 return crop_patch(masks, plan.center_zyx_vox, self.size, 0) > 0
         nodules = self._by_scan.get(plan.seriesuid)
-        shape = (self.size,) * 3
         if nodules is None:
-            return np.zeros(shape, dtype=bool)
+            return None
         local = nodules.copy()
         local[:, :3] -= crop_start(plan.center_zyx_vox, self.size)
         radius = np.maximum(local[:, 3] / 2.0, MIN_TARGET_RADIUS_VOX)
         touching = np.all((local[:, :3] + radius[:, None] >= 0)
                           & (local[:, :3] - radius[:, None] <= self.size - 1), axis=1)
-        return _sphere_union(shape, local[touching])
+        if not touching.any():
+            return None
+        return _sphere_union((self.size,) * 3, local[touching])
 
     # -- fixed validation set -----------------------------------------------------------
 
@@ -604,7 +621,7 @@ class ClassificationSampler:
     def sample_batch(self, epoch: int, indices) -> tuple[np.ndarray, np.ndarray]:
         """Samples ``indices`` of ``epoch``: cubes float32 ``(n, c, c, c, 1)`` and labels
         float32 ``(n, 1)``, each exactly ``sample(epoch, index)``."""
-        images = np.empty((len(indices),) + (self.size,) * 3 + (1,), dtype=np.float32)
+        images = aligned_empty((len(indices),) + (self.size,) * 3 + (1,), np.float32)
         labels = np.empty((len(indices), 1), dtype=np.float32)
         for j, index in enumerate(indices):
             rng = _sample_rng(self.seed, epoch, index)
@@ -673,24 +690,28 @@ def _pair_dataset(fetch, image_shape, target_shape, indices, batch_size: int, wo
 
 
 def _batch_dataset(sampler, image_shape, target_shape, batch_size: int, per_epoch: int,
-                   epoch_offset: int, workers: int):
+                   epoch_offset: int, workers: int, target_dtype=np.float32):
     """Endless batches ``sampler.sample_batch``, one numpy call per batch: batch ``b``
     (counted from the first of epoch ``epoch_offset``) holds samples ``b * batch_size ...``
     of the endless count (see ``_counter``), in order whatever the number of parallel
-    calls. ``per_epoch`` is a multiple of ``batch_size``, so no batch spans two epochs."""
+    calls. ``per_epoch`` is a multiple of ``batch_size``, so no batch spans two epochs.
+    Targets come out of numpy as ``target_dtype`` (uint8 masks: a quarter of the bytes
+    for the Python thread to write) and are float32 after a cast in the graph."""
     import tensorflow as tf
 
     def fetch(b):
         first = int(b) * batch_size
         epoch, index = divmod(first, per_epoch)
-        return sampler.sample_batch(epoch, range(index, index + batch_size))
+        if target_dtype == np.float32:
+            return sampler.sample_batch(epoch, range(index, index + batch_size))
+        return sampler.sample_batch(epoch, range(index, index + batch_size), target_dtype)
 
     def load(b):
-        images, targets = tf.numpy_function(fetch, [b], (tf.float32, tf.float32),
+        images, targets = tf.numpy_function(fetch, [b], (tf.float32, tf.as_dtype(target_dtype)),
                                             stateful=False)
         images.set_shape((batch_size, *image_shape))
         targets.set_shape((batch_size, *target_shape))
-        return images, targets
+        return images, tf.cast(targets, tf.float32)
 
     options = tf.data.Options()
     options.deterministic = True
@@ -726,7 +747,8 @@ def segmentation_dataset(cache_dir, seriesuids, cfg: SegmentationConfig = Segmen
     sampler = SegmentationSampler(cache_dir, seriesuids, cfg, seed, augment=augment,
                                   **sampler_options)
     shape = (sampler.size,) * 3 + (1,)
-    return _batch_dataset(sampler, shape, shape, batch_size, per_epoch, epoch_offset, workers)
+    return _batch_dataset(sampler, shape, shape, batch_size, per_epoch, epoch_offset, workers,
+                          np.uint8)
 
 
 def segmentation_validation_dataset(cache_dir, seriesuids,

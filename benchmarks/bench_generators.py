@@ -153,8 +153,10 @@ def reference_segmentation_sample(sampler, volume_of, epoch: int, index: int):
     plan = sampler._draw_plan(rng)
     patch = gen.crop_patch(volume_of(plan.seriesuid), plan.center_zyx_vox, sampler.size,
                            sampler.pad_values[plan.seriesuid])
-    image, target = reference_augment(gen.to_unit(patch), sampler._target(plan), rng,
-                                      sampler.augmentation)
+    target = sampler._target(plan)
+    if target is None:
+        target = np.zeros(patch.shape, dtype=bool)
+    image, target = reference_augment(gen.to_unit(patch), target, rng, sampler.augmentation)
     return image[..., None], target.astype(np.float32)[..., None]
 
 
@@ -226,16 +228,21 @@ def make_iterator(pipeline: str, method: str, cache_dir: Path, uids, table):
 
 
 def measure(pipeline: str, method: str, cache_dir: Path, uids, table, batches: int,
-            warmup: int) -> float:
-    """Patches per second over ``batches`` batches after ``warmup`` batches."""
+            warmup: int) -> tuple[float, float]:
+    """Patches per second, and CPU milliseconds (all threads of this process) per patch,
+    over ``batches`` batches after ``warmup`` batches. On a shared machine the CPU time
+    says what a patch costs whatever the others take; prefetching makes it count a few
+    batches beyond the timed ones."""
     iterator = make_iterator(pipeline, method, cache_dir, uids, table)
     for _ in range(warmup):
         next(iterator)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     for _ in range(batches):
         images, _ = next(iterator)
         assert images.shape[0] == BATCH_SIZE
-    return batches * BATCH_SIZE / (time.perf_counter() - started)
+    patches = batches * BATCH_SIZE
+    cpu_ms = (time.process_time() - cpu_started) * 1e3 / patches
+    return patches / (time.perf_counter() - started), cpu_ms
 
 
 # --------------------------------------------------------------------------- report
@@ -259,14 +266,14 @@ def markdown(rows: list[dict], info: dict) -> str:
         "default augmentation; median of the repeats (the methods take turns in each).",
         "",
         "| scans | pipeline | patch | method | patches/s (median) | runs | vs before | "
-        "vs naive |",
-        "|---|---|---|---|---:|---|---:|---:|",
+        "vs naive | CPU ms per patch (median) |",
+        "|---|---|---|---|---:|---|---:|---:|---:|",
     ]
     for row in rows:
         runs = ", ".join(f"{v:.0f}" for v in row["runs"])
         lines.append(f"| {row['scans']} | {row['pipeline']} | {row['patch']} | {row['method']} "
                      f"| {row['median']:.0f} | {runs} | {row['vs_before']:.1f}x "
-                     f"| {row['vs_naive']:.1f}x |")
+                     f"| {row['vs_naive']:.1f}x | {row['cpu_ms_per_patch']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -277,8 +284,9 @@ def compare_methods(pipeline: str, cache_dir: Path, uids, table, args, name: str
         for method in METHODS:
             results[method].append(measure(pipeline, method, cache_dir, uids, table,
                                            args.batches, args.warmup))
-            print(f"{name} {pipeline} {method}: {results[method][-1]:.0f} patches/s",
-                  file=sys.stderr)
+            rate, cpu_ms = results[method][-1]
+            print(f"{name} {pipeline} {method}: {rate:.0f} patches/s, {cpu_ms:.2f} CPU ms "
+                  "per patch", file=sys.stderr)
     return results
 
 
@@ -338,11 +346,13 @@ def main(argv=None) -> int:
             table = gen.candidate_table(cache_dir, uids)
             for pipeline, patch in (("segmentation", "64^3"), ("classification", "32^3")):
                 results = compare_methods(pipeline, cache_dir, uids, table, args, name)
-                medians = {m: statistics.median(runs) for m, runs in results.items()}
+                medians = {m: statistics.median(r for r, _ in runs)
+                           for m, runs in results.items()}
                 for method, runs in results.items():
                     rows.append({"scans": name, "cache": described, "pipeline": pipeline,
                                  "patch": patch, "method": method, "median": medians[method],
-                                 "runs": runs,
+                                 "runs": [r for r, _ in runs],
+                                 "cpu_ms_per_patch": statistics.median(c for _, c in runs),
                                  "vs_before": medians[method] / medians["before, workers=2"],
                                  "vs_naive": medians[method] / medians["naive"]})
     finally:
