@@ -29,6 +29,7 @@ classifier.
 from __future__ import annotations
 
 import json
+import math
 import threading
 import warnings
 from collections import OrderedDict
@@ -90,14 +91,19 @@ def crop_patch(volume: np.ndarray, center_zyx_vox, size_zyx, pad_value=0) -> np.
     return out
 
 
-def crop_view(volume: np.ndarray, center_zyx_vox, size_zyx, pad_value=0) -> np.ndarray:
-    """``crop_patch``, but a read-only view of ``volume`` (no copy) when the crop lies
-    inside it: the training samplers read the memory-mapped cache once, in the pass that
-    converts and augments."""
-    size = _triple(size_zyx)
-    start = crop_start(center_zyx_vox, size)
-    if np.all(start >= 0) and np.all(start + size <= np.asarray(volume.shape[:3])):
-        return np.asarray(volume[tuple(slice(a, a + n) for a, n in zip(start, size))])
+def crop_view(volume: np.ndarray, center_zyx_vox, size: int, pad_value=0) -> np.ndarray:
+    """``crop_patch`` of a cube of ``size``, but a read-only view of ``volume`` (no copy)
+    when the crop lies inside it: the training samplers read the memory-mapped cache once,
+    in the pass that converts and augments. The centring is ``crop_start``'s, in plain
+    Python numbers (numpy's per-call overhead on three numbers is most of a small crop)."""
+    size = int(size)
+    try:
+        start = [math.floor(float(c) + 0.5) - size // 2 for c in center_zyx_vox]
+    except (TypeError, ValueError, OverflowError):  # crop_patch names the problem
+        start = []
+    if len(start) == 3 and all(0 <= a <= n - size for a, n in zip(start, volume.shape)):
+        z, y, x = start
+        return np.asarray(volume[z:z + size, y:y + size, x:x + size])
     return crop_patch(volume, center_zyx_vox, size, pad_value)
 
 
@@ -250,6 +256,25 @@ def _check_seriesuids(cache_dir, seriesuids) -> tuple[dict[str, cache.ScanMeta],
     return metas, uids
 
 
+def choice_cdf(p) -> np.ndarray | None:
+    """The cumulative distribution ``np.random.Generator.choice`` builds from ``p`` on
+    every call (None where it has nothing to build: no ``p``, or no positive weight)."""
+    if p is None or len(p) == 0 or not np.sum(p) > 0:
+        return None
+    cdf = np.asarray(p, dtype=np.float64).cumsum()
+    cdf /= cdf[-1]
+    return cdf
+
+
+def weighted_choice(rng: np.random.Generator, cdf: np.ndarray | None, p) -> int:
+    """``rng.choice(len(p), p=p)``, the same draw and the same number taken from ``rng``,
+    from ``cdf = choice_cdf(p)`` built once: ``choice`` checks and sums ``p`` on every
+    call, which costs more than the rest of a classifier cube's sampling."""
+    if cdf is None:
+        return int(rng.choice(len(p), p=p))
+    return int(cdf.searchsorted(rng.random(), side="right"))
+
+
 def aligned_empty(shape, dtype, zero: bool = False, alignment: int = 64) -> np.ndarray:
     """An uninitialised (or zero) array whose data start on an ``alignment``-byte
     boundary: ``tf.numpy_function`` hands such an array to TensorFlow without copying it
@@ -321,6 +346,7 @@ class SegmentationSampler:
         self.nodules = nodules
         weights = size_weights(diameter_mm, cfg.size_bins_mm, cfg.size_weights)
         self.nodule_probabilities = weights / weights.sum() if weights.sum() > 0 else weights
+        self._nodule_cdf = choice_cdf(self.nodule_probabilities)
         self._nodule_zyx = nodules[VOXEL_COLUMNS].to_numpy(np.float64)
         self._nodule_diameter_vox = nodules["diameter_vox"].to_numpy(np.float64)
         self._nodule_uids = nodules["seriesuid"].to_numpy(str)
@@ -353,7 +379,7 @@ class SegmentationSampler:
             uid = self.seriesuids[int(rng.integers(len(self.seriesuids)))]
             center = self.pool.random_lung_voxel(uid, rng)
             return PatchPlan(uid, tuple(float(v) for v in center), False)
-        row = int(rng.choice(len(self.nodules), p=self.nodule_probabilities))
+        row = weighted_choice(rng, self._nodule_cdf, self.nodule_probabilities)
         center = self._nodule_zyx[row]
         # Keep the whole sphere inside: |shift| + radius <= the shorter half of the patch
         # (less half a voxel: the crop rounds the centre).
@@ -601,6 +627,7 @@ class ClassificationSampler:
                      else np.full(len(table), np.nan))
         weights = size_weights(diameters[self.positives], cfg.size_bins_mm, cfg.size_weights)
         self.positive_probabilities = weights / weights.sum() if weights.sum() > 0 else None
+        self._positive_cdf = choice_cdf(self.positive_probabilities)
         self._centers = table[VOXEL_COLUMNS].to_numpy(np.float64)
         self._uids = table["seriesuid"].to_numpy()
         self._labels = labels.astype(np.float32)
@@ -610,8 +637,8 @@ class ClassificationSampler:
         positive = len(self.negatives) == 0 or (
             len(self.positives) > 0 and rng.random() < self.cfg.positive_fraction)
         if positive:
-            return int(self.positives[rng.choice(len(self.positives),
-                                                 p=self.positive_probabilities)])
+            return int(self.positives[weighted_choice(rng, self._positive_cdf,
+                                                      self.positive_probabilities)])
         return int(self.negatives[rng.integers(len(self.negatives))])
 
     def sample(self, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray]:
