@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_check.py --out benchmarks/results/gpu_check.md
     python benchmarks/gpu_check.py --classifier densenet --steps 30
+    python benchmarks/gpu_check.py --nondeterministic    # without op determinism (XLA on)
     python benchmarks/gpu_check.py --cpu-smoke --out /tmp/gpu_check.md   # same code, tiny, CPU
 
 Where ``tf.config.list_physical_devices("GPU")`` finds no GPU it prints "no GPU visible:
@@ -14,9 +15,11 @@ profile's settings (``config.load_profile("full")``):
   on one GPU and under ``tf.distribute.MirroredStrategy`` over all visible GPUs (with one
   GPU the mirrored row says "1 GPU: mirrored = single"). Both go through
   ``training.setup_strategy``, as ``--mixed-precision`` / ``--distribute mirrored`` do in
-  the training scripts (op determinism included, as ``training.deterministic`` says), and
-  ``model.fit`` on one synthetic batch repeated, so the figure is the device's alone:
-  ``--warmup`` steps (tracing), then ``--steps`` timed steps;
+  the training scripts, and ``model.fit`` on one synthetic batch repeated, so the figure is
+  the device's alone: ``--warmup`` steps (tracing), then ``--steps`` timed steps. Op
+  determinism is on, as ``training.deterministic`` has it by default (Keras then compiles
+  without XLA); ``--nondeterministic`` measures without it, for the whole run (TensorFlow
+  cannot turn it off again in a process);
 * next to them, the samples/s of the input pipeline that feeds that training
   (``generators.segmentation_dataset`` / ``classification_dataset`` with the default
   augmentation) at ``training.workers`` parallel calls and at one per CPU core: the
@@ -29,7 +32,9 @@ profile's settings (``config.load_profile("full")``):
 
 The table (Markdown) goes to stdout and, with ``--out FILE``, to FILE. Each measurement is
 short (a few dozen steps), so the whole check takes a few minutes on one GPU; one that
-fails (out of memory, say) is a row with its error, and the others still run.
+fails (out of memory, say) is a row with its error, and the others still run; once
+``--budget-s`` seconds have passed, the rows not yet measured say so instead (lent GPU
+machines come with minutes, not hours).
 ``--cpu-smoke`` runs every code path on the CPU with tiny models and sizes, for the test.
 """
 
@@ -69,10 +74,11 @@ def visible_gpus() -> list:
 # --------------------------------------------------------------------------- data
 
 
-def settings(cpu_smoke: bool, classifier: str):
+def settings(cpu_smoke: bool, classifier: str, deterministic: bool = True):
     import config as config_lib
 
     overrides = dict(SMOKE_OVERRIDES) if cpu_smoke else {}
+    overrides["training.deterministic"] = deterministic
     if cpu_smoke and classifier == "resnet":
         overrides["classification.resnet.blocks_per_stage"] = (1, 1)
         overrides["classification.resnet.base_filters"] = 2
@@ -207,17 +213,34 @@ class Row:
     pipeline: str = ""
 
 
-def measured(function, *args) -> str:
-    """``function(*args)``, or the error it raised (the check goes on)."""
+class Budget:
+    """Seconds left for measurements (``--budget-s``)."""
+
+    def __init__(self, seconds: float):
+        self.deadline = time.perf_counter() + seconds
+
+    def spent(self) -> bool:
+        return time.perf_counter() > self.deadline
+
+
+def measured(budget: Budget, function, *args):
+    """``function(*args)``, or the error it raised (the check goes on), or "skipped" once
+    the time budget is spent; the models it built are released either way."""
+    import keras
+
+    if budget.spent():
+        return "skipped: --budget-s spent"
     try:
         return function(*args)
     except Exception as err:  # noqa: BLE001 - one failing measurement is a row, not the end
         first_line = (str(err).splitlines() or [""])[0][:160].replace("|", "/")
         return f"error: {type(err).__name__}: {first_line}"
+    finally:
+        keras.backend.clear_session()
 
 
 def training_rows(name: str, build, batch_shape, target_shape, pipeline: str, cfg, args,
-                  n_gpus: int) -> list[Row]:
+                  n_gpus: int, budget: Budget) -> list[Row]:
     """float32 and mixed precision, single device and mirrored, of one model."""
     single = "1 GPU" if n_gpus else "CPU"
     rows = []
@@ -227,8 +250,8 @@ def training_rows(name: str, build, batch_shape, target_shape, pipeline: str, cf
             if mirrored and n_gpus <= 1:
                 rows.append(Row(name, precision, "mirrored", "1 GPU: mirrored = single"))
                 continue
-            rate = measured(training_samples_per_second, build, batch_shape, target_shape,
-                            cfg, mixed, mirrored, args.steps, args.warmup)
+            rate = measured(budget, training_samples_per_second, build, batch_shape,
+                            target_shape, cfg, mixed, mirrored, args.steps, args.warmup)
             devices = f"mirrored over {n_gpus} GPUs" if mirrored else single
             figure = rate if isinstance(rate, str) else f"{rate:.0f} samples/s"
             rows.append(Row(name, precision, devices, figure, pipeline))
@@ -251,7 +274,8 @@ def describe_devices(gpus) -> str:
     names = []
     for gpu in gpus:
         try:
-            names.append(tf.config.experimental.get_device_details(gpu).get("device_name", gpu.name))
+            details = tf.config.experimental.get_device_details(gpu)
+            names.append(details.get("device_name", gpu.name))
         except (ValueError, RuntimeError):
             names.append(gpu.name)
     return ", ".join(names) if names else "CPU only (--cpu-smoke)"
@@ -266,13 +290,18 @@ def parse_args(argv):
     parser.add_argument("--out", help="also write the Markdown table to this file")
     parser.add_argument("--cpu-smoke", action="store_true",
                         help="run every code path on the CPU with tiny sizes (the test)")
-    parser.add_argument("--classifier", default="resnet", help="classifier to train (models."
-                                                                "CLASSIFIERS name; default resnet)")
+    parser.add_argument("--classifier", default="resnet",
+                        help="classifier to train (a models.CLASSIFIERS name; default resnet)")
     parser.add_argument("--steps", type=int, default=None,
                         help="timed training steps per row (default 20; 2 with --cpu-smoke)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--pipeline-batches", type=int, default=None,
                         help="timed input pipeline batches (default 20; 2 with --cpu-smoke)")
+    parser.add_argument("--nondeterministic", action="store_true",
+                        help="training.deterministic=false: no op determinism (XLA allowed)")
+    parser.add_argument("--budget-s", type=float, default=480.0,
+                        help="skip the measurements not started after this many seconds "
+                             "(default 480)")
     parser.add_argument("--scan-shape", type=int, nargs=3, default=None,
                         metavar=("Z", "Y", "X"), help="synthetic scan for detection "
                                                       "(default 300 512 512)")
@@ -321,35 +350,36 @@ def run_checks(args, gpus) -> tuple[list[Row], str]:
     if args.classifier not in models.CLASSIFIERS:
         raise SystemExit(f"error: --classifier {args.classifier}: not one of "
                          f"{', '.join(sorted(models.CLASSIFIERS))}")
-    cfg = settings(args.cpu_smoke, args.classifier)
+    cfg = settings(args.cpu_smoke, args.classifier, not args.nondeterministic)
     seg, cls = cfg.segmentation, cfg.classification
     started = time.perf_counter()
+    budget = Budget(args.budget_s)
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
         cache_dir = Path(tmp) / "cache"
         scan = write_scan(cache_dir, args.scan_shape)
-        seg_pipeline = measured(pipeline_figures, "segmentation", cache_dir, cfg,
+        seg_pipeline = measured(budget, pipeline_figures, "segmentation", cache_dir, cfg,
                                 args.pipeline_batches, args.warmup)
-        cls_pipeline = measured(pipeline_figures, "classification", cache_dir, cfg,
+        cls_pipeline = measured(budget, pipeline_figures, "classification", cache_dir, cfg,
                                 args.pipeline_batches, args.warmup)
         patch, cube = (seg.patch_size,) * 3, (cls.cube_size,) * 3
         rows = training_rows(
             f"{seg.model} training {'x'.join(map(str, patch))}, batch {seg.batch_size}",
             lambda: train_segmentation.build_and_compile(cfg), (seg.batch_size, *patch, 1),
-            (seg.batch_size, *patch, 1), seg_pipeline, cfg, args, len(gpus))
+            (seg.batch_size, *patch, 1), seg_pipeline, cfg, args, len(gpus), budget)
         rows += training_rows(
             f"{args.classifier} training {'x'.join(map(str, cube))}, batch {cls.batch_size}",
             lambda: train_classification.build_and_compile(args.classifier, cfg),
             (cls.batch_size, *cube, 1), (cls.batch_size, 1), cls_pipeline, cfg, args,
-            len(gpus))
+            len(gpus), budget)
         shape = "x".join(map(str, args.scan_shape))
         for mixed in (False, True):
             rows.append(Row(f"detection, {shape} scan, batch {cfg.inference.batch_size}",
                             "mixed_float16" if mixed else "float32", "1 GPU" if gpus else "CPU",
-                            measured(detection_seconds, cache_dir, cfg, mixed)))
+                            measured(budget, detection_seconds, cache_dir, cfg, mixed)))
     strategy_for(cfg, mixed=False, mirrored=False)  # leave the float32 policy behind
     header = (f"# GPU check\n\n{describe_devices(gpus)}; {os.cpu_count()} CPU cores; profile "
               f"{'full with tiny --cpu-smoke sizes' if args.cpu_smoke else 'full'}; "
-              f"op determinism {'on' if cfg.training.deterministic else 'off'}; "
+              f"op determinism {'on (no XLA)' if cfg.training.deterministic else 'off'}; "
               f"{args.steps} timed training steps after {args.warmup}; scan "
               f"{scan['shape_zyx']} ({scan['volume_mib']} MiB); "
               f"{time.perf_counter() - started:.0f} s in all.")
