@@ -312,6 +312,11 @@ def parse_args(argv):
                                                  else (300, 512, 512)))
     if min(args.steps, args.pipeline_batches, *args.scan_shape) < 1 or args.warmup < 0:
         parser.error("--steps, --pipeline-batches and --scan-shape must be >= 1, --warmup >= 0")
+    import models  # the 3D classifiers: the rows train on cubes
+
+    if args.classifier not in models.CLASSIFIERS:
+        parser.error(f"--classifier {args.classifier}: not one of "
+                     f"{', '.join(sorted(models.CLASSIFIERS))}")
     return args
 
 
@@ -343,13 +348,9 @@ def main(argv=None) -> int:
 
 
 def run_checks(args, gpus) -> tuple[list[Row], str]:
-    import models
     import train_classification
     import train_segmentation
 
-    if args.classifier not in models.CLASSIFIERS:
-        raise SystemExit(f"error: --classifier {args.classifier}: not one of "
-                         f"{', '.join(sorted(models.CLASSIFIERS))}")
     cfg = settings(args.cpu_smoke, args.classifier, not args.nondeterministic)
     seg, cls = cfg.segmentation, cfg.classification
     started = time.perf_counter()
