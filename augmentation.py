@@ -11,7 +11,8 @@ samplers of ``generators.py`` stay deterministic per ``(seed, epoch, index)``;
   float32 applies the intensity scale and offset on the way;
 * a small rotation is a sparse bilinear resampling matrix of the rotation plane
   (``scipy.sparse``), built once per angle of a ``ROTATION_STEP_DEG`` grid and shared by
-  every patch of that size (``scipy.ndimage.rotate`` costs ~30x more per patch);
+  every patch of that size: what ``scipy.ndimage.rotate`` computes, without its
+  per-voxel spline machinery;
 * Gaussian noise is a window of a fixed bank of standard normals (``noise_bank``) at a
   random start, with a random sign, scaled by the drawn strength: drawing fresh normals
   cost more than everything else together.
@@ -94,33 +95,36 @@ _DRAWS = 14
 
 
 def draw_transform(rng: np.random.Generator, cfg: Augmentation, shape) -> Transform:
-    """The random transform of one sample of shape ``shape`` (``(z, y, x[, c])``), from one call of
-    ``rng`` (deterministic given ``rng``): flips with probability 1/2 per axis, 0-3 quarter
-    turns per allowed plane, with ``rotate_probability`` a rotation by a multiple of
-    ``ROTATION_STEP_DEG`` up to ``rotate_max_deg`` in a random plane, scale, offset and
-    noise strength uniform in their configured ranges."""
+    """The random transform of one sample of shape ``shape`` (``(z, y, x[, c])``), from
+    one call of ``rng`` (deterministic given ``rng``): flips with probability 1/2 per axis,
+    0-3 quarter turns per allowed plane, with ``rotate_probability`` a rotation by a
+    multiple of ``ROTATION_STEP_DEG`` up to ``rotate_max_deg`` in a random plane, scale,
+    offset and noise strength uniform in their configured ranges."""
     if cfg == NO_AUGMENTATION:
         return IDENTITY
     u = rng.random(_DRAWS)
+    flip_u, turn_u = u[0:3], u[3:6]
+    rotate_u, angle_u, plane_u = u[6:9]
+    scale_u, offset_u, sigma_u, sign_u, start_u = u[9:14]
     d, h, w = (int(n) for n in shape[:3])
-    flips = tuple(a for a in range(3) if cfg.flip and u[a] < 0.5)
+    flips = tuple(axis for axis in range(3) if cfg.flip and flip_u[axis] < 0.5)
     planes = [(1, 2)] if cfg.rot90_axial and h == w else []
     if cfg.rot90_all and d == h == w:
         planes += [(0, 1), (0, 2)]
-    turns = tuple((plane, int(u[3 + k] * 4)) for k, plane in enumerate(planes)
-                  if int(u[3 + k] * 4))
+    turns = tuple((plane, int(turn_u[k] * 4)) for k, plane in enumerate(planes)
+                  if int(turn_u[k] * 4))
     max_steps = int(np.floor(cfg.rotate_max_deg / ROTATION_STEP_DEG + 1e-9))
-    rotate = max_steps > 0 and u[6] < cfg.rotate_probability
-    steps = int(u[7] * (2 * max_steps + 1)) - max_steps if rotate else 0
-    plane = ROTATION_PLANES[int(u[8] * len(ROTATION_PLANES))] if steps else None
-    sigma = u[11] * cfg.noise_sigma
+    rotate = max_steps > 0 and rotate_u < cfg.rotate_probability
+    steps = int(angle_u * (2 * max_steps + 1)) - max_steps if rotate else 0
+    plane = ROTATION_PLANES[int(plane_u * len(ROTATION_PLANES))] if steps else None
+    sigma = sigma_u * cfg.noise_sigma
     window = int(np.prod(shape))
     return Transform(
         flip_axes=flips, turns=turns, rotation_plane=plane, rotation_steps=steps,
-        scale=float(1.0 + (2.0 * u[9] - 1.0) * cfg.intensity_scale),
-        offset=float((2.0 * u[10] - 1.0) * cfg.intensity_offset),
-        noise_sigma=float(sigma if u[12] < 0.5 else -sigma),
-        noise_start=int(u[13] * max(NOISE_BANK_SIZE - window + 1, 1)))
+        scale=float(1.0 + (2.0 * scale_u - 1.0) * cfg.intensity_scale),
+        offset=float((2.0 * offset_u - 1.0) * cfg.intensity_offset),
+        noise_sigma=float(sigma if sign_u < 0.5 else -sigma),
+        noise_start=int(start_u * max(NOISE_BANK_SIZE - window + 1, 1)))
 
 
 def augment(patch: np.ndarray, target: np.ndarray | None, rng: np.random.Generator,
@@ -160,7 +164,7 @@ def apply_transform(patch: np.ndarray, target: np.ndarray | None, transform: Tra
     else:
         _unit_image(image, transform, out)
     _add_noise(out, transform)
-    if (transform.scale != 1.0 or transform.offset != 0.0 or transform.noise_sigma != 0.0):
+    if transform.scale != 1.0 or transform.offset != 0.0 or transform.noise_sigma != 0.0:
         np.clip(out, 0.0, 1.0, out=out)
     return out, target
 
@@ -180,8 +184,9 @@ def _turned(arrays: list, transform: Transform) -> list:
 
 
 def _unit_image(image: np.ndarray, transform: Transform, out: np.ndarray | None = None):
-    """float32 ``image * scale + offset`` (uint8 divided by 255 first) in one pass over the
-    (possibly strided) view, into ``out`` or a new C-ordered array."""
+    """float32 ``image * scale + offset`` (uint8 divided by 255 first): the conversion and
+    scale in one pass over the (possibly strided) view, into ``out`` or a new C-ordered
+    array."""
     if out is None:
         out = np.empty(image.shape, dtype=np.float32)
     factor = np.float32(transform.scale)

@@ -268,8 +268,8 @@ def choice_cdf(p) -> np.ndarray | None:
 
 def weighted_choice(rng: np.random.Generator, cdf: np.ndarray | None, p) -> int:
     """``rng.choice(len(p), p=p)``, the same draw and the same number taken from ``rng``,
-    from ``cdf = choice_cdf(p)`` built once: ``choice`` checks and sums ``p`` on every
-    call, which costs more than the rest of a classifier cube's sampling."""
+    from ``cdf = choice_cdf(p)`` built once (``choice`` checks and sums ``p`` on every
+    call)."""
     if cdf is None:
         return int(rng.choice(len(p), p=p))
     return int(cdf.searchsorted(rng.random(), side="right"))
