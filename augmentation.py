@@ -169,6 +169,29 @@ def apply_transform(patch: np.ndarray, target: np.ndarray | None, transform: Tra
     return out, target
 
 
+def transform_points(points_zyx, transform: Transform, shape_zyx) -> np.ndarray:
+    """Where points of a patch of ``shape_zyx`` (continuous voxel coordinates ``(n, 3)``)
+    lie after ``transform``'s flips, turns and rotation. A sphere drawn around the moved
+    centre is the moved sphere: the same voxels for flips and turns, and for a rotation
+    the sphere itself rather than a nearest-neighbour resampling of its voxels."""
+    points = np.array(points_zyx, dtype=np.float64).reshape(-1, 3)
+    size = np.array(shape_zyx[:3], dtype=np.float64)
+    for axis in transform.flip_axes:
+        points[:, axis] = size[axis] - 1 - points[:, axis]
+    for (a, b), k in transform.turns:
+        for _ in range(k):  # np.rot90 by one quarter: (p_a, p_b) -> (n_b - 1 - p_b, p_a)
+            points[:, a], points[:, b] = size[b] - 1 - points[:, b], points[:, a].copy()
+            size[a], size[b] = size[b], size[a]
+    if transform.rotation_steps:
+        plane = list(transform.rotation_plane)
+        angle = np.deg2rad(transform.rotation_deg)
+        rotation = np.array([[np.cos(angle), np.sin(angle)], [-np.sin(angle), np.cos(angle)]])
+        center = (size[plane] - 1) / 2.0
+        # the image's output voxel o reads R (o - c) + c, so a point p lands at R^T (p - c) + c
+        points[:, plane] = (points[:, plane] - center) @ rotation + center
+    return points
+
+
 def _flipped(arrays: list, transform: Transform) -> list:
     """Views of ``arrays`` flipped along ``transform.flip_axes`` (None stays None)."""
     if not transform.flip_axes:

@@ -40,7 +40,8 @@ import numpy as np
 import pandas as pd
 
 import cache
-from augmentation import IDENTITY, NO_AUGMENTATION, Augmentation, apply_transform, draw_transform
+from augmentation import (IDENTITY, NO_AUGMENTATION, Augmentation, apply_transform,
+                          draw_transform, transform_points)
 from config import ClassificationConfig, PreprocessConfig, SegmentationConfig, TrainingConfig
 from ct_io import world_to_voxel
 from tables import WORLD_COLUMNS
@@ -111,16 +112,35 @@ def sphere_mask(shape_zyx, center_zyx_vox, radius_vox: float) -> np.ndarray:
     """Boolean ``shape_zyx`` mask of the voxels whose centres lie within ``radius_vox`` of
     the (continuous) ``center_zyx_vox``."""
     shape = tuple(int(n) for n in shape_zyx)
-    center = np.asarray(center_zyx_vox, dtype=np.float64)
     mask = np.zeros(shape, dtype=bool)
+    box = _sphere_box(shape, center_zyx_vox, radius_vox)
+    if box is not None:
+        mask[box[0]] = box[1]
+    return mask
+
+
+def _sphere_box(shape_zyx, center_zyx_vox, radius_vox: float):
+    """``(slices, inside)``: the box of ``shape_zyx`` around the sphere and, within it,
+    the voxels of ``sphere_mask``; None when the box is empty."""
+    center = np.asarray(center_zyx_vox, dtype=np.float64)
     lo = np.maximum(np.floor(center - radius_vox).astype(np.int64), 0)
-    hi = np.minimum(np.ceil(center + radius_vox).astype(np.int64) + 1, shape)
+    hi = np.minimum(np.ceil(center + radius_vox).astype(np.int64) + 1, shape_zyx)
     if np.any(hi <= lo):
-        return mask
+        return None
     z, y, x = np.ogrid[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
     dist2 = (z - center[0]) ** 2 + (y - center[1]) ** 2 + (x - center[2]) ** 2
-    mask[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = dist2 <= radius_vox ** 2
-    return mask
+    return tuple(slice(a, b) for a, b in zip(lo, hi)), dist2 <= radius_vox ** 2
+
+
+def draw_spheres(out: np.ndarray, nodules) -> None:
+    """In place: 1 in ``out`` (z, y, x) on every voxel of the spheres ``nodules`` (``(n,
+    4)``: centre z, y, x in voxels of ``out``, diameter in voxels; radius at least
+    ``MIN_TARGET_RADIUS_VOX``), the union ``nodule_target`` makes; only their boxes are
+    touched."""
+    for z, y, x, diameter in np.asarray(nodules, dtype=np.float64).reshape(-1, 4):
+        box = _sphere_box(out.shape[:3], (z, y, x), max(diameter / 2.0, MIN_TARGET_RADIUS_VOX))
+        if box is not None:
+            out[box[0]][box[1]] = 1
 
 
 def nodule_target(patch_shape, nodules_in_patch) -> np.ndarray:
@@ -134,9 +154,7 @@ def nodule_target(patch_shape, nodules_in_patch) -> np.ndarray:
 
 def _sphere_union(shape_zyx, nodules) -> np.ndarray:
     target = np.zeros(tuple(int(n) for n in shape_zyx), dtype=bool)
-    for z, y, x, diameter in np.asarray(nodules, dtype=np.float64).reshape(-1, 4):
-        radius = max(diameter / 2.0, MIN_TARGET_RADIUS_VOX)
-        target |= sphere_mask(target.shape, (z, y, x), radius)
+    draw_spheres(target, nodules)
     return target
 
 
@@ -397,25 +415,25 @@ class SegmentationSampler:
         images, targets = self.sample_batch(epoch, [index])
         return images[0], targets[0]
 
-    def sample_batch(self, epoch: int, indices, target_dtype=np.float32) \
-            -> tuple[np.ndarray, np.ndarray]:
-        """Samples ``indices`` of ``epoch``: images float32 and targets ``target_dtype``
-        (0 / 1) ``(n, s, s, s, 1)``, each exactly ``sample(epoch, index)``."""
-        images, targets = self._empty_batch(len(indices), target_dtype)
+    def sample_batch(self, epoch: int, indices) -> tuple[np.ndarray, np.ndarray]:
+        """Samples ``indices`` of ``epoch``: images and targets float32 ``(n, s, s, s, 1)``,
+        each exactly ``sample(epoch, index)``."""
+        images, targets = self._empty_batch(len(indices))
         for j, index in enumerate(indices):
             rng = _sample_rng(self.seed, epoch, index)
             self.render(self._draw_plan(rng), rng, out=(images[j], targets[j]))
         return images, targets
 
-    def _empty_batch(self, n: int, target_dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+    def _empty_batch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         shape = (int(n),) + (self.size,) * 3 + (1,)
-        # zeros: the pages of a negative's empty target are never touched
-        return aligned_empty(shape, np.float32), aligned_empty(shape, target_dtype, zero=True)
+        # zeros: the memory of a target's empty part is never written
+        return aligned_empty(shape, np.float32), aligned_empty(shape, np.float32, zero=True)
 
     def render(self, plan: PatchPlan, rng: np.random.Generator | None = None, out=None):
         """Crop (and, given ``rng``, augment) the patch of ``plan``: ``(image, target)``
         float32 ``(s, s, s, 1)``, written into ``out`` (such a pair, the target zero)
-        when given."""
+        when given. Sphere targets are drawn where the transform moved the nodules, so a
+        negative's target is never touched and a positive's only around its spheres."""
         if out is None:
             images, targets = self._empty_batch(1)
             return self.render(plan, rng, (images[0], targets[0]))
@@ -425,29 +443,46 @@ class SegmentationSampler:
                           self.pad_values[plan.seriesuid])
         transform = IDENTITY if rng is None else draw_transform(rng, self.augmentation,
                                                                 patch.shape)
-        _, mask = apply_transform(patch, self._target(plan), transform, image[..., 0])
+        masks = self._nodule_masks(plan)
+        _, mask = apply_transform(patch, masks, transform, image[..., 0])
         if mask is not None:
             target[..., 0] = mask
+            return image, target
+        nodules = self._nodules_in_patch(plan)
+        nodules[:, :3] = transform_points(nodules[:, :3], transform, patch.shape)
+        draw_spheres(target[..., 0], nodules)
         return image, target
 
-    def _target(self, plan: PatchPlan) -> np.ndarray | None:
-        """Boolean target mask of ``plan``'s patch; None where it is empty."""
-        if self.nodule_masks_dir is not None:
-            path = self.nodule_masks_dir / f"{plan.seriesuid}.npy"
-            if path.exists():
-                masks = np.load(path, mmap_mode="r", allow_pickle=False)
-                return crop_patch(masks, plan.center_zyx_vox, self.size, 0) > 0
+    def _nodule_masks(self, plan: PatchPlan) -> np.ndarray | None:
+        """The crop of the scan's real nodule masks (``nodule_masks_dir``) as booleans, or
+        None where there are none."""
+        if self.nodule_masks_dir is None:
+            return None
+        path = self.nodule_masks_dir / f"{plan.seriesuid}.npy"
+        if not path.exists():
+            return None
+        masks = np.load(path, mmap_mode="r", allow_pickle=False)
+        return crop_patch(masks, plan.center_zyx_vox, self.size, 0) > 0
+
+    def _nodules_in_patch(self, plan: PatchPlan) -> np.ndarray:
+        """``(n, 4)`` annotated nodules whose spheres reach into ``plan``'s patch: centre in
+        patch voxels and diameter in voxels."""
         nodules = self._by_scan.get(plan.seriesuid)
         if nodules is None:
-            return None
+            return np.zeros((0, 4))
         local = nodules.copy()
         local[:, :3] -= crop_start(plan.center_zyx_vox, self.size)
         radius = np.maximum(local[:, 3] / 2.0, MIN_TARGET_RADIUS_VOX)
         touching = np.all((local[:, :3] + radius[:, None] >= 0)
                           & (local[:, :3] - radius[:, None] <= self.size - 1), axis=1)
-        if not touching.any():
-            return None
-        return _sphere_union((self.size,) * 3, local[touching])
+        return local[touching]
+
+    def target_mask(self, plan: PatchPlan) -> np.ndarray:
+        """Boolean target of ``plan``'s unaugmented patch (real masks, else spheres)."""
+        masks = self._nodule_masks(plan)
+        if masks is not None:
+            return masks
+        return _sphere_union((self.size,) * 3, self._nodules_in_patch(plan))
 
     # -- fixed validation set -----------------------------------------------------------
 
@@ -717,28 +752,24 @@ def _pair_dataset(fetch, image_shape, target_shape, indices, batch_size: int, wo
 
 
 def _batch_dataset(sampler, image_shape, target_shape, batch_size: int, per_epoch: int,
-                   epoch_offset: int, workers: int, target_dtype=np.float32):
+                   epoch_offset: int, workers: int):
     """Endless batches ``sampler.sample_batch``, one numpy call per batch: batch ``b``
     (counted from the first of epoch ``epoch_offset``) holds samples ``b * batch_size ...``
     of the endless count (see ``_counter``), in order whatever the number of parallel
-    calls. ``per_epoch`` is a multiple of ``batch_size``, so no batch spans two epochs.
-    Targets come out of numpy as ``target_dtype`` (uint8 masks: a quarter of the bytes
-    for the Python thread to write) and are float32 after a cast in the graph."""
+    calls. ``per_epoch`` is a multiple of ``batch_size``, so no batch spans two epochs."""
     import tensorflow as tf
 
     def fetch(b):
         first = int(b) * batch_size
         epoch, index = divmod(first, per_epoch)
-        if target_dtype == np.float32:
-            return sampler.sample_batch(epoch, range(index, index + batch_size))
-        return sampler.sample_batch(epoch, range(index, index + batch_size), target_dtype)
+        return sampler.sample_batch(epoch, range(index, index + batch_size))
 
     def load(b):
-        images, targets = tf.numpy_function(fetch, [b], (tf.float32, tf.as_dtype(target_dtype)),
+        images, targets = tf.numpy_function(fetch, [b], (tf.float32, tf.float32),
                                             stateful=False)
         images.set_shape((batch_size, *image_shape))
         targets.set_shape((batch_size, *target_shape))
-        return images, tf.cast(targets, tf.float32)
+        return images, targets
 
     options = tf.data.Options()
     options.deterministic = True
@@ -774,8 +805,7 @@ def segmentation_dataset(cache_dir, seriesuids, cfg: SegmentationConfig = Segmen
     sampler = SegmentationSampler(cache_dir, seriesuids, cfg, seed, augment=augment,
                                   **sampler_options)
     shape = (sampler.size,) * 3 + (1,)
-    return _batch_dataset(sampler, shape, shape, batch_size, per_epoch, epoch_offset, workers,
-                          np.uint8)
+    return _batch_dataset(sampler, shape, shape, batch_size, per_epoch, epoch_offset, workers)
 
 
 def segmentation_validation_dataset(cache_dir, seriesuids,

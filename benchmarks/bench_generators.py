@@ -153,10 +153,8 @@ def reference_segmentation_sample(sampler, volume_of, epoch: int, index: int):
     plan = sampler._draw_plan(rng)
     patch = gen.crop_patch(volume_of(plan.seriesuid), plan.center_zyx_vox, sampler.size,
                            sampler.pad_values[plan.seriesuid])
-    target = sampler._target(plan)
-    if target is None:
-        target = np.zeros(patch.shape, dtype=bool)
-    image, target = reference_augment(gen.to_unit(patch), target, rng, sampler.augmentation)
+    image, target = reference_augment(gen.to_unit(patch), sampler.target_mask(plan), rng,
+                                      sampler.augmentation)
     return image[..., None], target.astype(np.float32)[..., None]
 
 

@@ -166,3 +166,21 @@ def test_bank_noise_has_the_drawn_standard_deviation(sigma):
     assert abs(float(noise.mean())) < 0.02 * abs(sigma)
     other, _ = aug.apply_transform(flat, None, aug.Transform(noise_sigma=sigma, noise_start=5))
     assert np.corrcoef(noise.ravel(), (other - np.float32(128 / 255)).ravel())[0, 1] < 0.02
+
+
+@pytest.mark.parametrize("plane", [None, *aug.ROTATION_PLANES])
+@pytest.mark.parametrize("flips, turns", [((), ()), ((0, 1, 2), (((1, 2), 1),)),
+                                          ((2,), (((1, 2), 3), ((0, 1), 2)))])
+def test_moved_sphere_centres_match_the_moved_masks(plane, flips, turns):
+    shape, center, radius = (40, 40, 40), (8.3, 30.2, 9.6), 5.2
+    mask = sphere_mask(shape, center, radius)
+    transform = aug.Transform(flip_axes=flips, turns=turns, rotation_plane=plane,
+                              rotation_steps=20 if plane else 0)
+    _, moved = aug.apply_transform(mask.astype(np.float32), mask, transform)
+    moved_center = aug.transform_points([center], transform, shape)[0]
+    drawn = sphere_mask(shape, moved_center, radius)
+    if plane is None:  # flips and quarter turns move voxels exactly
+        np.testing.assert_array_equal(drawn, moved)
+    else:  # the sphere itself vs a nearest-neighbour resampling of its voxels
+        np.testing.assert_allclose(np.argwhere(moved).mean(axis=0), moved_center, atol=0.1)
+        assert (drawn & moved).sum() / (drawn | moved).sum() > 0.85

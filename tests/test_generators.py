@@ -454,8 +454,6 @@ def test_a_batch_holds_exactly_the_single_samples(cache_dir):
         image, target = sampler.sample(4, index)
         np.testing.assert_array_equal(images[j], image)
         np.testing.assert_array_equal(targets[j], target)
-    _, as_uint8 = sampler.sample_batch(4, range(3, 9), np.uint8)
-    np.testing.assert_array_equal(as_uint8.astype(np.float32), targets)
     table = gen.candidate_table(cache_dir, list(SCANS))
     cubes = gen.ClassificationSampler(cache_dir, table, CLS_CFG, 2)
     images, labels = cubes.sample_batch(1, [0, 7, 3])
