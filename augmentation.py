@@ -196,14 +196,29 @@ def _flipped(arrays: list, transform: Transform) -> list:
     """Views of ``arrays`` flipped along ``transform.flip_axes`` (None stays None)."""
     if not transform.flip_axes:
         return arrays
-    return [None if a is None else np.flip(a, transform.flip_axes) for a in arrays]
+    flips = tuple(slice(None, None, -1) if axis in transform.flip_axes else slice(None)
+                  for axis in range(3))
+    return [None if a is None else a[flips] for a in arrays]
 
 
 def _turned(arrays: list, transform: Transform) -> list:
-    """Views of ``arrays`` turned by ``transform.turns`` (None stays None)."""
+    """Views of ``arrays`` turned by ``transform.turns``, as ``np.rot90`` turns them (None
+    stays None); slices and a swap of axes, without ``np.rot90``'s argument checks."""
     for plane, k in transform.turns:
-        arrays = [None if a is None else np.rot90(a, k, axes=plane) for a in arrays]
+        arrays = [None if a is None else _quarter_turns(a, plane, k) for a in arrays]
     return arrays
+
+
+def _quarter_turns(array: np.ndarray, plane, k: int) -> np.ndarray:
+    """``np.rot90(array, k, axes=plane)`` for ``k`` in 1, 2, 3."""
+    a, b = plane
+    flip_a = tuple(slice(None, None, -1) if axis == a else slice(None) for axis in range(3))
+    flip_b = tuple(slice(None, None, -1) if axis == b else slice(None) for axis in range(3))
+    if k == 1:
+        return array[flip_b].swapaxes(a, b)
+    if k == 2:
+        return array[flip_a][flip_b]
+    return array.swapaxes(a, b)[flip_b]
 
 
 def _unit_image(image: np.ndarray, transform: Transform, out: np.ndarray | None = None):

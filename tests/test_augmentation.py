@@ -184,3 +184,11 @@ def test_moved_sphere_centres_match_the_moved_masks(plane, flips, turns):
     else:  # the sphere itself vs a nearest-neighbour resampling of its voxels
         np.testing.assert_allclose(np.argwhere(moved).mean(axis=0), moved_center, atol=0.1)
         assert (drawn & moved).sum() / (drawn | moved).sum() > 0.85
+
+
+@pytest.mark.parametrize("plane", [(1, 2), (0, 1), (0, 2), (2, 0)])
+def test_quarter_turns_are_numpy_rot90(plane):
+    cube = np.random.default_rng(0).random((6, 6, 6, 2))
+    for k in (1, 2, 3):
+        np.testing.assert_array_equal(aug._quarter_turns(cube, plane, k),
+                                      np.rot90(cube, k, axes=plane))
