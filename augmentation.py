@@ -48,7 +48,9 @@ class Augmentation:
     # Turns that move z into y or x; off by default because the original slice thickness
     # (blur along z) survives resampling, so z is not like the other two axes.
     rot90_all: bool = False
-    rotate_max_deg: float = 10.0  # small rotations in a random plane (interpolated)
+    # Small rotations in a random plane (interpolated), by multiples of ROTATION_STEP_DEG
+    # up to this angle (none below one step).
+    rotate_max_deg: float = 10.0
     rotate_probability: float = 0.2  # interpolation blurs: most patches keep the voxel grid
     intensity_scale: float = 0.1  # image * U(1 - s, 1 + s): scanner and kernel contrast
     intensity_offset: float = 0.05  # image + U(-o, o), in units of the [0, 1] image
