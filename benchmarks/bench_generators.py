@@ -3,7 +3,7 @@ batched augmentation, and vs naive whole-volume loading, in one run.
 
     python benchmarks/bench_generators.py
     python benchmarks/bench_generators.py --cache-dir /tmp/gen_cache --batches 20 --repeats 3
-    python benchmarks/bench_generators.py --quick        # sample-sized scans only, fewer runs
+    python benchmarks/bench_generators.py --quick        # sample-sized scans only, 8 batches
 
 Pipelines (batch 16, default augmentation ``augmentation.Augmentation()``: flips, axial
 90-degree turns, shifts, a small rotation with probability 0.2, intensity scale and
