@@ -24,6 +24,7 @@ averaged.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -104,7 +105,7 @@ def draw_transform(rng: np.random.Generator, cfg: Augmentation, shape) -> Transf
     offset and noise strength uniform in their configured ranges."""
     if cfg == NO_AUGMENTATION:
         return IDENTITY
-    u = rng.random(_DRAWS)
+    u = rng.random(_DRAWS).tolist()  # Python floats: numpy scalars are slow to compute with
     flip_u, turn_u = u[0:3], u[3:6]
     rotate_u, angle_u, plane_u = u[6:9]
     scale_u, offset_u, sigma_u, sign_u, start_u = u[9:14]
@@ -115,12 +116,12 @@ def draw_transform(rng: np.random.Generator, cfg: Augmentation, shape) -> Transf
         planes += [(0, 1), (0, 2)]
     turns = tuple((plane, int(turn_u[k] * 4)) for k, plane in enumerate(planes)
                   if int(turn_u[k] * 4))
-    max_steps = int(np.floor(cfg.rotate_max_deg / ROTATION_STEP_DEG + 1e-9))
+    max_steps = math.floor(cfg.rotate_max_deg / ROTATION_STEP_DEG + 1e-9)
     rotate = max_steps > 0 and rotate_u < cfg.rotate_probability
     steps = int(angle_u * (2 * max_steps + 1)) - max_steps if rotate else 0
     plane = ROTATION_PLANES[int(plane_u * len(ROTATION_PLANES))] if steps else None
     sigma = sigma_u * cfg.noise_sigma
-    window = int(np.prod(shape))
+    window = math.prod(int(n) for n in shape)
     return Transform(
         flip_axes=flips, turns=turns, rotation_plane=plane, rotation_steps=steps,
         scale=float(1.0 + (2.0 * scale_u - 1.0) * cfg.intensity_scale),
