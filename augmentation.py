@@ -1,20 +1,43 @@
 """Random transforms of 3D training patches, and flip test-time augmentation.
 
 ``augment`` (flips, 90-degree turns, a small rotation, intensity jitter, noise) transforms
-a float image ``(z, y, x[, c])`` in [0, 1] and, for the segmenter, its target mask the same
-way; every random number comes from the ``np.random.Generator`` it is given, drawn in a
-fixed order, so the samplers of ``generators.py`` stay deterministic per ``(seed, epoch,
-index)``. ``flip_variants`` gives the flipped copies of an inference batch whose
-predictions are averaged.
+an image ``(z, y, x)`` (the cache's uint8, or float in [0, 1]) and, for the segmenter, its
+target mask the same way. It is two steps: ``draw_transform`` takes every random number of
+one sample from the ``np.random.Generator`` it is given (one call, a fixed order), so the
+samplers of ``generators.py`` stay deterministic per ``(seed, epoch, index)``;
+``apply_transform`` does the pixel work, cheaply enough to feed a GPU from a few CPU cores:
+
+* flips and quarter turns are views of the uint8 crop, and the one pass that converts it to
+  float32 applies the intensity scale and offset on the way;
+* a small rotation is a sparse bilinear resampling matrix of the rotation plane
+  (``scipy.sparse``), built once per angle of a ``ROTATION_STEP_DEG`` grid and shared by
+  every patch of that size: what ``scipy.ndimage.rotate`` computes, without its
+  per-voxel spline machinery;
+* Gaussian noise is a window of a fixed bank of standard normals (``noise_bank``) at a
+  random start, with a random sign, scaled by the drawn strength: drawing fresh normals
+  cost more than everything else together.
+
+``flip_variants`` gives the flipped copies of an inference batch whose predictions are
+averaged.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
 ROTATION_PLANES = ((1, 2), (0, 1), (0, 2))  # axial (y, x) first
+# Rotation angles are multiples of this: each angle's resampling matrix is built once. At
+# the border of a 64^3 patch, half a degree moves a voxel by a quarter of its size.
+ROTATION_STEP_DEG = 0.5
+# 2^22 standard normals (16 MB): a 64^3 patch starts at any of ~4 million offsets, with
+# either sign; the bank is fixed by NOISE_BANK_SEED, so a seed still gives the same batches.
+NOISE_BANK_SIZE = 1 << 22
+NOISE_BANK_SEED = 16
+UNIT = np.float32(1.0 / 255.0)  # the cache's uint8 -> [0, 1], as generators.to_unit
 
 
 @dataclass(frozen=True)
@@ -26,8 +49,10 @@ class Augmentation:
     # Turns that move z into y or x; off by default because the original slice thickness
     # (blur along z) survives resampling, so z is not like the other two axes.
     rot90_all: bool = False
-    rotate_max_deg: float = 10.0  # small rotations in a random plane (interpolated)
-    rotate_probability: float = 0.2  # interpolating a 64^3 patch costs ~10x a crop
+    # Small rotations in a random plane (interpolated), by multiples of ROTATION_STEP_DEG
+    # up to this angle (none below one step).
+    rotate_max_deg: float = 10.0
+    rotate_probability: float = 0.2  # interpolation blurs: most patches keep the voxel grid
     intensity_scale: float = 0.1  # image * U(1 - s, 1 + s): scanner and kernel contrast
     intensity_offset: float = 0.05  # image + U(-o, o), in units of the [0, 1] image
     # Gaussian noise of standard deviation U(0, n) in [0, 1] units (0.02 = 36 HU in the
@@ -49,81 +74,245 @@ NO_AUGMENTATION = Augmentation(flip=False, rot90_axial=False, rot90_all=False,
                                intensity_offset=0.0, noise_sigma=0.0)
 
 
-def augment(patch: np.ndarray, target: np.ndarray | None, rng: np.random.Generator,
-            cfg: Augmentation = Augmentation()):
-    """Random flips, 90-degree turns, a small rotation (with probability), intensity
-    jitter and Gaussian noise of a float image ``(z, y, x[, c])`` in [0, 1]; ``target``
-    (same spatial shape, or None) gets the same geometric transforms, nearest-neighbour
-    interpolated.
+@dataclass(frozen=True)
+class Transform:
+    """One sample's random transform (``draw_transform``); ``apply_transform`` applies it."""
 
-    Returns ``(image float32 in [0, 1], target or None)``; deterministic given ``rng``.
+    flip_axes: tuple[int, ...] = ()
+    turns: tuple[tuple[tuple[int, int], int], ...] = ()  # (plane, quarter turns)
+    rotation_plane: tuple[int, int] | None = None
+    rotation_steps: int = 0  # angle in units of ROTATION_STEP_DEG
+    scale: float = 1.0
+    offset: float = 0.0
+    noise_sigma: float = 0.0  # negative: the bank's window with its sign flipped
+    noise_start: int = 0
+
+    @property
+    def rotation_deg(self) -> float:
+        return self.rotation_steps * ROTATION_STEP_DEG
+
+
+IDENTITY = Transform()
+# Uniform numbers draw_transform takes from the generator, one call for all of them.
+_DRAWS = 14
+
+
+def draw_transform(rng: np.random.Generator, cfg: Augmentation, shape) -> Transform:
+    """The random transform of one sample of shape ``shape`` (``(z, y, x[, c])``), from
+    one call of ``rng`` (deterministic given ``rng``): flips with probability 1/2 per axis,
+    0-3 quarter turns per allowed plane, with ``rotate_probability`` a rotation by a
+    multiple of ``ROTATION_STEP_DEG`` up to ``rotate_max_deg`` in a random plane, scale,
+    offset and noise strength uniform in their configured ranges."""
+    if cfg == NO_AUGMENTATION:
+        return IDENTITY
+    u = rng.random(_DRAWS).tolist()  # Python floats: numpy scalars are slow to compute with
+    flip_u, turn_u = u[0:3], u[3:6]
+    rotate_u, angle_u, plane_u = u[6:9]
+    scale_u, offset_u, sigma_u, sign_u, start_u = u[9:14]
+    d, h, w = (int(n) for n in shape[:3])
+    flips = tuple(axis for axis in range(3) if cfg.flip and flip_u[axis] < 0.5)
+    planes = [(1, 2)] if cfg.rot90_axial and h == w else []
+    if cfg.rot90_all and d == h == w:
+        planes += [(0, 1), (0, 2)]
+    turns = tuple((plane, int(turn_u[k] * 4)) for k, plane in enumerate(planes)
+                  if int(turn_u[k] * 4))
+    max_steps = math.floor(cfg.rotate_max_deg / ROTATION_STEP_DEG + 1e-9)
+    rotate = max_steps > 0 and rotate_u < cfg.rotate_probability
+    steps = int(angle_u * (2 * max_steps + 1)) - max_steps if rotate else 0
+    plane = ROTATION_PLANES[int(plane_u * len(ROTATION_PLANES))] if steps else None
+    sigma = sigma_u * cfg.noise_sigma
+    window = math.prod(int(n) for n in shape)
+    return Transform(
+        flip_axes=flips, turns=turns, rotation_plane=plane, rotation_steps=steps,
+        scale=float(1.0 + (2.0 * scale_u - 1.0) * cfg.intensity_scale),
+        offset=float((2.0 * offset_u - 1.0) * cfg.intensity_offset),
+        noise_sigma=float(sigma if sign_u < 0.5 else -sigma),
+        noise_start=int(start_u * max(NOISE_BANK_SIZE - window + 1, 1)))
+
+
+def augment(patch: np.ndarray, target: np.ndarray | None, rng: np.random.Generator,
+            cfg: Augmentation = Augmentation(), out: np.ndarray | None = None):
+    """Random flips, 90-degree turns, a small rotation (with probability), intensity
+    jitter and Gaussian noise of an image ``(z, y, x)``: the cache's uint8 (divided by
+    255 on the way) or float in [0, 1]; ``target`` (same shape, or None) gets the same
+    geometric transforms, nearest-neighbour interpolated.
+
+    Returns ``(image float32 in [0, 1], target or None)``, the image written into ``out``
+    (float32, C-contiguous, shape of ``patch``) when given; deterministic given ``rng``.
     """
+    transform = draw_transform(rng, cfg, patch.shape)
+    image, target = apply_transform(patch, target, transform, out)
+    return image, None if target is None else np.ascontiguousarray(target)
+
+
+def apply_transform(patch: np.ndarray, target: np.ndarray | None, transform: Transform,
+                    out: np.ndarray | None = None):
+    """``transform`` applied to ``patch`` (uint8 cache values or float in [0, 1]) and
+    ``target``; see ``augment``. The target comes back as a view where it can (flips and
+    turns), for the caller to copy where it wants it."""
     if target is not None and target.shape[:3] != patch.shape[:3]:
         raise ValueError(f"target shape {target.shape} does not match patch shape {patch.shape}")
-    arrays = [patch] if target is None else [patch, target]
-    arrays = _random_flips(arrays, rng, cfg)
-    arrays = _random_turns(arrays, rng, cfg)
-    arrays = _random_rotation(arrays, rng, cfg)
-    image = np.array(arrays[0], dtype=np.float32)  # a copy: flips and turns are views
-    _jitter_intensity(image, rng, cfg)
-    out_target = None if target is None else np.ascontiguousarray(arrays[1])
-    return image, out_target
+    if patch.ndim < 3:
+        raise ValueError(f"augment expects a (z, y, x[, c]) image, got shape {patch.shape}")
+    if out is None:
+        out = np.empty(patch.shape, dtype=np.float32)
+    image, target = _turned(_flipped([patch, target], transform), transform)
+    if transform.rotation_steps:
+        plane, angle = transform.rotation_plane, transform.rotation_steps
+        image = _rotate_linear(_unit_image(np.moveaxis(image, plane, (0, 1)), transform),
+                               plane, angle)
+        np.copyto(out, image)
+        if target is not None:
+            target = _rotate_nearest_grid(target, plane, angle)
+    else:
+        _unit_image(image, transform, out)
+    _add_noise(out, transform)
+    if transform.scale != 1.0 or transform.offset != 0.0 or transform.noise_sigma != 0.0:
+        np.clip(out, 0.0, 1.0, out=out)
+    return out, target
 
 
-def _random_flips(arrays: list, rng: np.random.Generator, cfg: Augmentation) -> list:
-    """Each of z, y, x flipped with probability 1/2 (the same axes for every array)."""
-    if not cfg.flip:
+def transform_points(points_zyx, transform: Transform, shape_zyx) -> np.ndarray:
+    """Where points of a patch of ``shape_zyx`` (continuous voxel coordinates ``(n, 3)``)
+    lie after ``transform``'s flips, turns and rotation. A sphere drawn around the moved
+    centre is the moved sphere: the same voxels for flips and turns, and for a rotation
+    the sphere itself rather than a nearest-neighbour resampling of its voxels."""
+    points = np.array(points_zyx, dtype=np.float64).reshape(-1, 3)
+    size = np.array(shape_zyx[:3], dtype=np.float64)
+    for axis in transform.flip_axes:
+        points[:, axis] = size[axis] - 1 - points[:, axis]
+    for (a, b), k in transform.turns:
+        for _ in range(k):  # np.rot90 by one quarter: (p_a, p_b) -> (n_b - 1 - p_b, p_a)
+            points[:, a], points[:, b] = size[b] - 1 - points[:, b], points[:, a].copy()
+            size[a], size[b] = size[b], size[a]
+    if transform.rotation_steps:
+        plane = list(transform.rotation_plane)
+        angle = np.deg2rad(transform.rotation_deg)
+        rotation = np.array([[np.cos(angle), np.sin(angle)], [-np.sin(angle), np.cos(angle)]])
+        center = (size[plane] - 1) / 2.0
+        # the image's output voxel o reads R (o - c) + c, so a point p lands at R^T (p - c) + c
+        points[:, plane] = (points[:, plane] - center) @ rotation + center
+    return points
+
+
+def _flipped(arrays: list, transform: Transform) -> list:
+    """Views of ``arrays`` flipped along ``transform.flip_axes`` (None stays None)."""
+    if not transform.flip_axes:
         return arrays
-    axes = tuple(int(a) for a in np.flatnonzero(rng.random(3) < 0.5))
-    return [np.flip(a, axes) for a in arrays] if axes else arrays
+    flips = tuple(slice(None, None, -1) if axis in transform.flip_axes else slice(None)
+                  for axis in range(3))
+    return [None if a is None else a[flips] for a in arrays]
 
 
-def _random_turns(arrays: list, rng: np.random.Generator, cfg: Augmentation) -> list:
-    """0-3 quarter turns in the axial plane (when it is square) and, with ``rot90_all``,
-    in the two planes holding z (when the patch is a cube)."""
-    d, h, w = arrays[0].shape[:3]
-    turns = []
-    if cfg.rot90_axial and h == w:
-        turns.append(((1, 2), int(rng.integers(4))))
-    if cfg.rot90_all and d == h == w:
-        turns += [((0, 1), int(rng.integers(4))), ((0, 2), int(rng.integers(4)))]
-    for plane, k in turns:
-        if k:
-            arrays = [np.rot90(a, k, axes=plane) for a in arrays]
+def _turned(arrays: list, transform: Transform) -> list:
+    """Views of ``arrays`` turned by ``transform.turns``, as ``np.rot90`` turns them (None
+    stays None); slices and a swap of axes, without ``np.rot90``'s argument checks."""
+    for plane, k in transform.turns:
+        arrays = [None if a is None else _quarter_turns(a, plane, k) for a in arrays]
     return arrays
 
 
-def _random_rotation(arrays: list, rng: np.random.Generator, cfg: Augmentation) -> list:
-    """With probability ``rotate_probability``, a turn by up to ``rotate_max_deg`` in a
-    random plane: linear for the image, nearest neighbour for the target."""
-    if not (cfg.rotate_probability > 0 and cfg.rotate_max_deg > 0
-            and rng.random() < cfg.rotate_probability):
-        return arrays
-    from scipy import ndimage  # scipy.ndimage costs ~0.3 s to import; most calls skip it
-
-    angle = float(rng.uniform(-cfg.rotate_max_deg, cfg.rotate_max_deg))
-    plane = ROTATION_PLANES[int(rng.integers(len(ROTATION_PLANES)))]
-    # "nearest" repeats the border (lung-masked tissue) instead of inventing air.
-    rotated = [ndimage.rotate(np.asarray(arrays[0], dtype=np.float32), angle, axes=plane,
-                              reshape=False, order=1, mode="nearest")]
-    if len(arrays) > 1:
-        rotated.append(rotate_nearest(np.asarray(arrays[1]), angle, plane))
-    return rotated
+def _quarter_turns(array: np.ndarray, plane, k: int) -> np.ndarray:
+    """``np.rot90(array, k, axes=plane)`` for ``k`` in 1, 2, 3."""
+    a, b = plane
+    flip_a = tuple(slice(None, None, -1) if axis == a else slice(None) for axis in range(3))
+    flip_b = tuple(slice(None, None, -1) if axis == b else slice(None) for axis in range(3))
+    if k == 1:
+        return array[flip_b].swapaxes(a, b)
+    if k == 2:
+        return array[flip_a][flip_b]
+    return array.swapaxes(a, b)[flip_b]
 
 
-def _jitter_intensity(image: np.ndarray, rng: np.random.Generator, cfg: Augmentation) -> None:
-    """In place: ``image * U(1 - s, 1 + s) + U(-o, o)``, then Gaussian noise of a standard
-    deviation drawn from ``U(0, noise_sigma)``, clipped back to [0, 1]."""
-    if cfg.intensity_scale > 0 or cfg.intensity_offset > 0:
-        scale = rng.uniform(1.0 - cfg.intensity_scale, 1.0 + cfg.intensity_scale)
-        offset = rng.uniform(-cfg.intensity_offset, cfg.intensity_offset)
-        image *= np.float32(scale)
-        image += np.float32(offset)
-    if cfg.noise_sigma > 0:
-        sigma = rng.uniform(0.0, cfg.noise_sigma)
-        image += rng.normal(0.0, sigma, size=image.shape).astype(np.float32)
-    if cfg.intensity_scale > 0 or cfg.intensity_offset > 0 or cfg.noise_sigma > 0:
-        np.clip(image, 0.0, 1.0, out=image)
+def _unit_image(image: np.ndarray, transform: Transform, out: np.ndarray | None = None):
+    """float32 ``image * scale + offset`` (uint8 divided by 255 first): the conversion and
+    scale in one pass over the (possibly strided) view, into ``out`` or a new C-ordered
+    array."""
+    if out is None:
+        out = np.empty(image.shape, dtype=np.float32)
+    factor = np.float32(transform.scale)
+    if image.dtype == np.uint8:
+        factor = np.float32(UNIT * factor)
+    np.multiply(image, factor, out=out, dtype=np.float32, casting="unsafe")
+    if transform.offset != 0.0:
+        out += np.float32(transform.offset)
+    return out
+
+
+def _add_noise(image: np.ndarray, transform: Transform) -> None:
+    """In place: plus ``noise_sigma`` times the bank's window at ``noise_start``."""
+    if transform.noise_sigma == 0.0:
+        return
+    bank = noise_bank()
+    start = min(transform.noise_start, max(len(bank) - image.size, 0))
+    window = bank[start:start + image.size]
+    if window.size < image.size:  # a patch larger than the bank: repeat it
+        window = np.resize(bank, image.size)
+    noise = np.multiply(window, np.float32(transform.noise_sigma))
+    image += noise.reshape(image.shape)
+
+
+@functools.lru_cache(maxsize=1)
+def noise_bank() -> np.ndarray:
+    """``NOISE_BANK_SIZE`` float32 standard normals, the same in every process (read-only)."""
+    bank = np.random.default_rng(NOISE_BANK_SEED).standard_normal(NOISE_BANK_SIZE,
+                                                                  dtype=np.float32)
+    bank.flags.writeable = False
+    return bank
+
+
+def _rotate_linear(plane_first: np.ndarray, plane, steps: int) -> np.ndarray:
+    """An image with its rotation plane as the first two axes (``(a, b, ...)``, C-ordered)
+    rotated by ``steps`` grid angles about the plane's centre, bilinear, the border
+    repeated: as ``scipy.ndimage.rotate(..., reshape=False, order=1, mode="nearest")``.
+    Returns a view in the original axis order."""
+    a, b = plane_first.shape[:2]
+    matrix, _ = _rotation_resampling(a, b, steps)
+    rotated = (matrix @ plane_first.reshape(a * b, -1)).reshape(plane_first.shape)
+    return np.moveaxis(rotated, (0, 1), plane)
+
+
+def _rotate_nearest_grid(target: np.ndarray, plane, steps: int) -> np.ndarray:
+    """``target`` rotated by ``steps`` grid angles in ``plane``, nearest neighbour, zero
+    outside (the same mapping as ``_rotate_linear``)."""
+    moved = np.ascontiguousarray(np.moveaxis(target, plane, (0, 1)))
+    a, b = moved.shape[:2]
+    _, source = _rotation_resampling(a, b, steps)
+    flat = moved.reshape(a * b, -1)
+    flat = np.concatenate([flat, np.zeros((1, flat.shape[1]), moved.dtype)])
+    return np.moveaxis(flat[source].reshape(moved.shape), (0, 1), plane)
+
+
+@functools.lru_cache(maxsize=512)
+def _rotation_resampling(a: int, b: int, steps: int):
+    """For an ``a x b`` plane rotated by ``steps * ROTATION_STEP_DEG`` degrees about its
+    centre (the mapping of ``scipy.ndimage.rotate``: output voxel ``o`` reads input
+    ``R (o - c) + c``): the CSR matrix of bilinear weights (border repeated) and, per
+    output voxel, the nearest input voxel (``a * b`` where it falls outside)."""
+    from scipy import sparse
+
+    angle = np.deg2rad(steps * ROTATION_STEP_DEG)
+    rotation = np.array([[np.cos(angle), np.sin(angle)], [-np.sin(angle), np.cos(angle)]])
+    size = np.array([a, b])
+    grid = np.stack(np.meshgrid(np.arange(a), np.arange(b), indexing="ij"), -1).reshape(-1, 2)
+    center = (size - 1) / 2.0
+    source = (grid - center) @ rotation.T + center
+    nearest = np.floor(source + 0.5).astype(np.int64)
+    inside = np.all((nearest >= 0) & (nearest < size), axis=1)
+    nearest_flat = np.where(inside, nearest[:, 0] * b + nearest[:, 1], a * b)
+    clamped = np.clip(source, 0, size - 1)
+    low = np.floor(clamped).astype(np.int64)
+    high = np.minimum(low + 1, size - 1)
+    frac = clamped - low
+    columns, weights = [], []
+    for use_a, w_a in ((low[:, 0], 1 - frac[:, 0]), (high[:, 0], frac[:, 0])):
+        for use_b, w_b in ((low[:, 1], 1 - frac[:, 1]), (high[:, 1], frac[:, 1])):
+            columns.append(use_a * b + use_b)
+            weights.append(w_a * w_b)
+    rows = np.tile(np.arange(a * b), 4)
+    matrix = sparse.csr_matrix((np.concatenate(weights).astype(np.float32),
+                                (rows, np.concatenate(columns))), shape=(a * b, a * b))
+    return matrix, nearest_flat
 
 
 def rotate_nearest(mask: np.ndarray, angle_deg: float, plane) -> np.ndarray:

@@ -12,11 +12,14 @@ Layers, bottom up:
 * samplers: ``SegmentationSampler`` and ``ClassificationSampler`` map
   ``(epoch, index) -> (image, target)`` with ``rng = np.random.default_rng([seed, epoch,
   index])``, so a sample never depends on worker scheduling, on what was drawn before, or
-  on where a run was resumed;
+  on where a run was resumed; ``sample_batch(epoch, indices)`` writes many such samples
+  straight into one batch array (``sample`` is a batch of one, so both give the same);
 * ``tf.data`` wrappers (TensorFlow is imported inside them, so ``import generators`` is
   cheap): ``segmentation_dataset``, ``segmentation_validation_dataset``,
   ``classification_dataset``; ``cube_batches`` for inference (and the classifier's
-  validation).
+  validation). The training pipelines make one numpy call per batch, not per sample:
+  fewer crossings between TensorFlow and Python, no batching copy, and each batch array
+  handed to TensorFlow without a copy (``aligned_empty``).
 
 Images are float32 ``(z, y, x, 1)`` in [0, 1] (the cache's uint8 / 255); targets are
 float32 ``(z, y, x, 1)`` masks for the segmenter and float32 ``(1,)`` labels for the
@@ -26,6 +29,7 @@ classifier.
 from __future__ import annotations
 
 import json
+import math
 import threading
 import warnings
 from collections import OrderedDict
@@ -36,7 +40,8 @@ import numpy as np
 import pandas as pd
 
 import cache
-from augmentation import NO_AUGMENTATION, Augmentation, augment
+from augmentation import (IDENTITY, NO_AUGMENTATION, Augmentation, apply_transform,
+                          draw_transform, transform_points)
 from config import ClassificationConfig, PreprocessConfig, SegmentationConfig, TrainingConfig
 from ct_io import world_to_voxel
 from tables import WORLD_COLUMNS
@@ -87,20 +92,55 @@ def crop_patch(volume: np.ndarray, center_zyx_vox, size_zyx, pad_value=0) -> np.
     return out
 
 
+def crop_view(volume: np.ndarray, center_zyx_vox, size: int, pad_value=0) -> np.ndarray:
+    """``crop_patch`` of a cube of ``size``, but a read-only view of ``volume`` (no copy)
+    when the crop lies inside it: the training samplers read the memory-mapped cache once,
+    in the pass that converts and augments. The centring is ``crop_start``'s, in plain
+    Python numbers (numpy's per-call overhead on three numbers is most of a small crop)."""
+    size = int(size)
+    try:
+        start = [math.floor(float(c) + 0.5) - size // 2 for c in center_zyx_vox]
+    except (TypeError, ValueError, OverflowError):  # crop_patch names the problem
+        start = []
+    if len(start) == 3 and all(0 <= a <= n - size for a, n in zip(start, volume.shape)):
+        z, y, x = start
+        return np.asarray(volume[z:z + size, y:y + size, x:x + size])
+    return crop_patch(volume, center_zyx_vox, size, pad_value)
+
+
 def sphere_mask(shape_zyx, center_zyx_vox, radius_vox: float) -> np.ndarray:
     """Boolean ``shape_zyx`` mask of the voxels whose centres lie within ``radius_vox`` of
     the (continuous) ``center_zyx_vox``."""
     shape = tuple(int(n) for n in shape_zyx)
-    center = np.asarray(center_zyx_vox, dtype=np.float64)
     mask = np.zeros(shape, dtype=bool)
+    box = _sphere_box(shape, center_zyx_vox, radius_vox)
+    if box is not None:
+        mask[box[0]] = box[1]
+    return mask
+
+
+def _sphere_box(shape_zyx, center_zyx_vox, radius_vox: float):
+    """``(slices, inside)``: the box of ``shape_zyx`` around the sphere and, within it,
+    the voxels of ``sphere_mask``; None when the box is empty."""
+    center = np.asarray(center_zyx_vox, dtype=np.float64)
     lo = np.maximum(np.floor(center - radius_vox).astype(np.int64), 0)
-    hi = np.minimum(np.ceil(center + radius_vox).astype(np.int64) + 1, shape)
+    hi = np.minimum(np.ceil(center + radius_vox).astype(np.int64) + 1, shape_zyx)
     if np.any(hi <= lo):
-        return mask
+        return None
     z, y, x = np.ogrid[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
     dist2 = (z - center[0]) ** 2 + (y - center[1]) ** 2 + (x - center[2]) ** 2
-    mask[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = dist2 <= radius_vox ** 2
-    return mask
+    return tuple(slice(a, b) for a, b in zip(lo, hi)), dist2 <= radius_vox ** 2
+
+
+def draw_spheres(out: np.ndarray, nodules) -> None:
+    """In place: 1 in ``out`` (z, y, x) on every voxel of the spheres ``nodules`` (``(n,
+    4)``: centre z, y, x in voxels of ``out``, diameter in voxels; radius at least
+    ``MIN_TARGET_RADIUS_VOX``), the union ``nodule_target`` makes; only their boxes are
+    touched."""
+    for z, y, x, diameter in np.asarray(nodules, dtype=np.float64).reshape(-1, 4):
+        box = _sphere_box(out.shape[:3], (z, y, x), max(diameter / 2.0, MIN_TARGET_RADIUS_VOX))
+        if box is not None:
+            out[box[0]][box[1]] = 1
 
 
 def nodule_target(patch_shape, nodules_in_patch) -> np.ndarray:
@@ -114,9 +154,7 @@ def nodule_target(patch_shape, nodules_in_patch) -> np.ndarray:
 
 def _sphere_union(shape_zyx, nodules) -> np.ndarray:
     target = np.zeros(tuple(int(n) for n in shape_zyx), dtype=bool)
-    for z, y, x, diameter in np.asarray(nodules, dtype=np.float64).reshape(-1, 4):
-        radius = max(diameter / 2.0, MIN_TARGET_RADIUS_VOX)
-        target |= sphere_mask(target.shape, (z, y, x), radius)
+    draw_spheres(target, nodules)
     return target
 
 
@@ -236,6 +274,36 @@ def _check_seriesuids(cache_dir, seriesuids) -> tuple[dict[str, cache.ScanMeta],
     return metas, uids
 
 
+def choice_cdf(p) -> np.ndarray | None:
+    """The cumulative distribution ``np.random.Generator.choice`` builds from ``p`` on
+    every call (None where it has nothing to build: no ``p``, or no positive weight)."""
+    if p is None or len(p) == 0 or not np.sum(p) > 0:
+        return None
+    cdf = np.asarray(p, dtype=np.float64).cumsum()
+    cdf /= cdf[-1]
+    return cdf
+
+
+def weighted_choice(rng: np.random.Generator, cdf: np.ndarray | None, p) -> int:
+    """``rng.choice(len(p), p=p)``, the same draw and the same number taken from ``rng``,
+    from ``cdf = choice_cdf(p)`` built once (``choice`` checks and sums ``p`` on every
+    call)."""
+    if cdf is None:
+        return int(rng.choice(len(p), p=p))
+    return int(cdf.searchsorted(rng.random(), side="right"))
+
+
+def aligned_empty(shape, dtype, zero: bool = False, alignment: int = 64) -> np.ndarray:
+    """An uninitialised (or zero) array whose data start on an ``alignment``-byte
+    boundary: ``tf.numpy_function`` hands such an array to TensorFlow without copying it
+    (TensorFlow needs its own 64-byte alignment), which saves a copy of every batch."""
+    dtype = np.dtype(dtype)
+    count = int(np.prod(shape))
+    raw = (np.zeros if zero else np.empty)(count * dtype.itemsize + alignment, dtype=np.uint8)
+    start = -raw.ctypes.data % alignment
+    return raw[start:start + count * dtype.itemsize].view(dtype).reshape(shape)
+
+
 def _sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), int(epoch), int(index)])
 
@@ -296,6 +364,7 @@ class SegmentationSampler:
         self.nodules = nodules
         weights = size_weights(diameter_mm, cfg.size_bins_mm, cfg.size_weights)
         self.nodule_probabilities = weights / weights.sum() if weights.sum() > 0 else weights
+        self._nodule_cdf = choice_cdf(self.nodule_probabilities)
         self._nodule_zyx = nodules[VOXEL_COLUMNS].to_numpy(np.float64)
         self._nodule_diameter_vox = nodules["diameter_vox"].to_numpy(np.float64)
         self._nodule_uids = nodules["seriesuid"].to_numpy(str)
@@ -328,7 +397,7 @@ class SegmentationSampler:
             uid = self.seriesuids[int(rng.integers(len(self.seriesuids)))]
             center = self.pool.random_lung_voxel(uid, rng)
             return PatchPlan(uid, tuple(float(v) for v in center), False)
-        row = int(rng.choice(len(self.nodules), p=self.nodule_probabilities))
+        row = weighted_choice(rng, self._nodule_cdf, self.nodule_probabilities)
         center = self._nodule_zyx[row]
         # Keep the whole sphere inside: |shift| + radius <= the shorter half of the patch
         # (less half a voxel: the crop rounds the centre).
@@ -343,36 +412,77 @@ class SegmentationSampler:
         return self._draw_plan(_sample_rng(self.seed, epoch, index))
 
     def sample(self, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray]:
-        rng = _sample_rng(self.seed, epoch, index)
-        return self.render(self._draw_plan(rng), rng)
+        images, targets = self.sample_batch(epoch, [index])
+        return images[0], targets[0]
 
-    def render(self, plan: PatchPlan, rng: np.random.Generator | None = None):
-        """Crop (and, given ``rng``, augment) the patch of ``plan``."""
+    def sample_batch(self, epoch: int, indices) -> tuple[np.ndarray, np.ndarray]:
+        """Samples ``indices`` of ``epoch``: images and targets float32 ``(n, s, s, s, 1)``,
+        each exactly ``sample(epoch, index)``."""
+        images, targets = self._empty_batch(len(indices))
+        for j, index in enumerate(indices):
+            rng = _sample_rng(self.seed, epoch, index)
+            self.render(self._draw_plan(rng), rng, out=(images[j], targets[j]))
+        return images, targets
+
+    def _empty_batch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        shape = (int(n),) + (self.size,) * 3 + (1,)
+        # zeros: the memory of a target's empty part is never written
+        return aligned_empty(shape, np.float32), aligned_empty(shape, np.float32, zero=True)
+
+    def render(self, plan: PatchPlan, rng: np.random.Generator | None = None, out=None):
+        """Crop (and, given ``rng``, augment) the patch of ``plan``: ``(image, target)``
+        float32 ``(s, s, s, 1)``, written into ``out`` (such a pair, the target zero)
+        when given. Sphere targets are drawn where the transform moved the nodules, so a
+        negative's target is never touched and a positive's only around its spheres."""
+        if out is None:
+            images, targets = self._empty_batch(1)
+            return self.render(plan, rng, (images[0], targets[0]))
+        image, target = out
         scan = self.pool.get(plan.seriesuid)
-        patch = crop_patch(scan.volume, plan.center_zyx_vox, self.size,
-                           self.pad_values[plan.seriesuid])
-        target = self._target(plan)
-        image = to_unit(patch)
-        if rng is not None and self.augmentation != NO_AUGMENTATION:
-            image, target = augment(image, target, rng, self.augmentation)
-        return image[..., None], target.astype(np.float32)[..., None]
+        patch = crop_view(scan.volume, plan.center_zyx_vox, self.size,
+                          self.pad_values[plan.seriesuid])
+        transform = IDENTITY if rng is None else draw_transform(rng, self.augmentation,
+                                                                patch.shape)
+        masks = self._nodule_masks(plan)
+        _, mask = apply_transform(patch, masks, transform, image[..., 0])
+        if mask is not None:
+            target[..., 0] = mask
+            return image, target
+        nodules = self._nodules_in_patch(plan)
+        nodules[:, :3] = transform_points(nodules[:, :3], transform, patch.shape)
+        draw_spheres(target[..., 0], nodules)
+        return image, target
 
-    def _target(self, plan: PatchPlan) -> np.ndarray:
-        if self.nodule_masks_dir is not None:
-            path = self.nodule_masks_dir / f"{plan.seriesuid}.npy"
-            if path.exists():
-                masks = np.load(path, mmap_mode="r", allow_pickle=False)
-                return crop_patch(masks, plan.center_zyx_vox, self.size, 0) > 0
+    def _nodule_masks(self, plan: PatchPlan) -> np.ndarray | None:
+        """The crop of the scan's real nodule masks (``nodule_masks_dir``) as booleans, or
+        None where there are none."""
+        if self.nodule_masks_dir is None:
+            return None
+        path = self.nodule_masks_dir / f"{plan.seriesuid}.npy"
+        if not path.exists():
+            return None
+        masks = np.load(path, mmap_mode="r", allow_pickle=False)
+        return crop_patch(masks, plan.center_zyx_vox, self.size, 0) > 0
+
+    def _nodules_in_patch(self, plan: PatchPlan) -> np.ndarray:
+        """``(n, 4)`` annotated nodules whose spheres reach into ``plan``'s patch: centre in
+        patch voxels and diameter in voxels."""
         nodules = self._by_scan.get(plan.seriesuid)
-        shape = (self.size,) * 3
         if nodules is None:
-            return np.zeros(shape, dtype=bool)
+            return np.zeros((0, 4))
         local = nodules.copy()
         local[:, :3] -= crop_start(plan.center_zyx_vox, self.size)
         radius = np.maximum(local[:, 3] / 2.0, MIN_TARGET_RADIUS_VOX)
         touching = np.all((local[:, :3] + radius[:, None] >= 0)
                           & (local[:, :3] - radius[:, None] <= self.size - 1), axis=1)
-        return _sphere_union(shape, local[touching])
+        return local[touching]
+
+    def target_mask(self, plan: PatchPlan) -> np.ndarray:
+        """Boolean target of ``plan``'s unaugmented patch (real masks, else spheres)."""
+        masks = self._nodule_masks(plan)
+        if masks is not None:
+            return masks
+        return _sphere_union((self.size,) * 3, self._nodules_in_patch(plan))
 
     # -- fixed validation set -----------------------------------------------------------
 
@@ -552,6 +662,7 @@ class ClassificationSampler:
                      else np.full(len(table), np.nan))
         weights = size_weights(diameters[self.positives], cfg.size_bins_mm, cfg.size_weights)
         self.positive_probabilities = weights / weights.sum() if weights.sum() > 0 else None
+        self._positive_cdf = choice_cdf(self.positive_probabilities)
         self._centers = table[VOXEL_COLUMNS].to_numpy(np.float64)
         self._uids = table["seriesuid"].to_numpy()
         self._labels = labels.astype(np.float32)
@@ -561,19 +672,30 @@ class ClassificationSampler:
         positive = len(self.negatives) == 0 or (
             len(self.positives) > 0 and rng.random() < self.cfg.positive_fraction)
         if positive:
-            return int(self.positives[rng.choice(len(self.positives),
-                                                 p=self.positive_probabilities)])
+            return int(self.positives[weighted_choice(rng, self._positive_cdf,
+                                                      self.positive_probabilities)])
         return int(self.negatives[rng.integers(len(self.negatives))])
 
     def sample(self, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray]:
-        rng = _sample_rng(self.seed, epoch, index)
-        row = self.draw_row(rng)
-        shift = rng.integers(-self.max_shift_vox, self.max_shift_vox + 1, size=3)
-        uid = self._uids[row]
-        cube = crop_patch(self.pool.get(uid).volume, self._centers[row] + shift, self.size,
-                          self.pad_values[uid])
-        image, _ = augment(to_unit(cube), None, rng, self.augmentation)
-        return image[..., None], self._labels[row:row + 1].copy()
+        images, labels = self.sample_batch(epoch, [index])
+        return images[0], labels[0]
+
+    def sample_batch(self, epoch: int, indices) -> tuple[np.ndarray, np.ndarray]:
+        """Samples ``indices`` of ``epoch``: cubes float32 ``(n, c, c, c, 1)`` and labels
+        float32 ``(n, 1)``, each exactly ``sample(epoch, index)``."""
+        images = aligned_empty((len(indices),) + (self.size,) * 3 + (1,), np.float32)
+        labels = np.empty((len(indices), 1), dtype=np.float32)
+        for j, index in enumerate(indices):
+            rng = _sample_rng(self.seed, epoch, index)
+            row = self.draw_row(rng)
+            shift = rng.integers(-self.max_shift_vox, self.max_shift_vox + 1, size=3)
+            uid = self._uids[row]
+            cube = crop_view(self.pool.get(uid).volume, self._centers[row] + shift, self.size,
+                             self.pad_values[uid])
+            transform = draw_transform(rng, self.augmentation, cube.shape)
+            apply_transform(cube, None, transform, images[j, ..., 0])
+            labels[j] = self._labels[row]
+        return images, labels
 
 
 def cube_batches(cache_dir, table: pd.DataFrame, cube_size: int, batch_size: int = 64):
@@ -629,6 +751,34 @@ def _pair_dataset(fetch, image_shape, target_shape, indices, batch_size: int, wo
             .prefetch(tf.data.AUTOTUNE).with_options(options))
 
 
+def _batch_dataset(sampler, image_shape, target_shape, batch_size: int, per_epoch: int,
+                   epoch_offset: int, workers: int):
+    """Endless batches ``sampler.sample_batch``, one numpy call per batch: batch ``b``
+    (counted from the first of epoch ``epoch_offset``) holds samples ``b * batch_size ...``
+    of the endless count (see ``_counter``), in order whatever the number of parallel
+    calls. ``per_epoch`` is a multiple of ``batch_size``, so no batch spans two epochs."""
+    import tensorflow as tf
+
+    def fetch(b):
+        first = int(b) * batch_size
+        epoch, index = divmod(first, per_epoch)
+        return sampler.sample_batch(epoch, range(index, index + batch_size))
+
+    def load(b):
+        images, targets = tf.numpy_function(fetch, [b], (tf.float32, tf.float32),
+                                            stateful=False)
+        images.set_shape((batch_size, *image_shape))
+        targets.set_shape((batch_size, *target_shape))
+        return images, targets
+
+    options = tf.data.Options()
+    options.deterministic = True
+    first_batch = int(epoch_offset) * per_epoch // batch_size
+    return (tf.data.Dataset.counter(first_batch)
+            .map(load, num_parallel_calls=max(1, int(workers)), deterministic=True)
+            .prefetch(tf.data.AUTOTUNE).with_options(options))
+
+
 def _counter(epoch_offset: int, per_epoch: int):
     """Endless sample counter from the first sample of ``epoch_offset``: count k is sample
     ``k % per_epoch`` of epoch ``k // per_epoch``. Keras keeps one iterator across epochs
@@ -647,20 +797,15 @@ def segmentation_dataset(cache_dir, seriesuids, cfg: SegmentationConfig = Segmen
 
     Batch ``b`` of epoch ``e`` holds samples ``b * batch_size ...`` of epoch ``e`` (see
     ``SegmentationSampler``); start a resumed run with ``epoch_offset`` = epochs done.
-    ``workers`` parallel numpy calls in threads (``PyDataset`` worker processes would
-    pickle every patch).
+    ``workers`` parallel numpy calls (one per batch) in threads (``PyDataset`` worker
+    processes would pickle every patch).
     """
     batch_size = batch_size or cfg.batch_size
     per_epoch = (steps_per_epoch or cfg.steps_per_epoch) * batch_size
     sampler = SegmentationSampler(cache_dir, seriesuids, cfg, seed, augment=augment,
                                   **sampler_options)
-
-    def fetch(k):
-        return sampler.sample(k // per_epoch, k % per_epoch)
-
     shape = (sampler.size,) * 3 + (1,)
-    return _pair_dataset(fetch, shape, shape, _counter(epoch_offset, per_epoch),
-                         batch_size, workers, True)
+    return _batch_dataset(sampler, shape, shape, batch_size, per_epoch, epoch_offset, workers)
 
 
 def segmentation_validation_dataset(cache_dir, seriesuids,
@@ -692,12 +837,8 @@ def classification_dataset(cache_dir, table: pd.DataFrame,
     per_epoch = (steps_per_epoch or cfg.steps_per_epoch) * batch_size
     sampler = ClassificationSampler(cache_dir, table, cfg, seed, augment=augment,
                                     **sampler_options)
-
-    def fetch(k):
-        return sampler.sample(k // per_epoch, k % per_epoch)
-
-    return _pair_dataset(fetch, (sampler.size,) * 3 + (1,), (1,),
-                         _counter(epoch_offset, per_epoch), batch_size, workers, True)
+    return _batch_dataset(sampler, (sampler.size,) * 3 + (1,), (1,), batch_size, per_epoch,
+                          epoch_offset, workers)
 
 
 def view_dataset(cache_dir, table: pd.DataFrame, settings, cfg: ClassificationConfig = ClassificationConfig(),

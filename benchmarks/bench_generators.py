@@ -1,11 +1,13 @@
-"""Input pipeline benchmark: training patches per second, ours vs naive whole-volume loading.
+"""Input pipeline benchmark: augmented training patches per second, before vs after the
+batched augmentation, and vs naive whole-volume loading, in one run.
 
     python benchmarks/bench_generators.py
     python benchmarks/bench_generators.py --cache-dir /tmp/gen_cache --batches 20 --repeats 3
-    python benchmarks/bench_generators.py --quick        # sample-sized scans only, 1 repeat
+    python benchmarks/bench_generators.py --quick        # sample-sized scans only, 8 batches
 
-Pipelines (batch 16, augmentation on: flips, 90-degree turns, shifts, a small rotation with
-probability 0.2, intensity jitter):
+Pipelines (batch 16, default augmentation ``augmentation.Augmentation()``: flips, axial
+90-degree turns, shifts, a small rotation with probability 0.2, intensity scale and
+offset, Gaussian noise):
 
 * ``segmentation``: 64^3 patches and sphere targets from ``generators.SegmentationSampler``;
 * ``classification``: 32^3 cubes from ``generators.ClassificationSampler`` over the cache's
@@ -13,12 +15,17 @@ probability 0.2, intensity jitter):
 
 Methods:
 
-* ``ours, workers=2`` / ``ours, workers=1``: ``generators.segmentation_dataset`` /
-  ``classification_dataset`` (``tf.data``, crops read from memory-mapped volumes, numpy
-  calls in parallel threads, prefetch);
-* ``naive``: a plain single-process Python generator that, for every sample, loads the whole
-  volume with ``np.load`` (no memory map), then crops, builds the target and augments with
-  the same functions and the same sample positions.
+* ``after, workers=2`` / ``after, workers=1``: ``generators.segmentation_dataset`` /
+  ``classification_dataset`` as they are (``tf.data``, one numpy call per batch in
+  parallel threads, crops read from memory-mapped volumes, ``augmentation.apply_transform``:
+  sparse-matrix rotations, a noise bank, one conversion pass);
+* ``before, workers=2``: the previous pipeline, kept here only to compare: one
+  ``tf.numpy_function`` call per sample, then ``batch``, and the per-patch augmentation
+  of before (``reference_augment``: ``scipy.ndimage.rotate``, fresh normals per voxel);
+  same sample positions;
+* ``naive``: a plain single-process Python generator that, for every sample, loads the
+  whole volume with ``np.load`` (no memory map), then crops, builds the target and
+  augments with ``reference_augment``, same sample positions.
 
 Scans: the cache given by ``--cache-dir``, or 6 synthetic scans (``sample_data.py``, seed 0)
 preprocessed into a temporary folder. Their cached volumes are smaller than LUNA16's, and
@@ -27,9 +34,11 @@ measured padded at the far end to a LUNA16-like cached size (``--luna-shape``, d
 300 x 240 x 330 voxels, ~24 MB), in a second temporary cache. ``--quick`` skips that.
 
 Each figure is the median over ``--repeats`` runs of ``--batches`` batches after
-``--warmup`` batches (graph building, first opening of each scan). Files are read once
-before timing, so every method finds them in the page cache. Output: a Markdown table on
-stdout and in ``OUT/generators.md``; all runs and the machine in ``OUT/generators.json``.
+``--warmup`` batches (graph building, first opening of each scan); the methods take turns
+within each repeat, so a change in the machine's load hits all of them alike. Files are
+read once before timing, so every method finds them in the page cache. Output: a Markdown
+table on stdout and in ``OUT/generators.md``; all runs and the machine in
+``OUT/generators.json``.
 """
 
 from __future__ import annotations
@@ -102,64 +111,112 @@ def warm_page_cache(cache_dir: Path) -> None:
                sorted((cache_dir / cache.MASKS).glob("*.npy")))
 
 
+# --------------------------------------------------------------------------- before
+
+
+def reference_augment(patch: np.ndarray, target, rng: np.random.Generator,
+                      cfg: augmentation.Augmentation):
+    """The per-patch augmentation before the batched pipeline, to compare against:
+    flips and turns as views, ``scipy.ndimage.rotate`` (linear) with probability, intensity
+    jitter, fresh Gaussian normals per voxel; a float image in [0, 1]."""
+    arrays = [patch] if target is None else [patch, target]
+    axes = tuple(int(a) for a in np.flatnonzero(rng.random(3) < 0.5)) if cfg.flip else ()
+    if axes:
+        arrays = [np.flip(a, axes) for a in arrays]
+    d, h, w = patch.shape[:3]
+    if cfg.rot90_axial and h == w:
+        k = int(rng.integers(4))
+        arrays = [np.rot90(a, k, axes=(1, 2)) for a in arrays] if k else arrays
+    if cfg.rotate_probability > 0 and rng.random() < cfg.rotate_probability:
+        from scipy import ndimage
+
+        angle = float(rng.uniform(-cfg.rotate_max_deg, cfg.rotate_max_deg))
+        plane = augmentation.ROTATION_PLANES[int(rng.integers(3))]
+        rotated = [ndimage.rotate(np.asarray(arrays[0], np.float32), angle, axes=plane,
+                                  reshape=False, order=1, mode="nearest")]
+        if len(arrays) > 1:
+            rotated.append(augmentation.rotate_nearest(np.asarray(arrays[1]), angle, plane))
+        arrays = rotated
+    image = np.array(arrays[0], dtype=np.float32)
+    image *= np.float32(rng.uniform(1.0 - cfg.intensity_scale, 1.0 + cfg.intensity_scale))
+    image += np.float32(rng.uniform(-cfg.intensity_offset, cfg.intensity_offset))
+    sigma = rng.uniform(0.0, cfg.noise_sigma)
+    image += rng.normal(0.0, sigma, size=image.shape).astype(np.float32)
+    np.clip(image, 0.0, 1.0, out=image)
+    return image, None if target is None else np.ascontiguousarray(arrays[1])
+
+
+def reference_segmentation_sample(sampler, volume_of, epoch: int, index: int):
+    """Sample ``index`` of ``epoch`` the way before: crop, sphere target, per-patch
+    augmentation (``volume_of(uid)``: the memory map, or the whole volume for naive)."""
+    rng = np.random.default_rng([SEED, epoch, index])
+    plan = sampler._draw_plan(rng)
+    patch = gen.crop_patch(volume_of(plan.seriesuid), plan.center_zyx_vox, sampler.size,
+                           sampler.pad_values[plan.seriesuid])
+    image, target = reference_augment(gen.to_unit(patch), sampler.target_mask(plan), rng,
+                                      sampler.augmentation)
+    return image[..., None], target.astype(np.float32)[..., None]
+
+
+def reference_classification_sample(sampler, volume_of, epoch: int, index: int):
+    rng = np.random.default_rng([SEED, epoch, index])
+    row = sampler.draw_row(rng)
+    shift = rng.integers(-sampler.max_shift_vox, sampler.max_shift_vox + 1, size=3)
+    uid = sampler._uids[row]
+    cube = gen.crop_patch(volume_of(uid), sampler._centers[row] + shift, sampler.size,
+                          sampler.pad_values[uid])
+    image, _ = reference_augment(gen.to_unit(cube), None, rng, sampler.augmentation)
+    return image[..., None], sampler._labels[row:row + 1].copy()
+
+
 # --------------------------------------------------------------------------- methods
 
+METHODS = ("after, workers=2", "after, workers=1", "before, workers=2", "naive")
 
-def naive_segmentation(cache_dir: Path, uids, batch_size: int):
-    """Whole-volume ``np.load`` per sample, same positions, targets and augmentation."""
-    sampler = gen.SegmentationSampler(cache_dir, uids, SEG_CFG, SEED)
-    by_scan = {uid: frame[["z_vox", "y_vox", "x_vox", "diameter_vox"]].to_numpy()
-               for uid, frame in sampler.nodules.groupby("seriesuid")}
-    size = SEG_CFG.patch_size
+
+def make_sampler(pipeline: str, cache_dir: Path, uids, table):
+    if pipeline == "segmentation":
+        return gen.SegmentationSampler(cache_dir, uids, SEG_CFG, SEED)
+    return gen.ClassificationSampler(cache_dir, table, CLS_CFG, SEED)
+
+
+def reference_fetch(pipeline: str, sampler, naive: bool):
+    """``k -> (image, target)`` of the pipeline before; ``naive`` loads the whole volume
+    with ``np.load`` for every sample."""
+    sample = (reference_segmentation_sample if pipeline == "segmentation"
+              else reference_classification_sample)
+    if naive:
+        def volume_of(uid):
+            return np.load(cache.volume_path(sampler.cache_dir, uid))
+    else:
+        def volume_of(uid):
+            return sampler.pool.get(uid).volume
+    return lambda k: sample(sampler, volume_of, 0, k)
+
+
+def naive_batches(fetch):
+    """Single-process batches of ``fetch`` (no tf.data)."""
     index = 0
     while True:
-        images, targets = [], []
-        for _ in range(batch_size):
-            plan = sampler.plan(0, index)
-            rng = np.random.default_rng([SEED, 1, index])
-            index += 1
-            volume = np.load(cache.volume_path(cache_dir, plan.seriesuid))
-            patch = gen.crop_patch(volume, plan.center_zyx_vox, size,
-                                   sampler.pad_values[plan.seriesuid])
-            nodules = by_scan.get(plan.seriesuid, np.zeros((0, 4))).copy()
-            nodules[:, :3] -= gen.crop_start(plan.center_zyx_vox, size)
-            target = gen.nodule_target((size,) * 3, nodules) > 0
-            image, target = augmentation.augment(gen.to_unit(patch), target, rng, sampler.augmentation)
-            images.append(image[..., None])
-            targets.append(target[..., None])
-        yield np.stack(images), np.stack(targets)
-
-
-def naive_classification(cache_dir: Path, table, batch_size: int):
-    sampler = gen.ClassificationSampler(cache_dir, table, CLS_CFG, SEED)
-    size = CLS_CFG.cube_size
-    centers = sampler.table[["z_vox", "y_vox", "x_vox"]].to_numpy(np.float64)
-    uids = sampler.table["seriesuid"].to_numpy()
-    table_labels = sampler.table["label"].to_numpy(np.float32)
-    index = 0
-    while True:
-        images, labels = [], []
-        for _ in range(batch_size):
-            rng = np.random.default_rng([SEED, 0, index])
-            index += 1
-            row = sampler.draw_row(rng)
-            shift = rng.integers(-sampler.max_shift_vox, sampler.max_shift_vox + 1, size=3)
-            uid = uids[row]
-            volume = np.load(cache.volume_path(cache_dir, uid))
-            cube = gen.crop_patch(volume, centers[row] + shift, size, sampler.pad_values[uid])
-            image, _ = augmentation.augment(gen.to_unit(cube), None, rng, sampler.augmentation)
-            images.append(image[..., None])
-            labels.append([table_labels[row]])
-        yield np.stack(images), np.asarray(labels, np.float32)
+        pairs = [fetch(k) for k in range(index, index + BATCH_SIZE)]
+        index += BATCH_SIZE
+        yield np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
 
 
 def make_iterator(pipeline: str, method: str, cache_dir: Path, uids, table):
+    sampler = make_sampler(pipeline, cache_dir, uids, table)
     if method == "naive":
-        if pipeline == "segmentation":
-            return naive_segmentation(cache_dir, uids, BATCH_SIZE)
-        return naive_classification(cache_dir, table, BATCH_SIZE)
+        return naive_batches(reference_fetch(pipeline, sampler, naive=True))
     workers = int(method.rsplit("=", 1)[1])
-    if pipeline == "segmentation":
+    if method.startswith("before"):
+        import tensorflow as tf
+
+        image_shape = (sampler.size,) * 3 + (1,)
+        target_shape = image_shape if pipeline == "segmentation" else (1,)
+        dataset = gen._pair_dataset(reference_fetch(pipeline, sampler, naive=False),
+                                    image_shape, target_shape, tf.data.Dataset.counter(),
+                                    BATCH_SIZE, workers, True)
+    elif pipeline == "segmentation":
         dataset = gen.segmentation_dataset(cache_dir, uids, SEG_CFG, BATCH_SIZE, 1000, SEED,
                                            workers=workers)
     else:
@@ -169,16 +226,21 @@ def make_iterator(pipeline: str, method: str, cache_dir: Path, uids, table):
 
 
 def measure(pipeline: str, method: str, cache_dir: Path, uids, table, batches: int,
-            warmup: int) -> float:
-    """Patches per second over ``batches`` batches after ``warmup`` batches."""
+            warmup: int) -> tuple[float, float]:
+    """Patches per second, and CPU milliseconds (all threads of this process) per patch,
+    over ``batches`` batches after ``warmup`` batches. On a shared machine the CPU time
+    says what a patch costs whatever the others take; prefetching makes it count a few
+    batches beyond the timed ones."""
     iterator = make_iterator(pipeline, method, cache_dir, uids, table)
     for _ in range(warmup):
         next(iterator)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     for _ in range(batches):
         images, _ = next(iterator)
         assert images.shape[0] == BATCH_SIZE
-    return batches * BATCH_SIZE / (time.perf_counter() - started)
+    patches = batches * BATCH_SIZE
+    cpu_ms = (time.process_time() - cpu_started) * 1e3 / patches
+    return patches / (time.perf_counter() - started), cpu_ms
 
 
 # --------------------------------------------------------------------------- report
@@ -199,17 +261,31 @@ def markdown(rows: list[dict], info: dict) -> str:
         f"load average at start {info.get('load_average_at_start')}, at end "
         f"{info.get('load_average_at_end')} (a shared machine: the spread of the runs "
         f"shows it); batch {BATCH_SIZE}, "
-        "augmentation on; median of the repeats.",
+        "default augmentation; median of the repeats (the methods take turns in each).",
         "",
-        "| scans | pipeline | patch | method | patches/s (median) | runs | speed-up vs naive |",
-        "|---|---|---|---|---:|---|---:|",
+        "| scans | pipeline | patch | method | patches/s (median) | runs | vs before | "
+        "vs naive | CPU ms per patch (median) |",
+        "|---|---|---|---|---:|---|---:|---:|---:|",
     ]
     for row in rows:
         runs = ", ".join(f"{v:.0f}" for v in row["runs"])
-        speedup = f"{row['speedup']:.1f}x" if row.get("speedup") else "1.0x"
         lines.append(f"| {row['scans']} | {row['pipeline']} | {row['patch']} | {row['method']} "
-                     f"| {row['median']:.0f} | {runs} | {speedup} |")
+                     f"| {row['median']:.0f} | {runs} | {row['vs_before']:.1f}x "
+                     f"| {row['vs_naive']:.1f}x | {row['cpu_ms_per_patch']:.2f} |")
     return "\n".join(lines) + "\n"
+
+
+def compare_methods(pipeline: str, cache_dir: Path, uids, table, args, name: str) -> dict:
+    """Patches/s of every method, ``args.repeats`` runs each, the methods taking turns."""
+    results = {method: [] for method in METHODS}
+    for _ in range(args.repeats):
+        for method in METHODS:
+            results[method].append(measure(pipeline, method, cache_dir, uids, table,
+                                           args.batches, args.warmup))
+            rate, cpu_ms = results[method][-1]
+            print(f"{name} {pipeline} {method}: {rate:.0f} patches/s, {cpu_ms:.2f} CPU ms "
+                  "per patch", file=sys.stderr)
+    return results
 
 
 def parse_args(argv):
@@ -219,20 +295,20 @@ def parse_args(argv):
                                             "synthetic sample data in a temporary folder)")
     parser.add_argument("--scans", type=int, default=6, help="sample scans to build (default 6)")
     parser.add_argument("--batches", type=int, default=None,
-                        help="timed batches per run (default 20; 10 with --quick)")
+                        help="timed batches per run (default 20; 8 with --quick)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed batches first")
     parser.add_argument("--repeats", type=int, default=None,
-                        help="runs per method, median (default 3; 1 with --quick)")
+                        help="runs per method, median (default 3)")
     parser.add_argument("--luna-shape", type=int, nargs=3, default=(300, 240, 330),
                         metavar=("Z", "Y", "X"), help="padded cache size (voxels)")
     parser.add_argument("--quick", action="store_true",
-                        help="1 repeat, 10 batches (unless given), no LUNA16-sized cache")
+                        help="8 batches per run (unless given), no LUNA16-sized cache")
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="folder for .md and .json")
     args = parser.parse_args(argv)
     if args.repeats is None:
-        args.repeats = 1 if args.quick else 3
+        args.repeats = 3
     if args.batches is None:
-        args.batches = 10 if args.quick else 20
+        args.batches = 8 if args.quick else 20
     if min(args.batches, args.repeats, args.scans) < 1 or args.warmup < 0:
         parser.error("--batches, --repeats and --scans must be >= 1, --warmup >= 0")
     return args
@@ -267,20 +343,16 @@ def main(argv=None) -> int:
             uids = sorted(cache.load_scan_metas(cache_dir))
             table = gen.candidate_table(cache_dir, uids)
             for pipeline, patch in (("segmentation", "64^3"), ("classification", "32^3")):
-                results = {}
-                for method in ("ours, workers=2", "ours, workers=1", "naive"):
-                    runs = [measure(pipeline, method, cache_dir, uids, table, args.batches,
-                                    args.warmup) for _ in range(args.repeats)]
-                    results[method] = runs
-                    print(f"{name} {pipeline} {method}: "
-                          f"{', '.join(f'{r:.0f}' for r in runs)} patches/s", file=sys.stderr)
-                naive = statistics.median(results["naive"])
+                results = compare_methods(pipeline, cache_dir, uids, table, args, name)
+                medians = {m: statistics.median(r for r, _ in runs)
+                           for m, runs in results.items()}
                 for method, runs in results.items():
-                    median = statistics.median(runs)
                     rows.append({"scans": name, "cache": described, "pipeline": pipeline,
-                                 "patch": patch, "method": method, "median": median,
-                                 "runs": runs,
-                                 "speedup": None if method == "naive" else median / naive})
+                                 "patch": patch, "method": method, "median": medians[method],
+                                 "runs": [r for r, _ in runs],
+                                 "cpu_ms_per_patch": statistics.median(c for _, c in runs),
+                                 "vs_before": medians[method] / medians["before, workers=2"],
+                                 "vs_naive": medians[method] / medians["naive"]})
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     if hasattr(os, "getloadavg"):

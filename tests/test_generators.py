@@ -444,3 +444,60 @@ def test_model_fit_runs_on_both_pipelines(cache_dir):
     history = tiny((16, 16, 16, 1), "cls").fit(cls, steps_per_epoch=1, epochs=1,
                                                shuffle=False, verbose=0)
     assert np.isfinite(history.history["loss"]).all()
+
+
+def test_a_batch_holds_exactly_the_single_samples(cache_dir):
+    sampler = _sampler(cache_dir, 2, augmentation=Augmentation(rotate_probability=0.5))
+    images, targets = sampler.sample_batch(4, range(3, 9))
+    assert images.dtype == targets.dtype == np.float32 and images.shape == (6, 24, 24, 24, 1)
+    for j, index in enumerate(range(3, 9)):
+        image, target = sampler.sample(4, index)
+        np.testing.assert_array_equal(images[j], image)
+        np.testing.assert_array_equal(targets[j], target)
+    table = gen.candidate_table(cache_dir, list(SCANS))
+    cubes = gen.ClassificationSampler(cache_dir, table, CLS_CFG, 2)
+    images, labels = cubes.sample_batch(1, [0, 7, 3])
+    for j, index in enumerate([0, 7, 3]):
+        image, label = cubes.sample(1, index)
+        np.testing.assert_array_equal(images[j], image)
+        np.testing.assert_array_equal(labels[j], label)
+
+
+def _first_batches(make, seed, n=3):
+    return [b for _, b in zip(range(n), make(seed).as_numpy_iterator())]
+
+
+@pytest.mark.parametrize("pipeline", ["segmentation", "classification"])
+def test_same_seed_same_augmented_batches_other_seed_other_batches(cache_dir, pipeline):
+    table = gen.candidate_table(cache_dir, list(SCANS))
+
+    def make(seed):
+        if pipeline == "segmentation":
+            return gen.segmentation_dataset(cache_dir, list(SCANS), SEG_CFG, 4, 2, seed=seed,
+                                            workers=2)
+        return gen.classification_dataset(cache_dir, table, CLS_CFG, 4, 2, seed=seed,
+                                          workers=2)
+
+    first, again, other = _first_batches(make, 3), _first_batches(make, 3), _first_batches(make, 4)
+    for (x1, y1), (x2, y2) in zip(first, again):
+        assert x1.dtype == y1.dtype == np.float32
+        assert x1.tobytes() == x2.tobytes() and y1.tobytes() == y2.tobytes()
+    assert all(x1.tobytes() != x3.tobytes() for (x1, _), (x3, _) in zip(first, other))
+
+
+def test_crop_view_is_crop_patch_without_the_copy():
+    volume = np.arange(20 * 21 * 22, dtype=np.int64).reshape(20, 21, 22).astype(np.uint8)
+    inside = gen.crop_view(volume, (10.2, 9.6, 11.0), 8)
+    np.testing.assert_array_equal(inside, gen.crop_patch(volume, (10.2, 9.6, 11.0), 8))
+    assert np.shares_memory(inside, volume)
+    border = gen.crop_view(volume, (1.0, 19.5, 3.0), 8, pad_value=7)
+    np.testing.assert_array_equal(border, gen.crop_patch(volume, (1.0, 19.5, 3.0), 8, 7))
+    assert not np.shares_memory(border, volume)
+
+
+def test_aligned_empty_starts_on_64_bytes():
+    for shape, dtype in (((3, 5, 7), np.float32), ((2, 9), np.uint8), ((4,), np.float64)):
+        array = gen.aligned_empty(shape, dtype)
+        assert array.shape == shape and array.dtype == dtype and array.flags.c_contiguous
+        assert array.ctypes.data % 64 == 0
+    assert not gen.aligned_empty((5, 6), np.float32, zero=True).any()
