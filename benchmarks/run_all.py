@@ -76,7 +76,7 @@ PLAN = {
 REPEAT_OPTIONS = {"preprocess", "generators", "detect", "classify", "training"}
 # bench_generators and bench_training time both methods alike: no separate baseline count.
 BASELINE_REPEAT_OPTIONS = REPEAT_OPTIONS - {"generators", "training"}
-TRAINING_METHOD = "ours, workers=2"  # bench_generators' name for training.workers = 2
+TRAINING_METHOD = "after, workers=2"  # bench_generators' name for training.workers = 2
 
 
 # --------------------------------------------------------------------------- rows per report
