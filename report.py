@@ -6,7 +6,8 @@
 One step per file: ``top_detections.png`` (the highest-scoring held-out marks, one per
 finding, HIT / MISS), ``missed_nodules.png`` (held-out nodules not found at 8 FP/scan),
 ``training_curves.png`` (every ``history.csv``), ``surface.png`` (lungs and nodules in 3D),
-``gradcam.png`` (Grad-CAM of the first ensemble model on the top detections) and
+``gradcam.png`` (Grad-CAM of the first ensemble model on the top detections; under each,
+the ensemble's first 2D member on the detection's axial, coronal and sagittal views) and
 ``report.md`` (the FROC figures of ``WORK/evaluation/``, the CPM of each model, every
 figure). A figure that cannot be made is replaced by one saying why: a missing optional
 input is a note, an error is a failure warned about on stderr; every file is written

@@ -2,6 +2,8 @@
 
     python visual_utils.py gradcam --model-path work/classification/resnet/fold0/best.keras \\
         --cache-dir work/cache --candidates work/submission.csv --out gradcam.png [--top 6]
+    python visual_utils.py gradcam --model-path work/classification/resnet50_2d/fold0/best.keras \\
+        --cache-dir work/cache --candidates work/submission.csv --out gradcam_2d.png
     python visual_utils.py montage --cache-dir work/cache --seriesuid UID --out montage.png \\
         [--candidates work/submission.csv] [--slices 12]
 
@@ -11,7 +13,10 @@ Figures (each returns a ``matplotlib.figure.Figure``; ``save_figure`` writes it 
 * ``three_plane_view``: axial, coronal and sagittal slices through a point, mark drawn;
 * ``surface_figure``: 3D surface of the lung mask (marching cubes) with the nodules;
 * ``training_curves_figure``: loss and metrics of ``history.csv`` files;
-* ``gradcam_figure``: Grad-CAM maps (``grad_cams``) over a cube's three central slices.
+* ``gradcam_figure``: Grad-CAM maps (``grad_cams``) over a cube's three central slices,
+  optionally with a 2D member's rows under them;
+* ``gradcam_views_figure``: a 2D member's Grad-CAM (``grad_cams_2d``, through its nested
+  backbone) on a candidate's axial, coronal and sagittal views.
 
 Slices are shown in the radiological orientation whatever the scan's direction matrix
 (patient right on the left, anterior up in axial slices, superior up in coronal and
@@ -879,7 +884,10 @@ def gradcam_command(args) -> None:
     if args.save_maps:
         check_output_path(args.save_maps, [args.candidates, args.model_path], kind="maps")
     marks = _read_marks(args.candidates, args.top, args.seriesuids)
-    model = predict.load_classifier(args.model_path)
+    model = _load_any_classifier(args.model_path)
+    if predict.is_view_model(model):
+        _gradcam_views_command(args, marks, model)
+        return
     cubes = candidate_cubes(args.cache_dir, marks, int(model.input_shape[1]))
     cams, probabilities = grad_cams(model, cubes.astype(np.float32) / np.float32(255.0),
                                     args.layer)
@@ -890,6 +898,38 @@ def gradcam_command(args) -> None:
     if args.save_maps:
         with atomic_open(args.save_maps, "wb") as handle:
             np.savez_compressed(handle, cubes=cubes, cams=cams, probabilities=probabilities)
+
+
+def _load_any_classifier(path):
+    """A 3D classifier or a 2D member (``predict.load_classifier`` /
+    ``predict.load_view_classifier``); the 3D loader's error where neither fits."""
+    import predict
+
+    try:
+        return predict.load_classifier(path)
+    except InputError as err:
+        try:
+            return predict.load_view_classifier(path)
+        except (InputError, ValueError):
+            raise err from None
+
+
+def _gradcam_views_command(args, marks: pd.DataFrame, model) -> None:
+    """``gradcam`` of a 2D member: its views (the settings of its training run) with the
+    Grad-CAM of its backbone's last convolutional feature map."""
+    import predict
+    import views2d
+
+    settings = predict.view_settings_of(model, args.model_path, config_lib.Config())
+    views = np.concatenate([batch for batch, _ in views2d.view_batches(args.cache_dir, marks,
+                                                                        settings)])
+    cams, probabilities = grad_cams_2d(model, views, args.layer)
+    titles = [f"...{r.seriesuid[-8:]} ({r.coordX:.1f}, {r.coordY:.1f}, {r.coordZ:.1f}) p={p:.3f}"
+              for r, p in zip(marks.itertuples(index=False), probabilities)]
+    save_figure(gradcam_views_figure(ViewCams(*orthogonal_views(views, cams), titles)), args.out)
+    if args.save_maps:
+        with atomic_open(args.save_maps, "wb") as handle:
+            np.savez_compressed(handle, views=views, cams=cams, probabilities=probabilities)
 
 
 def montage_command(args) -> None:
@@ -917,15 +957,17 @@ def _parser() -> argparse.ArgumentParser:
                                      epilog=__doc__.split("\n\n")[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    cam = commands.add_parser("gradcam", help="Grad-CAM of a classifier on candidate cubes")
-    cam.add_argument("--model-path", required=True, help="a .keras classifier")
+    cam = commands.add_parser("gradcam", help="Grad-CAM of a classifier on candidate cubes "
+                                              "(of a 2D member, on its views)")
+    cam.add_argument("--model-path", required=True, help="a .keras classifier or 2D member")
     cam.add_argument("--cache-dir", required=True, help="preprocess.py output")
     cam.add_argument("--candidates", required=True,
                      help="CSV seriesuid,coordX,coordY,coordZ[,probability]; highest first")
     cam.add_argument("--out", required=True, help="PNG to write")
     cam.add_argument("--top", type=int, default=6, help="rows shown")
     cam.add_argument("--seriesuids", nargs="+", help="only these scans")
-    cam.add_argument("--layer", help="feature-map layer (default: last 3D one)")
+    cam.add_argument("--layer", help="feature-map layer (default: the last 3D one; of a 2D "
+                                     "member, its backbone's last convolutional one)")
     cam.add_argument("--save-maps", help="also write cubes and maps to this .npz")
     mon = commands.add_parser("montage", help="axial slice montage of a cached scan")
     mon.add_argument("--cache-dir", required=True)

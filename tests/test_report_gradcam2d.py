@@ -75,3 +75,21 @@ def test_gradcam_of_a_2d_first_member_and_a_member_without_a_feature_map(tmp_pat
     assert [piece for piece, _ in result.notes] == ["gradcam (2D member)"]
     assert "no 2D feature map" in result.notes[0][1]
     assert np.isfinite(_png_shape(work / "report" / "gradcam.png")[0])
+
+
+@pytest.mark.slow
+def test_gradcam_command_takes_a_2d_member(tmp_path):
+    import visual_utils as vu
+
+    work = _make_work(tmp_path)
+    _add_view_member(work, views="multiview")
+    model = work / "classification" / "vgg16_2d" / "fold0" / "best.keras"
+    out, maps = tmp_path / "cam.png", tmp_path / "cam.npz"
+    assert vu.main(["gradcam", "--model-path", str(model), "--cache-dir", str(work / "cache"),
+                    "--candidates", str(work / "submission.csv"), "--out", str(out), "--top", "2",
+                    "--save-maps", str(maps)]) == 0
+    assert _png_shape(out)[0] > 100
+    saved = np.load(maps)
+    assert saved["views"].shape == (2, 9, 32, 32, 3) and saved["cams"].shape == (2, 9, 32, 32)
+    # the top candidate's views are centred on the bright nodule
+    assert saved["views"][0, 0, 16, 16, 1] == pytest.approx(230 / 255.0, abs=0.02)
