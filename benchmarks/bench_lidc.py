@@ -8,6 +8,8 @@ against the nodule's size alone and a stacked model of both.
         --models densenet,resnet,inception,vgg_simple --folds 5 --epochs 40 \\
         --cube-size 32 --spacing-mm 1.0 --out benchmarks/results/lidc --seed 0
     python benchmarks/bench_lidc.py --test-dir /data/other_nodules         # external test set
+    python benchmarks/bench_lidc.py --quick --folds 5 --epochs 4 --models \
+        resnet,vgg16_2d:feature,vgg16_2d:finetune,swin:frozen,swin:full    # 2D and Swin rows
 
 Data (``--data-dir``, default ``../shared/data/lidc_nodules``, read-only): ``image/*.nii.gz``
 nodule volumes cropped from LIDC-IDRI CTs (HU, native anisotropic spacing, world geometry),
@@ -46,6 +48,17 @@ What it does:
    intensity jitter (``augmentation.augment``); the test fold and the validation part are
    predicted with flip test-time augmentation (the cube and its z, y and x flips, averaged:
    ``augmentation.flip_variants``).
+   Beside the 3D classifiers, ``--models`` takes the 2D members (``models.TRANSFER2D``,
+   random initial weights: no ImageNet weights here) as ``NAME:feature`` or
+   ``NAME:finetune`` and the Swin classifiers as ``swin:frozen`` / ``swin:full``. A 2D
+   member sees ``views2d`` views of the stored cube (``--views`` tri or multiview,
+   ``--view-size`` pixels over ``--view-fov-mm``, default the cube's side) with the same
+   shifts plus the same flips and 90-degree turns on every plane; ``feature`` trains the
+   config's head on the frozen backbone's features of the views and their flips (computed
+   once for all folds), ``finetune`` trains the head with the backbone frozen for
+   ``transfer2d.head_epochs``, then the backbone's last ``transfer2d.unfreeze_layers`` layers
+   too at ``lr * transfer2d.finetune_lr_factor``; both predict with the views' flips
+   averaged. ``swin:frozen`` trains only the head (``train_classification.freeze_encoder``).
 3. Size as a signal of its own, every row out of fold: ``diameter (annotation)`` and
    ``diameter (mask)`` are a 1-D logistic regression on the log diameter fitted on each
    fold's training part; ``stacked (networks + size)`` is a regularised logistic regression
