@@ -169,7 +169,8 @@ def markdown(report: dict) -> str:
     lines += ["", f"- cached scan {'x'.join(map(str, s['shape_zyx']))} voxels at 1 mm; batch "
               f"{s['batch_size']} (ours) vs 1 (naive); random weights",
               f"- feature correlation ours vs naive: {report['feature_correlation']:.4f} "
-              "(different interpolation)",
+              "(the same planes, sampled trilinearly vs sliced and resized: equal where the "
+              "views' pixels fall on voxels)",
               f"- target >= {TARGET_RATIO:g}x: {'PASS' if report['passed'] else 'FAIL'}",
               f"- {machine_line(report['machine'])}"]
     return "\n".join(lines) + "\n"
