@@ -6,7 +6,8 @@
 One step per file: ``top_detections.png`` (the highest-scoring held-out marks, one per
 finding, HIT / MISS), ``missed_nodules.png`` (held-out nodules not found at 8 FP/scan),
 ``training_curves.png`` (every ``history.csv``), ``surface.png`` (lungs and nodules in 3D),
-``gradcam.png`` (Grad-CAM of the first ensemble model on the top detections) and
+``gradcam.png`` (Grad-CAM of the first ensemble model on the top detections; under each,
+the ensemble's first 2D member on the detection's axial, coronal and sagittal views) and
 ``report.md`` (the FROC figures of ``WORK/evaluation/``, the CPM of each model, every
 figure). A figure that cannot be made is replaced by one saying why: a missing optional
 input is a note, an error is a failure warned about on stderr; every file is written
@@ -373,19 +374,31 @@ def make_surface(job: ReportJob):
 
 def make_gradcam(job: ReportJob):
     """``gradcam.png``: Grad-CAM of the first ensemble model on the top detections (each
-    by the model of the fold that held its scan out)."""
+    by the model of the fold that held its scan out), and under each detection the
+    Grad-CAM of the ensemble's first 2D member on its axial, coronal and sagittal views."""
     held_out = _need(job.held_out)
     marks = _top_marks(job, job.gradcam_top)
     folds = [held_out.fold_of.get(uid, job.fold) for uid in marks["seriesuid"]]
-    name, cubes, cams, probabilities = fold_grad_cams(job, marks, folds)
     labels = label_detections(marks, held_out.annotations, held_out.excluded)
     where = [f" fold {k}" if job.fold == ALL_FOLDS else "" for k in folds]
-    titles = [f"#{i + 1} {name}{w} p={p:.3f} (submission {s:.3f}) {verdict(lab)}"
-              for i, (w, p, s, lab) in enumerate(zip(where, probabilities, marks["probability"],
-                                                     labels))]
+
+    def titles(name: str):
+        return lambda probabilities: [
+            f"#{i + 1} {name}{w} p={p:.3f} (submission {s:.3f}) {verdict(lab)}"
+            for i, (w, p, s, lab) in enumerate(zip(where, probabilities, marks["probability"],
+                                                   labels))]
+
+    name = first_model(job.paths, folds[0], job.run_config)[0]
+    if is_view_member(name):
+        figure = vu.gradcam_views_figure(fold_view_cams(job, marks, folds, name, titles(name)))
+        job.summary["gradcam_model"] = name
+        return figure
+    name, cubes, cams, probabilities = fold_grad_cams(job, marks, folds)
     job.summary["gradcam_model"] = name
+    view_cams = _second_member_view_cams(job, marks, folds, titles)
     geometries = [cache.open_scan(held_out.cache_dir, u).geometry for u in marks["seriesuid"]]
-    return vu.gradcam_figure(cubes, cams, titles, geometries)
+    return vu.gradcam_figure(cubes, cams, titles(name)(probabilities), geometries,
+                             view_cams=view_cams)
 
 
 def fold_grad_cams(job: ReportJob, marks: pd.DataFrame, folds: list):
@@ -408,6 +421,68 @@ def fold_grad_cams(job: ReportJob, marks: pd.DataFrame, folds: list):
             probabilities = np.zeros(len(marks), np.float64)
         cubes[rows], cams[rows], probabilities[rows] = fold_cubes, fold_cams, fold_p
     return name, cubes, cams, probabilities
+
+
+def is_view_member(name: str) -> bool:
+    """Whether ensemble member ``name`` is a 2D member (``models.TRANSFER2D``)."""
+    from models import TRANSFER2D
+
+    return name in TRANSFER2D
+
+
+def first_view_member(run_config: config_lib.Config | None) -> str | None:
+    """The first 2D member of the run's ensemble, or None."""
+    names = list(run_config.ensemble.models) if run_config is not None else []
+    return next((name for name in names if is_view_member(name)), None)
+
+
+def _second_member_view_cams(job: ReportJob, marks: pd.DataFrame, folds: list, titles):
+    """The ensemble's first 2D member's ``vu.ViewCams`` of the marks, or None where the
+    ensemble has none; one that cannot be made (no model file, no feature map) is noted
+    and the figure keeps the first model's rows."""
+    name = first_view_member(job.run_config)
+    if name is None:
+        return None
+    try:
+        view_cams = fold_view_cams(job, marks, folds, name, titles(name))
+    except (Unavailable, FileNotFoundError, ValueError) as err:
+        job.result.notes.append(("gradcam (2D member)", f"{name}: {err}"))
+        print(f"[report] gradcam (2D member): {name}: {err}", flush=True)
+        return None
+    job.summary["gradcam_view_model"] = name
+    return view_cams
+
+
+def _model_of_fold(job: ReportJob, name: str, fold: int) -> Path:
+    path = job.paths.classification_run(name, fold) / BEST_MODEL
+    if not path.exists():
+        raise Unavailable(f"the ensemble member {name} has no {path}")
+    return path
+
+
+def fold_view_cams(job: ReportJob, marks: pd.DataFrame, folds: list, name: str, titles):
+    """``vu.ViewCams`` of 2D member ``name`` on the marks' views (the views its run was
+    trained with), each mark's by the member of its fold, in table order; ``titles``
+    gives the rows' titles from the probabilities."""
+    import predict
+    import views2d
+
+    cfg = job.run_config if job.run_config is not None else config_lib.Config()
+    images = heats = None
+    probabilities = np.zeros(len(marks), np.float64)
+    for fold in dict.fromkeys(folds):
+        rows = np.flatnonzero([k == fold for k in folds])
+        path = _model_of_fold(job, name, fold)
+        model = predict.load_view_classifier(path)
+        settings = predict.view_settings_of(model, path, cfg)
+        views = np.concatenate([batch for batch, _ in views2d.view_batches(
+            job.held_out.cache_dir, marks.iloc[rows].reset_index(drop=True), settings)])
+        part, probabilities[rows] = vu.view_cams_of(model, views, lambda p: p)
+        if images is None:
+            images = np.zeros((len(marks), *part.images.shape[1:]), np.float32)
+            heats = np.zeros_like(images)
+        images[rows], heats[rows] = part.images, part.heats
+    return vu.ViewCams(images, heats, list(titles(probabilities)))
 
 
 FIGURE_STEPS = {"top_detections.png": make_top_detections,
@@ -518,7 +593,10 @@ def _figure_lines(job: ReportJob) -> list[str]:
          + (f" of scan `{summary['surface_scan']}`." if "surface_scan" in summary else ".")),
         ("gradcam", "Grad-CAM", "Grad-CAM of the first ensemble model"
          + (f" ({summary['gradcam_model']})" if "gradcam_model" in summary else "")
-         + " on the top detections: where the model looks."),
+         + " on the top detections: where the model looks."
+         + (f" Under each detection, the 2D member {summary['gradcam_view_model']} on its "
+            "axial, coronal and sagittal views (Grad-CAM of its backbone's last "
+            "convolutional feature map)." if "gradcam_view_model" in summary else "")),
     ]
     lines = []
     for piece, heading, text in sections:

@@ -2,6 +2,8 @@
 
     python visual_utils.py gradcam --model-path work/classification/resnet/fold0/best.keras \\
         --cache-dir work/cache --candidates work/submission.csv --out gradcam.png [--top 6]
+    python visual_utils.py gradcam --model-path work/classification/resnet50_2d/fold0/best.keras \\
+        --cache-dir work/cache --candidates work/submission.csv --out gradcam_2d.png
     python visual_utils.py montage --cache-dir work/cache --seriesuid UID --out montage.png \\
         [--candidates work/submission.csv] [--slices 12]
 
@@ -11,7 +13,10 @@ Figures (each returns a ``matplotlib.figure.Figure``; ``save_figure`` writes it 
 * ``three_plane_view``: axial, coronal and sagittal slices through a point, mark drawn;
 * ``surface_figure``: 3D surface of the lung mask (marching cubes) with the nodules;
 * ``training_curves_figure``: loss and metrics of ``history.csv`` files;
-* ``gradcam_figure``: Grad-CAM maps (``grad_cams``) over a cube's three central slices.
+* ``gradcam_figure``: Grad-CAM maps (``grad_cams``) over a cube's three central slices,
+  optionally with a 2D member's rows under them;
+* ``gradcam_views_figure``: a 2D member's Grad-CAM (``grad_cams_2d``, through its nested
+  backbone) on a candidate's axial, coronal and sagittal views.
 
 Slices are shown in the radiological orientation whatever the scan's direction matrix
 (patient right on the left, anterior up in axial slices, superior up in coronal and
@@ -602,6 +607,150 @@ def grad_cam(model, cube, layer_name: str | None = None):
     return cams[0], float(probabilities[0])
 
 
+# --------------------------------------------------------------------------- Grad-CAM of 2D members
+
+
+@dataclass(frozen=True)
+class ViewCams:
+    """A 2D member's Grad-CAM of some candidates, ready to draw: per candidate its axial,
+    coronal and sagittal images ``(n, 3, S, S)`` in [0, 1], the maps on them and a title."""
+
+    images: np.ndarray
+    heats: np.ndarray
+    titles: list
+
+
+def _view_model_parts(model):
+    """``(view_features, backbone, view_fusion, head)`` of a ``models.transfer2d`` model."""
+    from models import transfer2d
+
+    backbone = transfer2d.backbone_of(model)
+    view_features = transfer2d._view_features(model)
+    return view_features, backbone, model.get_layer("view_fusion"), model.get_layer("head")
+
+
+def _layers_after(model, layer) -> list:
+    """The layers of a chain-shaped functional ``model`` after ``layer``, in order."""
+    import keras
+
+    chain = [item for item in model.layers if not isinstance(item, keras.layers.InputLayer)]
+    return chain[chain.index(layer) + 1:]
+
+
+def find_gradcam_layer_2d(backbone) -> str:
+    """Name of the backbone's last convolutional feature map: its last layer with a 4D
+    output ``(batch, rows, cols, channels)`` that is not a pooling layer (VGG: the last
+    convolution rather than the pooling after it, ResNet: ``conv5_block3_out``)."""
+    import keras
+
+    pooling = (keras.layers.MaxPooling2D, keras.layers.AveragePooling2D)
+    for layer in reversed(backbone.layers):
+        if isinstance(layer, (keras.layers.InputLayer, *pooling)):
+            continue
+        try:
+            rank = len(layer.output.shape)
+        except (AttributeError, ValueError):
+            continue  # a layer used several times has no single output
+        if rank == 4:
+            return layer.name
+    raise ValueError(f"backbone {backbone.name} has no 2D feature map (4D layer output): "
+                     "Grad-CAM needs a convolutional backbone (a ViT has none)")
+
+
+def grad_cams_2d(model, views, layer_name: str | None = None):
+    """Grad-CAM of a 2D member (``models.transfer2d``) on its backbone's last convolutional
+    feature map (Selvaraju et al. 2017, "Grad-CAM").
+
+    The backbone is a model nested inside the member, so the feature map of one of its
+    layers is not a tensor of the member's graph (Keras 3: ``model.get_layer(backbone)
+    .output`` belongs to the backbone's own graph). The member is therefore run in parts:
+    its preprocessing, a probe from the backbone's input to ``[feature map, backbone
+    output]``, then the layers after the backbone (pooling, the views' fusion, the head);
+    the gradient of the probability w.r.t. the probe's feature map is then defined.
+
+    Args:
+        model: a 2D member ``(n, [views,] S, S, 3) -> (n, 1)``.
+        views: its inputs (``views2d``: float in [0, 1]).
+        layer_name: a 4D layer of the backbone (default ``find_gradcam_layer_2d``).
+
+    Returns:
+        ``(cams float32 (n, [views,] S, S) in [0, 1], probabilities float64 (n,))``; a
+        candidate's maps are divided by their common maximum (all zero where no region
+        raises the probability).
+    """
+    import keras
+    import tensorflow as tf
+
+    x = np.asarray(views, dtype=np.float32)
+    if x.ndim != len(model.input_shape) or tuple(x.shape[1:]) != tuple(model.input_shape[1:]):
+        raise ValueError(f"views of shape {x.shape}: the model takes {model.input_shape}")
+    view_features, backbone, fusion, head = _view_model_parts(model)
+    name = layer_name or find_gradcam_layer_2d(backbone)
+    probe = keras.Model(backbone.inputs, [backbone.get_layer(name).output, backbone.outputs[0]])
+    images = tf.convert_to_tensor(x.reshape((-1, *x.shape[-3:])))
+    with tf.GradientTape() as tape:
+        features, pooled = probe(view_features.get_layer("preprocess")(images), training=False)
+        for layer in _layers_after(view_features, backbone):
+            pooled = layer(pooled)
+        if x.ndim == 5:  # multiview: the shared backbone saw every view; fuse as the member
+            pooled = tf.reshape(pooled, (x.shape[0], x.shape[1], -1))
+            for layer in _layers_after(fusion, fusion.get_layer("per_view")):
+                pooled = layer(pooled)
+        probability = head(pooled, training=False)
+        # Samples are independent in inference mode: the gradient of the sum gives each
+        # sample's own gradient.
+        score = tf.reduce_sum(tf.cast(probability, tf.float32))
+    grads = tape.gradient(score, features)
+    if grads is None:
+        raise ValueError(f"the output does not depend on backbone layer {name}")
+    maps = _weighted_maps(tf.cast(features, tf.float32).numpy(),
+                          tf.cast(grads, tf.float32).numpy(), x.shape[-3:-1])
+    cams = _normalise_per_candidate(maps.reshape((*x.shape[:-3], *maps.shape[1:])))
+    return cams, np.asarray(probability, dtype=np.float64).reshape(-1)
+
+
+def _weighted_maps(features: np.ndarray, grads: np.ndarray, size) -> np.ndarray:
+    """ReLU of the feature maps ``(m, h, w, c)`` weighted by their space-averaged
+    gradients, upsampled to ``size`` (linear, edges to edges): ``(m, *size)``."""
+    from scipy import ndimage
+
+    weights = grads.mean(axis=(1, 2))
+    maps = np.maximum(np.einsum("nhwc,nc->nhw", features, weights), 0.0)
+    target = tuple(int(v) for v in size)
+    out = np.zeros((len(maps), *target), dtype=np.float32)
+    for i, cam in enumerate(maps):
+        factors = [t / s for t, s in zip(target, cam.shape)]
+        up = ndimage.zoom(cam, factors, order=1, grid_mode=True, mode="nearest")
+        out[i] = _fit_shape(np.maximum(up, 0.0), target)
+    return out
+
+
+def _normalise_per_candidate(cams: np.ndarray) -> np.ndarray:
+    """Each candidate's maps (first axis) divided by their common maximum (0 stays 0)."""
+    peaks = cams.reshape(len(cams), -1).max(axis=1, initial=0.0)
+    scale = np.where(peaks > 0, peaks, np.inf).reshape((-1,) + (1,) * (cams.ndim - 1))
+    return (cams / scale).astype(np.float32)
+
+
+def orthogonal_views(views: np.ndarray, cams: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The axial, coronal and sagittal images of each candidate's views and the Grad-CAM
+    on them: ``(images (n, 3, S, S), heats (n, 3, S, S))``. ``tri`` views hold the three
+    planes as channels (one map over all three); ``multiview`` holds them as its first
+    three views (``views2d.PLANES``), each shown by its centre channel."""
+    views, cams = np.asarray(views), np.asarray(cams)
+    if views.ndim == 4:  # tri: (n, S, S, 3)
+        return np.moveaxis(views, -1, 1), np.repeat(cams[:, None], 3, axis=1)
+    return views[:, :3, :, :, 1], cams[:, :3]
+
+
+def view_cams_of(model, views, titles, layer_name: str | None = None) -> tuple[ViewCams, np.ndarray]:
+    """``grad_cams_2d`` of ``views`` ready for ``gradcam_figure``: ``(ViewCams, probabilities)``;
+    ``titles(probabilities)`` gives the rows' titles."""
+    cams, probabilities = grad_cams_2d(model, views, layer_name)
+    images, heats = orthogonal_views(views, cams)
+    return ViewCams(images, heats, list(titles(probabilities))), probabilities
+
+
 def _fit_shape(array: np.ndarray, shape) -> np.ndarray:
     """Crop / edge-pad to ``shape`` (zoom's rounding can be one voxel off)."""
     out = array[tuple(slice(0, s) for s in shape)]
@@ -609,38 +758,80 @@ def _fit_shape(array: np.ndarray, shape) -> np.ndarray:
     return np.pad(out, pad, mode="edge") if any(p[1] for p in pad) else out
 
 
-def gradcam_figure(cubes, cams, titles=None, geometries=None, alpha: float = 0.4):
+def gradcam_figure(cubes, cams, titles=None, geometries=None, alpha: float = 0.4,
+                   view_cams: "ViewCams | None" = None):
     """Each cube's three central slices (axial, coronal, sagittal) with its Grad-CAM in
     'jet' on top and a red crosshair at the centre (the candidate). ``geometries`` (one
     ``Geometry`` for all cubes or one per cube: spacing and direction of the scan a cube
     comes from) orient the slices like ``plane_view``; without them they are raw array
-    slices. Returns the Figure."""
+    slices. ``view_cams`` (a 2D member's Grad-CAM of the same candidates, ``view_cams_of``)
+    adds a row of its three orthogonal views under each cube's row. Returns the Figure."""
     cubes = np.asarray(cubes)
     if cubes.ndim == 5:
         cubes = cubes[..., 0]
     cams = np.asarray(cams)
     if cubes.shape != cams.shape:
         raise ValueError(f"cubes {cubes.shape} and cams {cams.shape} differ in shape")
+    if view_cams is not None and len(view_cams.images) != len(cubes):
+        raise ValueError(f"{len(view_cams.images)} candidates' views for {len(cubes)} cubes")
     if geometries is None:
         geometries = Geometry((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
     if isinstance(geometries, Geometry):
         geometries = [geometries] * len(cubes)
-    figure = new_figure(9.0, 3.1 * max(len(cubes), 1))
+    per_cube = 1 if view_cams is None else 2
+    rows = per_cube * len(cubes)
+    figure = new_figure(9.0, 3.1 * max(rows, 1))
     for i, (cube, cam, geometry) in enumerate(zip(cubes, cams, geometries)):
-        center = np.asarray(cube.shape) // 2  # where crop_patch put the candidate
-        for j, plane in enumerate(PLANES):
-            ax = figure.add_subplot(len(cubes), 3, 3 * i + j + 1)
-            view = plane_view(cube, geometry, plane, center)
-            heat = plane_view(cam, geometry, plane, center)
-            _show(ax, view, (0, 255) if cube.dtype == np.uint8 else (0.0, 1.0))
-            ax.imshow(heat.image, cmap="jet", alpha=alpha, vmin=0.0, vmax=1.0,
-                      aspect=view.aspect, interpolation="bilinear")
-            draw_cross(ax, view, center)
-            ax.set_xlabel(plane, fontsize=8)
-            if j == 0 and titles is not None:
-                ax.set_title(titles[i], fontsize=8, loc="left")
+        _cube_cam_row(figure, rows, per_cube * i, cube, cam, geometry,
+                      None if titles is None else titles[i], alpha)
+        if view_cams is not None:
+            _view_cam_row(figure, rows, per_cube * i + 1, view_cams.images[i],
+                          view_cams.heats[i], view_cams.titles[i], alpha)
     figure.tight_layout()
     return figure
+
+
+def gradcam_views_figure(view_cams: "ViewCams", alpha: float = 0.4):
+    """A 2D member's Grad-CAM alone: one row of three orthogonal views per candidate."""
+    figure = new_figure(9.0, 3.1 * max(len(view_cams.images), 1))
+    for i, (images, heats) in enumerate(zip(view_cams.images, view_cams.heats)):
+        _view_cam_row(figure, len(view_cams.images), i, images, heats, view_cams.titles[i],
+                      alpha)
+    figure.tight_layout()
+    return figure
+
+
+def _cube_cam_row(figure, rows: int, row: int, cube, cam, geometry, title, alpha: float):
+    """Row ``row`` of ``rows``: a cube's three central slices with its Grad-CAM."""
+    center = np.asarray(cube.shape) // 2  # where crop_patch put the candidate
+    for j, plane in enumerate(PLANES):
+        ax = figure.add_subplot(rows, 3, 3 * row + j + 1)
+        view = plane_view(cube, geometry, plane, center)
+        heat = plane_view(cam, geometry, plane, center)
+        _show(ax, view, (0, 255) if cube.dtype == np.uint8 else (0.0, 1.0))
+        ax.imshow(heat.image, cmap="jet", alpha=alpha, vmin=0.0, vmax=1.0,
+                  aspect=view.aspect, interpolation="bilinear")
+        draw_cross(ax, view, center)
+        ax.set_xlabel(plane, fontsize=8)
+        if j == 0 and title is not None:
+            ax.set_title(title, fontsize=8, loc="left")
+
+
+def _view_cam_row(figure, rows: int, row: int, images, heats, title, alpha: float):
+    """Row ``row`` of ``rows``: a candidate's axial, coronal and sagittal views (already in
+    the screen orientation, ``views2d``) with a 2D member's Grad-CAM on each."""
+    for j, plane in enumerate(PLANES):
+        ax = figure.add_subplot(rows, 3, 3 * row + j + 1)
+        image = np.asarray(images[j])
+        ax.imshow(image, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+        ax.imshow(heats[j], cmap="jet", alpha=alpha, vmin=0.0, vmax=1.0, interpolation="bilinear")
+        center = image.shape[0] // 2  # views2d puts the candidate on pixel (S // 2, S // 2)
+        ax.plot([center], [center], "+", color=MARK_COLOR, markersize=12, markeredgewidth=1.2)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_xlabel(f"{plane} view", fontsize=8)
+        if j == 0 and title is not None:
+            ax.set_title(title, fontsize=8, loc="left")
 
 
 def candidate_cubes(cache_dir, table: pd.DataFrame, cube_size: int) -> np.ndarray:
@@ -693,7 +884,10 @@ def gradcam_command(args) -> None:
     if args.save_maps:
         check_output_path(args.save_maps, [args.candidates, args.model_path], kind="maps")
     marks = _read_marks(args.candidates, args.top, args.seriesuids)
-    model = predict.load_classifier(args.model_path)
+    model = _load_any_classifier(args.model_path)
+    if predict.is_view_model(model):
+        _gradcam_views_command(args, marks, model)
+        return
     cubes = candidate_cubes(args.cache_dir, marks, int(model.input_shape[1]))
     cams, probabilities = grad_cams(model, cubes.astype(np.float32) / np.float32(255.0),
                                     args.layer)
@@ -704,6 +898,38 @@ def gradcam_command(args) -> None:
     if args.save_maps:
         with atomic_open(args.save_maps, "wb") as handle:
             np.savez_compressed(handle, cubes=cubes, cams=cams, probabilities=probabilities)
+
+
+def _load_any_classifier(path):
+    """A 3D classifier or a 2D member (``predict.load_classifier`` /
+    ``predict.load_view_classifier``); the 3D loader's error where neither fits."""
+    import predict
+
+    try:
+        return predict.load_classifier(path)
+    except InputError as err:
+        try:
+            return predict.load_view_classifier(path)
+        except (InputError, ValueError):
+            raise err from None
+
+
+def _gradcam_views_command(args, marks: pd.DataFrame, model) -> None:
+    """``gradcam`` of a 2D member: its views (the settings of its training run) with the
+    Grad-CAM of its backbone's last convolutional feature map."""
+    import predict
+    import views2d
+
+    settings = predict.view_settings_of(model, args.model_path, config_lib.Config())
+    views = np.concatenate([batch for batch, _ in views2d.view_batches(args.cache_dir, marks,
+                                                                        settings)])
+    cams, probabilities = grad_cams_2d(model, views, args.layer)
+    titles = [f"...{r.seriesuid[-8:]} ({r.coordX:.1f}, {r.coordY:.1f}, {r.coordZ:.1f}) p={p:.3f}"
+              for r, p in zip(marks.itertuples(index=False), probabilities)]
+    save_figure(gradcam_views_figure(ViewCams(*orthogonal_views(views, cams), titles)), args.out)
+    if args.save_maps:
+        with atomic_open(args.save_maps, "wb") as handle:
+            np.savez_compressed(handle, views=views, cams=cams, probabilities=probabilities)
 
 
 def montage_command(args) -> None:
@@ -731,15 +957,17 @@ def _parser() -> argparse.ArgumentParser:
                                      epilog=__doc__.split("\n\n")[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    cam = commands.add_parser("gradcam", help="Grad-CAM of a classifier on candidate cubes")
-    cam.add_argument("--model-path", required=True, help="a .keras classifier")
+    cam = commands.add_parser("gradcam", help="Grad-CAM of a classifier on candidate cubes "
+                                              "(of a 2D member, on its views)")
+    cam.add_argument("--model-path", required=True, help="a .keras classifier or 2D member")
     cam.add_argument("--cache-dir", required=True, help="preprocess.py output")
     cam.add_argument("--candidates", required=True,
                      help="CSV seriesuid,coordX,coordY,coordZ[,probability]; highest first")
     cam.add_argument("--out", required=True, help="PNG to write")
     cam.add_argument("--top", type=int, default=6, help="rows shown")
     cam.add_argument("--seriesuids", nargs="+", help="only these scans")
-    cam.add_argument("--layer", help="feature-map layer (default: last 3D one)")
+    cam.add_argument("--layer", help="feature-map layer (default: the last 3D one; of a 2D "
+                                     "member, its backbone's last convolutional one)")
     cam.add_argument("--save-maps", help="also write cubes and maps to this .npz")
     mon = commands.add_parser("montage", help="axial slice montage of a cached scan")
     mon.add_argument("--cache-dir", required=True)

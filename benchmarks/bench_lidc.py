@@ -8,6 +8,8 @@ against the nodule's size alone and a stacked model of both.
         --models densenet,resnet,inception,vgg_simple --folds 5 --epochs 40 \\
         --cube-size 32 --spacing-mm 1.0 --out benchmarks/results/lidc --seed 0
     python benchmarks/bench_lidc.py --test-dir /data/other_nodules         # external test set
+    python benchmarks/bench_lidc.py --quick --folds 5 --epochs 4 --models \
+        resnet,vgg16_2d:feature,vgg16_2d:finetune,swin:frozen,swin:full    # 2D and Swin rows
 
 Data (``--data-dir``, default ``../shared/data/lidc_nodules``, read-only): ``image/*.nii.gz``
 nodule volumes cropped from LIDC-IDRI CTs (HU, native anisotropic spacing, world geometry),
@@ -46,6 +48,17 @@ What it does:
    intensity jitter (``augmentation.augment``); the test fold and the validation part are
    predicted with flip test-time augmentation (the cube and its z, y and x flips, averaged:
    ``augmentation.flip_variants``).
+   Beside the 3D classifiers, ``--models`` takes the 2D members (``models.TRANSFER2D``,
+   random initial weights: no ImageNet weights here) as ``NAME:feature`` or
+   ``NAME:finetune`` and the Swin classifiers as ``swin:frozen`` / ``swin:full``. A 2D
+   member sees ``views2d`` views of the stored cube (``--views`` tri or multiview,
+   ``--view-size`` pixels over ``--view-fov-mm``, default the cube's side) with the same
+   shifts plus the same flips and 90-degree turns on every plane; ``feature`` trains the
+   config's head on the frozen backbone's features of the views and their flips (computed
+   once for all folds), ``finetune`` trains the head with the backbone frozen for
+   ``transfer2d.head_epochs``, then the backbone's last ``transfer2d.unfreeze_layers`` layers
+   too at ``lr * transfer2d.finetune_lr_factor``; both predict with the views' flips
+   averaged. ``swin:frozen`` trains only the head (``train_classification.freeze_encoder``).
 3. Size as a signal of its own, every row out of fold: ``diameter (annotation)`` and
    ``diameter (mask)`` are a 1-D logistic regression on the log diameter fitted on each
    fold's training part; ``stacked (networks + size)`` is a regularised logistic regression
@@ -103,11 +116,12 @@ from tqdm import tqdm  # noqa: E402
 import cache  # noqa: E402
 from augmentation import Augmentation, augment, flip_variants  # noqa: E402
 from benchmarks.common import machine_info  # noqa: E402
-from config import ClassificationConfig, PreprocessConfig, TrainingConfig  # noqa: E402
-from ct_io import Geometry, world_to_voxel  # noqa: E402
+from config import (ClassificationConfig, PreprocessConfig, TrainingConfig,  # noqa: E402
+                    Transfer2dConfig)
+from ct_io import Geometry, voxel_to_world, world_to_voxel  # noqa: E402
 from generators import crop_patch, to_unit  # noqa: E402
 from metrics import classification_metrics  # noqa: E402
-from models import CLASSIFIERS  # noqa: E402
+from models import CLASSIFIERS, TRANSFER2D  # noqa: E402
 from preprocess import AIR_HU, MAX_HU, isotropic_grid, resample  # noqa: E402
 from tables import (  # noqa: E402
     CSV_ENCODING,
@@ -138,6 +152,7 @@ REFERENCE_AUCS = (
 AUGMENTATION = Augmentation(flip=True, rot90_axial=True, rot90_all=False,
                             rotate_probability=0.0)
 QUICK = {"folds": 2, "epochs": 2, "cube_size": 16, "models": "vgg_simple,resnet"}
+QUICK_VIEW_SIZE, FULL_VIEW_SIZE = 32, 64  # pixels per side of a 2D member's views
 FULL = {"folds": 5, "epochs": 30, "cube_size": ClassificationConfig().cube_size,
         "models": "densenet,resnet,inception,vgg_simple"}
 ANNOTATED_SIZE = "diameter (annotation)"
@@ -147,6 +162,17 @@ STACKED_BEST = "stacked (size + best network)"
 # The extra rows' columns in the prediction tables.
 PREDICTION_COLUMNS = {ANNOTATED_SIZE: "p_diameter_annotation", MASK_SIZE: "p_diameter_mask",
                       STACKED: "p_stacked", STACKED_BEST: "p_stacked_best_network"}
+# 2D members (``models.TRANSFER2D``) are named NAME:MODE on --models, MODE one of these
+# (``classification.transfer2d.mode``); the Swin classifiers NAME:frozen (only the head
+# trains, ``classification.freeze_encoder``) or NAME:full (plain NAME: full training).
+MODES_2D = ("feature", "finetune")
+ENCODER_MODES = ("full", "frozen")
+FROZEN_ENCODER_MODELS = ("swin", "swin_tiny")
+# The 2D members' head, fusion and fine-tuning schedule: the config's.
+TRANSFER2D_CFG = Transfer2dConfig()
+# Flips of the views' rows and columns (the same on every plane): test-time augmentation of
+# the 2D members, as ``predict.score_views --tta`` scores them.
+VIEW_FLIPS = ((False, False), (True, False), (False, True), (True, True))
 # Inverse L2 strength of the logistic regressions on standardised inputs (scikit-learn's
 # default): the stacker sees about a fifth of a fold's training part, its inputs (the
 # networks' logits) are strongly correlated, and the penalty keeps their weights shared.
@@ -174,10 +200,65 @@ class Settings:
     seed: int
     window_hu: tuple[float, float] = WINDOW_HU
     pad_hu: float = float(AIR_HU)
+    # The 2D members' views (views2d): "tri" or "multiview", pixels, field of view (mm).
+    views: str = "tri"
+    view_size_px: int = 64
+    view_fov_mm: float = 32.0
 
     @property
     def stored_size(self) -> int:
         return self.cube_size + 2 * self.max_shift_vox
+
+    @property
+    def has_2d_members(self) -> bool:
+        return any(parse_member(name).is_2d for name in self.models)
+
+    def record(self) -> dict:
+        """The settings as printed and saved; the view settings only where a 2D member
+        uses them."""
+        record = asdict(self)
+        if not self.has_2d_members:
+            for key in ("views", "view_size_px", "view_fov_mm"):
+                record.pop(key)
+        return record
+
+    def view_settings(self):
+        import views2d
+
+        return views2d.ViewSettings(self.views, float(self.view_fov_mm), int(self.view_size_px),
+                                    TRANSFER2D_CFG.channel_spacing_mm)
+
+
+@dataclass(frozen=True)
+class Member:
+    """One network row of the table: a registry model and how it is trained."""
+
+    label: str  # as named on --models: "inception", "resnet50_2d:feature", "swin:frozen"
+    model: str  # the registry name
+    mode: str = ""  # MODES_2D for a 2D member; "frozen" / "full" for a Swin; "" otherwise
+
+    @property
+    def is_2d(self) -> bool:
+        return self.model in TRANSFER2D
+
+
+def parse_member(text: str) -> Member:
+    """``NAME`` (a 3D classifier), ``NAME:MODE`` (a 2D member in feature / finetune mode,
+    a Swin classifier frozen / full); ``ValueError`` naming what is wrong otherwise."""
+    model, _, mode = text.partition(":")
+    if model in TRANSFER2D:
+        if mode not in MODES_2D:
+            raise ValueError(f"{text}: a 2D member needs its mode, {model}:"
+                             + f" or {model}:".join(MODES_2D))
+    elif model in CLASSIFIERS:
+        allowed = ("", *ENCODER_MODES) if model in FROZEN_ENCODER_MODELS else ("",)
+        if mode not in allowed:
+            raise ValueError(f"{text}: {model} takes no mode {mode!r}"
+                             + (f" (one of {', '.join(ENCODER_MODES)})"
+                                if model in FROZEN_ENCODER_MODELS else ""))
+    else:
+        raise ValueError(f"{text}: unknown model")
+    return Member(text, model, mode)
 
 
 @dataclass
@@ -482,27 +563,32 @@ def predict(model, cubes_u8: np.ndarray, tta: bool, batch_size: int = 64) -> np.
 
 
 def training_batches(stored: np.ndarray, labels: np.ndarray, fit_idx, settings: Settings,
-                     seed_key: tuple[int, ...]):
+                     seed_key: tuple[int, ...], make_batch=None):
     """Endless ``(x, y)`` training batches for ``training.fit``: each epoch a permutation
-    of ``fit_idx`` cut into full batches of augmented cubes, its random numbers drawn from
-    ``seed_key`` and the epoch (same seed, same batches)."""
+    of ``fit_idx`` cut into full batches of augmented cubes (``make_batch(stored[chosen],
+    rng)``, default ``augmented_batch``), its random numbers drawn from ``seed_key`` and
+    the epoch (same seed, same batches)."""
+    if make_batch is None:
+        def make_batch(chosen_cubes, rng):
+            return augmented_batch(chosen_cubes, settings, rng)
     batch = min(settings.batch_size, len(fit_idx))
     for epoch in itertools.count():
         rng = np.random.default_rng((*seed_key, epoch))
         order = rng.permutation(fit_idx)
         for step in range(len(fit_idx) // batch):
             chosen = order[step * batch:(step + 1) * batch]
-            yield (augmented_batch(stored[chosen], settings, rng),
-                   labels[chosen].astype(np.float32)[:, None])
+            yield (make_batch(stored[chosen], rng), labels[chosen].astype(np.float32)[:, None])
 
 
 def validation_callback(val_cubes: np.ndarray, val_labels: np.ndarray, loss, title: str,
-                        bar: tqdm):
+                        bar: tqdm, score_model=None):
     """A Keras callback that scores the validation cubes after each epoch and adds
     ``val_loss``, ``val_auc`` and ``val_score`` to the epoch's logs, where ``training.fit``
     picks the checkpoint and stops early. ``val_score`` is the AUC, or minus the loss
     where the validation part lacks a class (tiny folders only). Each epoch also gets a
-    line on stdout and a step of ``bar``; ``history`` keeps the epochs' figures."""
+    line on stdout and a step of ``bar``; ``history`` keeps the epochs' figures.
+    ``score_model(model)`` gives the validation probabilities where the model does not take
+    ``val_cubes`` (a 2D member)."""
     import keras
 
     class Validation(keras.callbacks.Callback):
@@ -516,7 +602,8 @@ def validation_callback(val_cubes: np.ndarray, val_labels: np.ndarray, loss, tit
             self.epoch_started = time.perf_counter()
 
         def on_epoch_end(self, epoch, logs=None):
-            probabilities = predict(self.model, val_cubes, tta=False)
+            probabilities = (predict(self.model, val_cubes, tta=False) if score_model is None
+                             else score_model(self.model))
             val_loss = float(keras.ops.convert_to_numpy(
                 loss(val_labels[:, None].astype(np.float32), probabilities[:, None])))
             val_auc = classification_metrics(val_labels, probabilities)["auc"]
@@ -545,47 +632,266 @@ def train_model(name: str, stored: np.ndarray, labels: np.ndarray, fit_idx, val_
                 settings: Settings, seed_key: tuple[int, ...], label: str, run_dir: Path,
                 bar: tqdm):
     """Train one classifier with ``training.fit`` in the run folder ``run_dir`` (started
-    afresh); returns ``(model with the best validation weights, info)``."""
+    afresh); returns ``(model with the best validation weights, info)``. ``name`` is a
+    3D classifier, or ``NAME:frozen`` for a Swin whose encoder keeps its weights."""
     import keras
 
-    import training
     from models import build_model
 
+    member = parse_member(name)
     size = settings.cube_size
     loss = make_loss(settings, labels[fit_idx])
 
     def build_and_compile():
-        model = build_model(name, (size, size, size, 1))
+        model = build_model(member.model, (size, size, size, 1))
+        if member.mode == "frozen":
+            import train_classification
+
+            train_classification.freeze_encoder(model)
         model.compile(optimizer=keras.optimizers.Adam(settings.lr), loss=loss)
         return model
+
+    validation = validation_callback(centre_crop(stored[val_idx], size), labels[val_idx],
+                                     loss, f"{label} {name}", bar)
+    batches = training_batches(stored, labels, fit_idx, settings, seed_key)
+    return fit_run(build_and_compile, batches, len(fit_idx), len(val_idx), validation,
+                   settings, settings.epochs, seed_key, run_dir, bar)
+
+
+def fit_run(build_and_compile, batches, n_fit: int, n_val: int, validation,
+            settings: Settings, epochs: int, seed_key: tuple[int, ...], run_dir: Path,
+            bar: tqdm):
+    """``training.fit`` of ``build_and_compile()``'s model on ``batches`` for up to
+    ``epochs`` in ``run_dir`` (started afresh), keeping the epoch of best validation
+    score; returns ``(model, info)``."""
+    import keras
+
+    import training
 
     shutil.rmtree(run_dir, ignore_errors=True)  # a benchmark run never resumes
     folder = training.RunFolder(run_dir)
     training_cfg = TrainingConfig(seed=int(np.random.default_rng(seed_key).integers(2 ** 31)),
                                   patience=settings.patience)
-    validation = validation_callback(centre_crop(stored[val_idx], size), labels[val_idx],
-                                     loss, f"{label} {name}", bar)
     start = time.perf_counter()
     model, state = training.fit(
-        build_and_compile, folder, name, training_batches(stored, labels, fit_idx, settings,
-                                                          seed_key), None,
-        epochs=settings.epochs, steps_per_epoch=len(fit_idx) // min(settings.batch_size,
-                                                                     len(fit_idx)),
+        build_and_compile, folder, run_dir.name, batches, None, epochs=epochs,
+        steps_per_epoch=n_fit // min(settings.batch_size, n_fit),
         validation_steps=None, monitor="val_score", mode="max", resume=False,
         training_cfg=training_cfg, early_stopping=("val_loss", "val_score"),
         extra_callbacks=[validation], verbose=0)
     train_seconds = time.perf_counter() - start
     epochs_run = int(state["epoch"]) + 1
-    bar.total -= settings.epochs - epochs_run  # an early stop shortens the run
+    bar.total -= epochs - epochs_run  # an early stop shortens the run
     bar.refresh()
     best_epoch = int(state.get("best_epoch", state["epoch"]))
     if "best_epoch" in state:  # else no epoch had a finite score: keep the last weights
         model = keras.saving.load_model(folder.best, safe_mode=True, compile=False)
     info = {"best_epoch": best_epoch + 1, "epochs_run": epochs_run,
-            "best_val_auc": validation.history[best_epoch]["val_auc"], "n_fit": len(fit_idx),
-            "n_val": len(val_idx), "train_seconds": train_seconds,
+            "best_val_auc": validation.history[best_epoch]["val_auc"], "n_fit": n_fit,
+            "n_val": n_val, "train_seconds": train_seconds,
             "history": validation.history, "run_folder": str(run_dir)}
     return model, info
+
+
+# --------------------------------------------------------------------------- 2D members
+
+
+def nodule_views(cubes_u8: np.ndarray, settings: Settings, shifts_vox=None) -> np.ndarray:
+    """float32 views ``(n, *ViewSettings.shape)`` of each cube around its centre (voxel
+    ``size // 2``, where the cube was cropped around the nodule), moved by ``shifts_vox``
+    ``(n, 3)`` where given; air outside the cube (``views2d.candidate_views``)."""
+    import views2d
+
+    view_settings = settings.view_settings()
+    size = cubes_u8.shape[1]
+    geometry = Geometry((0.0, 0.0, 0.0), (settings.spacing_mm,) * 3)
+    centre = voxel_to_world(np.full(3, size // 2, dtype=np.float64), geometry)
+    air = float(window_uint8(np.array([settings.pad_hu]), settings.window_hu)[0])
+    out = np.empty((len(cubes_u8), *view_settings.shape), dtype=np.float32)
+    for k, cube in enumerate(cubes_u8):
+        shift = 0.0 if shifts_vox is None else np.asarray(shifts_vox[k], float)[::-1]
+        out[k] = views2d.candidate_views(cube, geometry, centre + shift * settings.spacing_mm,
+                                         view_settings, air)
+    return out
+
+
+def augmented_views(stored: np.ndarray, settings: Settings, rng: np.random.Generator) -> np.ndarray:
+    """Training views: each nodule's centre shifted within the stored margin, then the
+    same random flips and 90-degree turn on every plane (``views2d.random_transform``)."""
+    import views2d
+
+    margin = settings.max_shift_vox
+    shifts = rng.integers(-margin, margin + 1, size=(len(stored), 3))
+    views = nodule_views(stored, settings, shifts)
+    return np.stack([views2d.random_transform(v, rng) for v in views])
+
+
+def flipped_views(views: np.ndarray) -> list[np.ndarray]:
+    """``views`` under each of ``VIEW_FLIPS`` (the same on every plane)."""
+    import views2d
+
+    return [np.stack([views2d.transform_views(v, flip, 0) for v in views]) for flip in VIEW_FLIPS]
+
+
+def predict_views(model, views: np.ndarray, tta: bool, batch_size: int = 64) -> np.ndarray:
+    """Probabilities ``(n,)`` of a 2D member's views, optionally averaged over flips."""
+    if len(views) == 0:
+        return np.zeros(0, dtype=np.float64)
+    variants = flipped_views(views) if tta else [views]
+    return np.mean([model.predict(v, batch_size=batch_size, verbose=0).reshape(-1)
+                    for v in variants], axis=0, dtype=np.float64)
+
+
+def build_2d_member(member: Member, settings: Settings, trainable_layers: int = 0):
+    """The 2D member with random weights (``weights="none"``: no ImageNet here) and the
+    config's head and fusion, for ``settings``' views."""
+    from models import build_model
+
+    t = TRANSFER2D_CFG
+    return build_model(member.model, settings.view_settings().shape, fusion=t.fusion,
+                       head_units=t.head_units, dropout=t.dropout, weights="none",
+                       trainable_layers=trainable_layers)
+
+
+# Features of the frozen 2D backbones, reused by every fold: (model, settings, cubes) ->
+# (features (flips, n, F), seconds it took).
+_FROZEN_FEATURES: dict[tuple, tuple[np.ndarray, float]] = {}
+
+
+def frozen_features(member: Member, cubes_u8: np.ndarray, settings: Settings,
+                    chunk: int = 64) -> tuple[np.ndarray, float]:
+    """The fused backbone features of every cube's views under each flip, ``(flips, n,
+    F)`` float32, and the seconds computing them took (0 when an earlier fold did)."""
+    import keras
+
+    key = (member.model, settings.view_settings(), settings.seed,
+           hashlib.sha256(np.ascontiguousarray(cubes_u8).tobytes()).hexdigest())
+    if key in _FROZEN_FEATURES:
+        return _FROZEN_FEATURES[key][0], 0.0
+    start = time.perf_counter()
+    keras.utils.set_random_seed(settings.seed)  # the same random backbone in every fold
+    fusion = build_2d_member(member, settings).get_layer("view_fusion")
+    parts = []
+    for first in range(0, len(cubes_u8), chunk):
+        views = nodule_views(cubes_u8[first:first + chunk], settings)
+        parts.append([fusion.predict(v, batch_size=chunk, verbose=0) for v in flipped_views(views)])
+    features = np.concatenate(parts, axis=1).astype(np.float32)
+    _release(fusion)
+    seconds = time.perf_counter() - start
+    _FROZEN_FEATURES[key] = (features, seconds)
+    return features, seconds
+
+
+def train_2d_feature(member: Member, train: NoduleSet, fold: Fold, test_cubes: np.ndarray,
+                     settings: Settings, seed_key, label: str, run_dir: Path, bar: tqdm):
+    """Feature mode: a head trained on the frozen backbone's features of the views (each
+    training sample one of the flips at random). Returns ``(test probabilities,
+    validation probabilities, info)``, flip TTA both."""
+    import keras
+
+    from models.transfer2d import build_head
+
+    features, seconds = frozen_features(member, train.cubes, settings)
+    test_features, test_seconds = frozen_features(member, test_cubes, settings)
+    by_nodule = np.moveaxis(features, 0, 1)  # (n, flips, F)
+    labels = train.labels
+    loss = make_loss(settings, labels[fold.fit])
+
+    def build_and_compile():
+        head = build_head(features.shape[-1], TRANSFER2D_CFG.head_units, TRANSFER2D_CFG.dropout)
+        head.compile(optimizer=keras.optimizers.Adam(settings.lr), loss=loss)
+        return head
+
+    def one_flip_each(chosen, rng):
+        return chosen[np.arange(len(chosen)), rng.integers(len(VIEW_FLIPS), size=len(chosen))]
+
+    def mean_over_flips(head, part):
+        return np.mean([head.predict(f, batch_size=256, verbose=0).reshape(-1) for f in part],
+                       axis=0, dtype=np.float64)
+
+    validation = validation_callback(
+        None, labels[fold.validation], loss, f"{label} {member.label}", bar,
+        score_model=lambda head: head.predict(features[0][fold.validation], batch_size=256,
+                                        verbose=0).reshape(-1))
+    batches = training_batches(by_nodule, labels, fold.fit, settings, seed_key, one_flip_each)
+    head, info = fit_run(build_and_compile, batches, len(fold.fit), len(fold.validation),
+                         validation, settings, settings.epochs, seed_key, run_dir, bar)
+    info["feature_seconds"] = seconds + test_seconds
+    info["train_seconds"] += seconds + test_seconds
+    t0 = time.perf_counter()
+    test_probabilities = mean_over_flips(head, test_features)
+    info["predict_seconds"] = time.perf_counter() - t0
+    validation_probabilities = mean_over_flips(head, features[:, fold.validation])
+    _release(head)
+    return test_probabilities, validation_probabilities, info
+
+
+def train_2d_finetune(member: Member, train: NoduleSet, fold: Fold, settings: Settings,
+                      seed_key, label: str, run_dir: Path, bar: tqdm):
+    """Finetune mode (the Keras transfer-learning guide's recipe): the head on augmented
+    views with the backbone frozen for ``transfer2d.head_epochs``, then the backbone's last
+    ``transfer2d.unfreeze_layers`` layers too at ``lr * transfer2d.finetune_lr_factor``
+    (BatchNormalization stays in inference mode). Returns ``(model, info)``."""
+    import keras
+
+    from models.transfer2d import set_trainable_top
+
+    t = TRANSFER2D_CFG
+    labels = train.labels
+    loss = make_loss(settings, labels[fold.fit])
+    val_views = nodule_views(centre_crop(train.cubes[fold.validation], settings.cube_size),
+                             settings)
+
+    def phase(build_and_compile, epochs, folder, key):
+        validation = validation_callback(
+            None, labels[fold.validation], loss, f"{label} {member.label}", bar,
+            score_model=lambda model: predict_views(model, val_views, tta=False))
+        batches = training_batches(train.cubes, labels, fold.fit, settings, key,
+                                   lambda chosen, rng: augmented_views(chosen, settings, rng))
+        return fit_run(build_and_compile, batches, len(fold.fit), len(fold.validation),
+                       validation, settings, epochs, key, folder, bar)
+
+    def frozen():
+        model = build_2d_member(member, settings)
+        model.compile(optimizer=keras.optimizers.Adam(settings.lr), loss=loss)
+        return model
+
+    head_epochs = min(t.head_epochs, settings.epochs)
+    model, info = phase(frozen, head_epochs, run_dir / "head", seed_key)
+    if settings.epochs > head_epochs:
+        def unfrozen():
+            set_trainable_top(model, t.unfreeze_layers)
+            model.compile(optimizer=keras.optimizers.Adam(settings.lr * t.finetune_lr_factor),
+                          loss=loss)
+            return model
+
+        model, top = phase(unfrozen, settings.epochs - head_epochs, run_dir / "top",
+                           (*seed_key, 1))
+        info = {**top, "best_epoch": head_epochs + top["best_epoch"],
+                "epochs_run": info["epochs_run"] + top["epochs_run"],
+                "train_seconds": info["train_seconds"] + top["train_seconds"],
+                "history": info["history"] + top["history"], "run_folder": str(run_dir)}
+    return model, info
+
+
+def _train_and_predict_2d(member: Member, train: NoduleSet, fold: Fold, test_cubes: np.ndarray,
+                          settings: Settings, seed_key, label: str, run_dir: Path,
+                          bar: tqdm) -> tuple[np.ndarray, dict]:
+    """``_train_and_predict_model`` of a 2D member: its views instead of the cubes."""
+    if member.mode == "feature":
+        test_probabilities, fold.validation_probabilities[member.label], info = \
+            train_2d_feature(member, train, fold, test_cubes, settings, seed_key, label,
+                             run_dir, bar)
+        return test_probabilities, info
+    model, info = train_2d_finetune(member, train, fold, settings, seed_key, label, run_dir, bar)
+    t0 = time.perf_counter()
+    test_probabilities = predict_views(model, nodule_views(test_cubes, settings), tta=True)
+    info["predict_seconds"] = time.perf_counter() - t0
+    fold.validation_probabilities[member.label] = predict_views(
+        model, nodule_views(centre_crop(train.cubes[fold.validation], settings.cube_size),
+                            settings), tta=True)
+    _release(model)
+    return test_probabilities, info
 
 
 def epochs_bar(total_epochs: int) -> tqdm:
@@ -663,6 +969,10 @@ def _train_and_predict_model(name: str, train: NoduleSet, fold: Fold, test_cubes
                              run_dir: Path, bar: tqdm) -> tuple[np.ndarray, dict]:
     """Train ``name`` on ``fold.fit`` of ``train``, predict ``test_cubes`` (returned with
     the run's info) and the fold's validation cubes (stored in the fold), flip TTA both."""
+    member = parse_member(name)
+    if member.is_2d:
+        return _train_and_predict_2d(member, train, fold, test_cubes, settings, seed_key, label,
+                                     run_dir, bar)
     model, info = train_model(name, train.cubes, train.labels, fold.fit, fold.validation,
                               settings, seed_key, label, run_dir, bar)
     t0 = time.perf_counter()
@@ -1063,7 +1373,10 @@ def _argument_parser() -> argparse.ArgumentParser:
                         help="external test folder (same layout): train on all of --data-dir")
     parser.add_argument("--models", default=None,
                         help=f"comma-separated, from {', '.join(CLASSIFIERS)} "
-                             f"(default {FULL['models']}; --quick: {QUICK['models']})")
+                             f"(default {FULL['models']}; --quick: {QUICK['models']}); "
+                             "2D members as NAME:feature or NAME:finetune (NAME from "
+                             f"{', '.join(TRANSFER2D)}; random initial weights); "
+                             "swin / swin_tiny as NAME:frozen (head only) or NAME:full")
     parser.add_argument("--folds", type=int, default=None,
                         help=f"cross-validation folds (default {FULL['folds']})")
     parser.add_argument("--epochs", type=int, default=None,
@@ -1080,6 +1393,13 @@ def _argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--patience", type=int, default=TrainingConfig().patience,
                         help="epochs of stalled running validation loss before the learning "
                              "rate decays (and of stalled loss and AUC before stopping)")
+    parser.add_argument("--views", choices=("tri", "multiview"), default="tri",
+                        help="the 2D members' views (views2d): the three orthogonal planes as "
+                             "one image, or the 9 planes of Setio et al. 2016")
+    parser.add_argument("--view-size", type=int, default=None,
+                        help="pixels per side of a view (default 64; --quick: 32)")
+    parser.add_argument("--view-fov-mm", type=float, default=None,
+                        help="field of view of a view (default: the cube's side in mm)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-cache", action="store_true",
@@ -1100,10 +1420,14 @@ def parse_args(argv=None):
         if getattr(args, key) is None:
             setattr(args, key, value)
     names = tuple(n.strip() for n in args.models.split(",") if n.strip())
-    unknown = [n for n in names if n not in CLASSIFIERS]
+    problems = [_member_problem(n) for n in names]
+    unknown = [n for n, problem in zip(names, problems) if problem == f"{n}: unknown model"]
     if not names or unknown:
         parser.error(f"--models: unknown {', '.join(unknown) or '(none given)'}; choose from "
-                     f"{', '.join(CLASSIFIERS)}")
+                     f"{', '.join(CLASSIFIERS)} or NAME:feature / NAME:finetune of "
+                     f"{', '.join(TRANSFER2D)}")
+    if any(problems):
+        parser.error(f"--models: {next(p for p in problems if p)}")
     if len(set(names)) != len(names):
         parser.error("--models: a model is named twice")
     for key in ("epochs", "batch_size", "patience"):
@@ -1113,12 +1437,26 @@ def parse_args(argv=None):
         parser.error("--cube-size must be >= 8 (the models pool three times)")
     if args.max_shift < 0 or not args.spacing_mm > 0 or not args.lr > 0:
         parser.error("--max-shift must be >= 0, --spacing-mm and --lr > 0")
+    view_size = args.view_size or (QUICK_VIEW_SIZE if args.quick else FULL_VIEW_SIZE)
+    view_fov = args.view_fov_mm or args.cube_size * args.spacing_mm
+    if view_size < 32 or not view_fov > 0:
+        parser.error("--view-size must be >= 32 (Keras' backbones) and --view-fov-mm > 0")
     args.settings = Settings(models=names, folds=args.folds, epochs=args.epochs,
                              cube_size=args.cube_size, spacing_mm=args.spacing_mm,
                              max_shift_vox=args.max_shift, lr=args.lr,
                              batch_size=args.batch_size, loss=args.loss,
-                             patience=args.patience, seed=args.seed)
+                             patience=args.patience, seed=args.seed, views=args.views,
+                             view_size_px=view_size, view_fov_mm=float(view_fov))
     return args
+
+
+def _member_problem(name: str) -> str:
+    """What is wrong with ``name`` as a --models entry ("" when nothing)."""
+    try:
+        parse_member(name)
+    except ValueError as err:
+        return str(err)
+    return ""
 
 
 def _load_or_exit(folder: Path, settings: Settings, cache_dir, what: str):
@@ -1170,6 +1508,7 @@ def _notes(settings: Settings, machine: dict, size_auc: float | None,
              f"{machine['cpus_usable'] or machine['cpu_count']} cores usable"
              + (f", load average {machine['load_average_at_start'][0]:.1f} at the start"
                 if "load_average_at_start" in machine else "")]
+    notes += _member_notes(settings)
     if size_info is not None:
         notes += _size_notes(size_info)
     notes += [f"reference: {name}: AUC {auc:.3f} (its own labels and split)"
@@ -1177,6 +1516,30 @@ def _notes(settings: Settings, machine: dict, size_auc: float | None,
     if size_auc is not None:
         notes.append(f"reference: diameter_mm alone as the score (no learning), same nodules: "
                      f"AUC {size_auc:.4f}")
+    return notes
+
+
+def _member_notes(settings: Settings) -> list[str]:
+    """What the 2D and frozen-encoder rows are (nothing without such rows)."""
+    members = [parse_member(name) for name in settings.models]
+    notes = []
+    if any(m.is_2d for m in members):
+        t, v = TRANSFER2D_CFG, settings.view_settings()
+        notes.append(
+            f"2D members (_2d rows) start from RANDOM weights (weights none: no ImageNet "
+            f"weights on this machine), on {v.mode} views of {v.size_px} px over "
+            f"{v.fov_mm:g} mm; feature: a head (dense {t.head_units}, dropout {t.dropout:g}) "
+            "on the frozen backbone's features of the views and their 3 flips (computed once "
+            "for all folds, time counted in the first fold); finetune: the head for "
+            f"{t.head_epochs} epochs, then the last {t.unfreeze_layers} backbone layers too at "
+            f"lr x {t.finetune_lr_factor:g}. With --classification.weights imagenet (the "
+            "pipeline's option) every 2D row would change: the feature rows would read "
+            "ImageNet features instead of random projections, and the finetune rows would "
+            "start from them")
+    if any(m.mode == "frozen" for m in members):
+        notes.append("swin:frozen trains only the MLP head on the randomly initialised, frozen "
+                     "Swin encoder (classification.freeze_encoder); swin:full (or swin) trains "
+                     "encoder and head together; both with Adam at the table's lr")
     return notes
 
 
@@ -1203,7 +1566,7 @@ def _result_record(args, settings: Settings, data: NoduleSet, test: NoduleSet | 
     return {
         "mode": "cross_validation" if test is None else "external_test",
         "data_dir": str(args.data_dir), "test_dir": None if test is None else str(args.test_dir),
-        "settings": asdict(settings), "augmentation": asdict(AUGMENTATION),
+        "settings": settings.record(), "augmentation": asdict(AUGMENTATION),
         "n_nodules": len(labels), "n_malignant": int(labels.sum()),
         "n_patients": len(np.unique(evaluated.patients)),
         "skipped": [{"file": f, "reason": r} for f, r in
@@ -1236,7 +1599,7 @@ def main(argv=None) -> int:
     from training import setup_strategy
 
     setup_strategy(TrainingConfig(seed=settings.seed))  # float32 policy, seeded
-    print(f"settings: {asdict(settings)}", flush=True)
+    print(f"settings: {settings.record()}", flush=True)
     outcome = _train_and_predict(args, settings, data, test)
     _report(args, settings, data, test, outcome, machine, started)
     return 0
