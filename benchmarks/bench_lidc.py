@@ -867,11 +867,25 @@ def train_2d_finetune(member: Member, train: NoduleSet, fold: Fold, settings: Se
 
         model, top = phase(unfrozen, settings.epochs - head_epochs, run_dir / "top",
                            (*seed_key, 1))
-        info = {**top, "best_epoch": head_epochs + top["best_epoch"],
+        info = {**top, "best_epoch": info["epochs_run"] + top["best_epoch"],
                 "epochs_run": info["epochs_run"] + top["epochs_run"],
                 "train_seconds": info["train_seconds"] + top["train_seconds"],
-                "history": info["history"] + top["history"], "run_folder": str(run_dir)}
-    return model, info
+                "history": info["history"] + top["history"]}
+    join_histories(run_dir, [run_dir / "head", run_dir / "top"])
+    return model, {**info, "run_folder": str(run_dir)}
+
+
+def join_histories(run_dir: Path, phases: list[Path]) -> None:
+    """``run_dir/history.csv``: the ``history.csv`` of each phase's run folder that exists,
+    one after the other, epochs counted on (the learning curves read it)."""
+    frames, done = [], 0
+    for folder in phases:
+        path = folder / "history.csv"
+        if path.is_file():
+            frame = pd.read_csv(path)
+            frames.append(frame.assign(epoch=frame["epoch"] + done))
+            done += len(frame)
+    atomic_write_text(run_dir / "history.csv", pd.concat(frames).to_csv(index=False))
 
 
 def _train_and_predict_2d(member: Member, train: NoduleSet, fold: Fold, test_cubes: np.ndarray,

@@ -62,3 +62,7 @@ def test_2d_and_swin_rows_end_to_end(fake_lidc, tmp_path, capsys):  # noqa: F811
     finetune = runs[("vgg16_2d:finetune", 1)]
     assert finetune["epochs_run"] == len(finetune["history"]) >= 3
     assert result["settings"]["views"] == "tri"
+    # the two phases' histories joined for the learning curves
+    joined = (out / "runs" / "fold1" / "vgg16_2d:finetune" / "history.csv").read_text()
+    assert len(joined.strip().splitlines()) == 1 + finetune["epochs_run"]
+    assert (out / "learning_curves.png").exists()
