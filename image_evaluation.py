@@ -103,56 +103,14 @@ def misclassified_figure(labels: np.ndarray, probabilities: np.ndarray, threshol
     return figure
 
 
-def find_feature_map_layer(backbone) -> str:
-    """The backbone's last layer with a 4D output (batch, y, x, channels)."""
-    for layer in reversed(backbone.layers):
-        try:
-            if len(layer.output.shape) == 4:
-                return layer.name
-        except (AttributeError, ValueError):
-            continue
-    raise ValueError(f"{backbone.name}: no 2D feature map (4D output): Grad-CAM needs a "
-                     "convolutional backbone")
-
-
 def grad_cams_2d(model, images: np.ndarray, class_index: int = 0, layer_name: str | None = None):
-    """Grad-CAM of output ``class_index`` of a ``train_images`` model (view_fusion ->
-    view_features -> [preprocess] -> nested backbone -> pool -> head).
+    """Grad-CAM of output ``class_index`` of a ``train_images`` model through its nested
+    backbone (``visual_utils.grad_cams_2d``, which the 2D nodule members use too).
 
     Returns ``(cams float32 (n, H, W) in [0, 1], probabilities float64 (n,))``."""
-    import cv2
-    import keras
-    import tensorflow as tf
+    import visual_utils
 
-    from models import transfer2d
-
-    features_model = model.get_layer("view_fusion").get_layer("view_features")
-    base = transfer2d.backbone_of(model)
-    name = layer_name or find_feature_map_layer(base)
-    probe = keras.Model(base.inputs, [base.get_layer(name).output, base.output])
-    x = tf.convert_to_tensor(np.asarray(images, np.float32))
-    before = [layer for layer in features_model.layers[1:features_model.layers.index(base)]]
-    after = features_model.layers[features_model.layers.index(base) + 1:]
-    with tf.GradientTape() as tape:
-        y = x
-        for layer in before:
-            y = layer(y)
-        feature_map, y = probe(y, training=False)
-        for layer in after:
-            y = layer(y)
-        probability = model.get_layer("head")(y, training=False)[:, class_index]
-        score = tf.reduce_sum(tf.cast(probability, tf.float32))
-    grads = tape.gradient(score, feature_map)
-    if grads is None:
-        raise ValueError(f"the output does not depend on layer {name}")
-    weights = tf.reduce_mean(tf.cast(grads, tf.float32), axis=(1, 2)).numpy()
-    maps = np.maximum(np.einsum("nyxc,nc->nyx", tf.cast(feature_map, tf.float32).numpy(),
-                                weights), 0.0)
-    cams = np.stack([cv2.resize(m, (x.shape[2], x.shape[1]), interpolation=cv2.INTER_LINEAR)
-                     for m in maps]).astype(np.float32)
-    peaks = cams.reshape(len(cams), -1).max(axis=1)
-    cams = np.where(peaks[:, None, None] > 0, cams / np.maximum(peaks, 1e-12)[:, None, None], 0)
-    return cams.astype(np.float32), np.asarray(probability, np.float64)
+    return visual_utils.grad_cams_2d(model, images, layer_name, class_index)
 
 
 def pick_examples(labels: np.ndarray, probabilities: np.ndarray, count: int):

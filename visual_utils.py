@@ -625,15 +625,24 @@ def _view_model_parts(model):
     from models import transfer2d
 
     backbone = transfer2d.backbone_of(model)
-    view_features = transfer2d._view_features(model)
+    view_features = transfer2d.view_features_of(model)
     return view_features, backbone, model.get_layer("view_fusion"), model.get_layer("head")
 
 
-def _layers_after(model, layer) -> list:
-    """The layers of a chain-shaped functional ``model`` after ``layer``, in order."""
+def _chain(model) -> list:
+    """The layers of a chain-shaped functional ``model``, in order, without its input."""
     import keras
 
-    chain = [item for item in model.layers if not isinstance(item, keras.layers.InputLayer)]
+    return [item for item in model.layers if not isinstance(item, keras.layers.InputLayer)]
+
+
+def _layers_before(model, layer) -> list:
+    chain = _chain(model)
+    return chain[:chain.index(layer)]
+
+
+def _layers_after(model, layer) -> list:
+    chain = _chain(model)
     return chain[chain.index(layer) + 1:]
 
 
@@ -657,21 +666,24 @@ def find_gradcam_layer_2d(backbone) -> str:
                      "Grad-CAM needs a convolutional backbone (a ViT has none)")
 
 
-def grad_cams_2d(model, views, layer_name: str | None = None):
+def grad_cams_2d(model, views, layer_name: str | None = None, class_index: int = 0):
     """Grad-CAM of a 2D member (``models.transfer2d``) on its backbone's last convolutional
     feature map (Selvaraju et al. 2017, "Grad-CAM").
 
     The backbone is a model nested inside the member, so the feature map of one of its
     layers is not a tensor of the member's graph (Keras 3: ``model.get_layer(backbone)
     .output`` belongs to the backbone's own graph). The member is therefore run in parts:
-    its preprocessing, a probe from the backbone's input to ``[feature map, backbone
-    output]``, then the layers after the backbone (pooling, the views' fusion, the head);
-    the gradient of the probability w.r.t. the probe's feature map is then defined.
+    the layers before the backbone (its preprocessing), a probe from the backbone's input
+    to ``[feature map, backbone output]``, then the layers after the backbone (pooling, the
+    views' fusion, the head); the gradient of the probability w.r.t. the probe's feature
+    map is then defined.
 
     Args:
-        model: a 2D member ``(n, [views,] S, S, 3) -> (n, 1)``.
+        model: a 2D member ``(n, [views,] S, S, 3) -> (n, 1)``, or a ``train_images.py``
+            model ``(n, S, S, 3) -> (n, classes)`` (built alike by ``transfer2d.assemble``).
         views: its inputs (``views2d``: float in [0, 1]).
         layer_name: a 4D layer of the backbone (default ``find_gradcam_layer_2d``).
+        class_index: the output whose probability is explained.
 
     Returns:
         ``(cams float32 (n, [views,] S, S) in [0, 1], probabilities float64 (n,))``; a
@@ -689,14 +701,16 @@ def grad_cams_2d(model, views, layer_name: str | None = None):
     probe = keras.Model(backbone.inputs, [backbone.get_layer(name).output, backbone.outputs[0]])
     images = tf.convert_to_tensor(x.reshape((-1, *x.shape[-3:])))
     with tf.GradientTape() as tape:
-        features, pooled = probe(view_features.get_layer("preprocess")(images), training=False)
+        for layer in _layers_before(view_features, backbone):
+            images = layer(images)
+        features, pooled = probe(images, training=False)
         for layer in _layers_after(view_features, backbone):
             pooled = layer(pooled)
         if x.ndim == 5:  # multiview: the shared backbone saw every view; fuse as the member
             pooled = tf.reshape(pooled, (x.shape[0], x.shape[1], -1))
             for layer in _layers_after(fusion, fusion.get_layer("per_view")):
                 pooled = layer(pooled)
-        probability = head(pooled, training=False)
+        probability = head(pooled, training=False)[:, class_index]
         # Samples are independent in inference mode: the gradient of the sum gives each
         # sample's own gradient.
         score = tf.reduce_sum(tf.cast(probability, tf.float32))

@@ -211,11 +211,11 @@ def _vit_preset(folder, image_shape):
 
 def backbone_of(model: keras.Model):
     """The backbone inside a ``build_transfer2d`` model (or its ``view_features``)."""
-    features = model if model.name == "view_features" else _view_features(model)
+    features = model if model.name == "view_features" else view_features_of(model)
     return next(layer for layer in features.layers if isinstance(layer, keras.Model))
 
 
-def _view_features(model: keras.Model) -> keras.Model:
+def view_features_of(model: keras.Model) -> keras.Model:
     for layer in model.get_layer("view_fusion").layers:
         if layer.name == "view_features":
             return layer
