@@ -171,7 +171,7 @@ def test_report_of_all_folds_shows_each_mark_with_the_model_of_its_fold(tmp_path
     load = predict.load_classifier
     monkeypatch.setattr(predict, "load_classifier", lambda path: loaded.append(path) or load(path))
     monkeypatch.setattr(vu, "gradcam_figure",
-                        lambda cubes, cams, shown, geometries: titles.extend(shown) or cubes)
+                        lambda cubes, cams, shown, geometries, **_: titles.extend(shown) or cubes)
     job = run_report.ReportJob(work, ALL_FOLDS, run_report.ReportResult(tmp_path / "out"),
                                gradcam_top=3)
     job.run_config = run_report.load_run_config(work)
