@@ -523,6 +523,22 @@ def _plot_series(ax, epochs, values, style, color, label):
 # --------------------------------------------------------------------------- Grad-CAM
 
 
+def _last_layer_of_rank(layers, rank: int, skip=()) -> str | None:
+    """Name of the last of ``layers`` whose output has ``rank`` dimensions (batch
+    included), input layers and ``skip`` types left out; None where there is none."""
+    import keras
+
+    for layer in reversed(list(layers)):
+        if isinstance(layer, (keras.layers.InputLayer, *skip)):
+            continue
+        try:
+            if len(layer.output.shape) == rank:
+                return layer.name
+        except (AttributeError, ValueError):
+            continue  # a layer used several times has no single output
+    return None
+
+
 def find_gradcam_layer(model) -> str:
     """Name of the last layer with a 5D output (batch, z, y, x, channels) before the first
     global pooling / flatten layer: the last 3D feature map the prediction is read from."""
@@ -532,15 +548,9 @@ def find_gradcam_layer(model) -> str:
                keras.layers.Flatten)
     layers = list(model.layers)
     stop = next((i for i, layer in enumerate(layers) if isinstance(layer, pooling)), len(layers))
-    for layer in reversed(layers[:stop]):
-        if isinstance(layer, keras.layers.InputLayer):
-            continue
-        try:
-            rank = len(layer.output.shape)
-        except (AttributeError, ValueError):
-            continue  # a layer used several times has no single output
-        if rank == 5:
-            return layer.name
+    name = _last_layer_of_rank(layers[:stop], 5)
+    if name is not None:
+        return name
     raise ValueError(f"model {model.name} has no 3D feature map (5D layer output) before its "
                      "global pooling: Grad-CAM needs a 3D convolutional classifier")
 
@@ -653,15 +663,9 @@ def find_gradcam_layer_2d(backbone) -> str:
     import keras
 
     pooling = (keras.layers.MaxPooling2D, keras.layers.AveragePooling2D)
-    for layer in reversed(backbone.layers):
-        if isinstance(layer, (keras.layers.InputLayer, *pooling)):
-            continue
-        try:
-            rank = len(layer.output.shape)
-        except (AttributeError, ValueError):
-            continue  # a layer used several times has no single output
-        if rank == 4:
-            return layer.name
+    name = _last_layer_of_rank(backbone.layers, 4, skip=pooling)
+    if name is not None:
+        return name
     raise ValueError(f"backbone {backbone.name} has no 2D feature map (4D layer output): "
                      "Grad-CAM needs a convolutional backbone (a ViT has none)")
 
