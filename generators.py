@@ -10,10 +10,13 @@ Layers, bottom up:
   ``size_weights``, ``to_unit`` (the random transforms are ``augmentation.augment``, which
   takes an ``np.random.Generator``);
 * samplers: ``SegmentationSampler`` and ``ClassificationSampler`` map
-  ``(epoch, index) -> (image, target)`` with ``rng = np.random.default_rng([seed, epoch,
-  index])``, so a sample never depends on worker scheduling, on what was drawn before, or
-  on where a run was resumed; ``sample_batch(epoch, indices)`` writes many such samples
-  straight into one batch array (``sample`` is a batch of one, so both give the same);
+  ``(epoch, index) -> (image, target)`` with random numbers that depend on ``(seed, epoch,
+  index)`` alone (``rng = np.random.default_rng([seed, epoch, index])`` for a 64^3 patch;
+  for the far cheaper 32^3 cube a counter-based hash, ``sample_uniforms``, drawn for a
+  whole batch at once), so a sample never depends on worker scheduling, on what was drawn
+  before, or on where a run was resumed; ``sample_batch(epoch, indices)`` writes many such
+  samples straight into one batch array (``sample`` is a batch of one, so both give the
+  same);
 * ``tf.data`` wrappers (TensorFlow is imported inside them, so ``import generators`` is
   cheap): ``segmentation_dataset``, ``segmentation_validation_dataset``,
   ``classification_dataset``; ``cube_batches`` for inference (and the classifier's
@@ -40,8 +43,9 @@ import numpy as np
 import pandas as pd
 
 import cache
-from augmentation import (IDENTITY, NO_AUGMENTATION, Augmentation, apply_transform,
-                          draw_transform, transform_points)
+from augmentation import (IDENTITY, NO_AUGMENTATION, TRANSFORM_DRAWS, Augmentation,
+                          apply_intensity_batch, apply_transform, draw_transform, oriented,
+                          transform_from_uniforms, transform_points)
 from config import ClassificationConfig, PreprocessConfig, SegmentationConfig, TrainingConfig
 from ct_io import world_to_voxel
 from tables import WORLD_COLUMNS
@@ -306,6 +310,35 @@ def aligned_empty(shape, dtype, zero: bool = False, alignment: int = 64) -> np.n
 
 def _sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), int(epoch), int(index)])
+
+
+_GOLDEN_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's output function (Steele, Lea & Flood, "Fast splittable pseudorandom
+    number generators", OOPSLA 2014) on a uint64 array: consecutive inputs give
+    statistically independent 64-bit outputs."""
+    z = x + _GOLDEN_GAMMA
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def sample_uniforms(seed: int, epoch: int, indices, count: int) -> np.ndarray:
+    """``count`` uniform numbers in [0, 1) for each sample of ``indices`` of ``epoch``:
+    float64 ``(len(indices), count)``, row ``j`` a function of ``(seed, epoch,
+    indices[j])`` alone (a counter-based generator: the key hashes the three numbers, the
+    k-th draw hashes key + k), so a sample does not depend on the batch it falls in. One
+    numpy pass for a whole batch, where a ``np.random.Generator`` per sample costs more
+    than the cube it draws (the classifier's 32^3 input pipeline)."""
+    with np.errstate(over="ignore"):  # uint64 arithmetic wraps, as the hash intends
+        key = _splitmix64(np.full(1, int(seed), dtype=np.uint64))
+        key = _splitmix64(key ^ np.uint64(int(epoch)))
+        key = _splitmix64(key ^ np.asarray(indices, dtype=np.uint64).reshape(-1))
+        draws = _splitmix64(key[:, None] + np.arange(int(count), dtype=np.uint64) *
+                            _GOLDEN_GAMMA)
+    return (draws >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
 
 
 # --------------------------------------------------------------------------- segmentation
@@ -667,14 +700,38 @@ class ClassificationSampler:
         self._uids = table["seriesuid"].to_numpy()
         self._labels = labels.astype(np.float32)
 
-    def draw_row(self, rng: np.random.Generator) -> int:
-        """Row of ``self.table`` for one sample."""
-        positive = len(self.negatives) == 0 or (
-            len(self.positives) > 0 and rng.random() < self.cfg.positive_fraction)
-        if positive:
-            return int(self.positives[weighted_choice(rng, self._positive_cdf,
-                                                      self.positive_probabilities)])
-        return int(self.negatives[rng.integers(len(self.negatives))])
+    # uniform numbers of one sample: positive or not, which row, the shift, the transform
+    _DRAWS = 2 + 3 + TRANSFORM_DRAWS
+
+    def plan_batch(self, epoch: int, indices):
+        """Where samples ``indices`` of ``epoch`` come from: rows of ``self.table``
+        (int64 ``(n,)``), crop shifts in voxels (int64 ``(n, 3)``) and the uniform numbers
+        of each sample's transform (``(n, TRANSFORM_DRAWS)``); each row a function of
+        ``(seed, epoch, index)`` alone (``sample_uniforms``)."""
+        u = sample_uniforms(self.seed, epoch, indices, self._DRAWS)
+        if len(self.positives) == 0:
+            positive = np.zeros(len(u), dtype=bool)
+        elif len(self.negatives) == 0:
+            positive = np.ones(len(u), dtype=bool)
+        else:
+            positive = u[:, 0] < self.cfg.positive_fraction
+        rows = self.negatives[np.minimum((u[:, 1] * len(self.negatives)).astype(np.int64),
+                                         len(self.negatives) - 1)] \
+            if len(self.negatives) else np.zeros(len(u), dtype=np.int64)
+        if positive.any():
+            if self._positive_cdf is None:  # no size weights: every positive alike
+                picks = (u[positive, 1] * len(self.positives)).astype(np.int64)
+            else:
+                picks = self._positive_cdf.searchsorted(u[positive, 1], side="right")
+            rows[positive] = self.positives[np.minimum(picks, len(self.positives) - 1)]
+        span = 2 * self.max_shift_vox + 1
+        shifts = np.floor(u[:, 2:5] * span).astype(np.int64) - self.max_shift_vox
+        return rows.astype(np.int64), shifts, u[:, 5:]
+
+    def rows_of(self, epoch: int, indices) -> np.ndarray:
+        """Rows of ``self.table`` of samples ``indices`` of ``epoch`` (``plan_batch``):
+        the 2D views and cached features draw the same rows as the 3D cubes."""
+        return self.plan_batch(epoch, indices)[0]
 
     def sample(self, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray]:
         images, labels = self.sample_batch(epoch, [index])
@@ -682,20 +739,33 @@ class ClassificationSampler:
 
     def sample_batch(self, epoch: int, indices) -> tuple[np.ndarray, np.ndarray]:
         """Samples ``indices`` of ``epoch``: cubes float32 ``(n, c, c, c, 1)`` and labels
-        float32 ``(n, 1)``, each exactly ``sample(epoch, index)``."""
-        images = aligned_empty((len(indices),) + (self.size,) * 3 + (1,), np.float32)
-        labels = np.empty((len(indices), 1), dtype=np.float32)
-        for j, index in enumerate(indices):
-            rng = _sample_rng(self.seed, epoch, index)
-            row = self.draw_row(rng)
-            shift = rng.integers(-self.max_shift_vox, self.max_shift_vox + 1, size=3)
+        float32 ``(n, 1)``, each exactly ``sample(epoch, index)``.
+
+        Per cube only the crop and the flips and turns (views of the memory-mapped
+        uint8 cache, copied into one uint8 batch) run in Python; the conversion, intensity
+        jitter, noise and clipping are whole-batch numpy calls
+        (``augmentation.apply_intensity_batch``), and the few rotated cubes are redone on
+        their own (``apply_transform``)."""
+        rows, shifts, uniforms = self.plan_batch(epoch, indices)
+        n, shape = len(rows), (self.size,) * 3
+        images = aligned_empty((n,) + shape + (1,), np.float32)
+        raw = np.empty((n,) + shape, dtype=np.uint8)
+        crops, transforms = [], []
+        for j in range(n):
+            row = int(rows[j])
             uid = self._uids[row]
-            cube = crop_view(self.pool.get(uid).volume, self._centers[row] + shift, self.size,
-                             self.pad_values[uid])
-            transform = draw_transform(rng, self.augmentation, cube.shape)
-            apply_transform(cube, None, transform, images[j, ..., 0])
-            labels[j] = self._labels[row]
-        return images, labels
+            cube = crop_view(self.pool.get(uid).volume, (self._centers[row] + shifts[j]).tolist(),
+                             self.size, self.pad_values[uid])
+            transform = transform_from_uniforms(uniforms[j].tolist(), self.augmentation, shape)
+            if transform.rotation_steps:
+                crops.append((j, cube))
+            else:
+                np.copyto(raw[j], oriented([cube], transform)[0])
+            transforms.append(transform)
+        apply_intensity_batch(raw, transforms, images[..., 0])
+        for j, cube in crops:  # interpolated: the uint8 copy above was not made for them
+            apply_transform(cube, None, transforms[j], images[j, ..., 0])
+        return images, self._labels[rows][:, None].copy()
 
 
 def cube_batches(cache_dir, table: pd.DataFrame, cube_size: int, batch_size: int = 64):
@@ -862,11 +932,11 @@ def view_dataset(cache_dir, table: pd.DataFrame, settings, cfg: ClassificationCo
 
 
 def feature_dataset(features: np.ndarray, sampler: ClassificationSampler,
-                    batch_size: int, steps_per_epoch: int, seed: int = 0, epoch_offset: int = 0,
+                    batch_size: int, steps_per_epoch: int, epoch_offset: int = 0,
                     workers: int = TrainingConfig().workers):
-    """Endless ``tf.data`` of balanced batches of cached 2D-backbone features: row
-    ``sampler.draw_row`` (rows of ``sampler.table``, which ``features`` follows) of each
-    sample, deterministic per ``(seed, epoch, index)``."""
+    """Endless ``tf.data`` of balanced batches of cached 2D-backbone features: the rows
+    ``sampler.rows_of`` draws (rows of ``sampler.table``, which ``features`` follows),
+    deterministic per ``(sampler.seed, epoch, index)``."""
     features = np.asarray(features, dtype=np.float32)
     if len(features) != len(sampler.table):
         raise ValueError(f"{len(features)} feature rows for {len(sampler.table)} candidates")
@@ -874,7 +944,7 @@ def feature_dataset(features: np.ndarray, sampler: ClassificationSampler,
     per_epoch = int(steps_per_epoch) * int(batch_size)
 
     def fetch(k):
-        row = sampler.draw_row(_sample_rng(seed, k // per_epoch, k % per_epoch))
+        row = int(sampler.rows_of(k // per_epoch, [k % per_epoch])[0])
         return features[row], labels[row:row + 1].copy()
 
     return _pair_dataset(fetch, features.shape[1:], (1,), _counter(epoch_offset, per_epoch),

@@ -446,7 +446,7 @@ def train_feature_mode(name: str, cfg: config_lib.Config, cache_dir: Path, work_
     head_folder = training.RunFolder(folder.root / "head")
     state = head_folder.read_state() if resume else None
     data = generators.feature_dataset(train_features, sampler, cls.batch_size, cls.steps_per_epoch,
-                                      tr.seed, int(state["epoch"]) + 1 if state else 0, tr.workers)
+                                      int(state["epoch"]) + 1 if state else 0, tr.workers)
     t = cls.transfer2d
     _, state = training.fit(
         lambda: compile_head(transfer2d.build_head(features.shape[1], t.head_units, t.dropout),

@@ -230,7 +230,7 @@ class ViewSampler:
 
     def sample(self, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng([self.seed, int(epoch), int(index)])
-        row = self.rows.draw_row(rng)
+        row = int(self.rows.rows_of(epoch, [index])[0])
         shift = rng.integers(-self.max_shift_mm, self.max_shift_mm + 1, size=3)
         uid = self.rows._uids[row]
         scan = self.rows.pool.get(uid)

@@ -18,7 +18,9 @@ Methods:
 * ``after, workers=2`` / ``after, workers=1``: ``generators.segmentation_dataset`` /
   ``classification_dataset`` as they are (``tf.data``, one numpy call per batch in
   parallel threads, crops read from memory-mapped volumes, ``augmentation.apply_transform``:
-  sparse-matrix rotations, a noise bank, one conversion pass);
+  sparse-matrix rotations, a noise bank, one conversion pass; for the 32^3 cubes the
+  random numbers of a whole batch from one hash (``generators.sample_uniforms``) and the
+  intensity steps as whole-batch calls, ``augmentation.apply_intensity_batch``);
 * ``before, workers=2``: the previous pipeline, kept here only to compare: one
   ``tf.numpy_function`` call per sample, then ``batch``, and the per-patch augmentation
   of before (``reference_augment``: ``scipy.ndimage.rotate``, fresh normals per voxel);
@@ -160,8 +162,8 @@ def reference_segmentation_sample(sampler, volume_of, epoch: int, index: int):
 
 def reference_classification_sample(sampler, volume_of, epoch: int, index: int):
     rng = np.random.default_rng([SEED, epoch, index])
-    row = sampler.draw_row(rng)
-    shift = rng.integers(-sampler.max_shift_vox, sampler.max_shift_vox + 1, size=3)
+    rows, shifts, _ = sampler.plan_batch(epoch, [index])  # the same cube as "after"
+    row, shift = int(rows[0]), shifts[0]
     uid = sampler._uids[row]
     cube = gen.crop_patch(volume_of(uid), sampler._centers[row] + shift, sampler.size,
                           sampler.pad_values[uid])

@@ -147,6 +147,25 @@ def test_drawn_transforms_follow_the_configuration():
     assert again == transforms[3]
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
+def test_the_batched_intensity_pass_is_apply_transform_bit_for_bit(dtype):
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, size=(7, 12, 10, 12)).astype(np.uint8)
+    if dtype == np.float32:
+        images = images.astype(np.float32) / 255
+    cfg = aug.Augmentation(rotate_probability=0.0)
+    transforms = [aug.draw_transform(np.random.default_rng([1, 0, j]), cfg, images.shape[1:])
+                  for j in range(6)] + [aug.IDENTITY]  # one without any jitter
+    out = aug.apply_intensity_batch(images, transforms,
+                                    np.empty(images.shape, dtype=np.float32))
+    for j, transform in enumerate(transforms):
+        alone, _ = aug.apply_transform(images[j], None, dataclasses.replace(
+            transform, flip_axes=(), turns=()))
+        np.testing.assert_array_equal(out[j], alone)
+    with pytest.raises(ValueError, match="6 transforms for 7 images"):
+        aug.apply_intensity_batch(images, transforms[:6], out)
+
+
 def test_noise_bank_is_standard_normal_and_fixed():
     bank = aug.noise_bank()
     assert bank.dtype == np.float32 and len(bank) == aug.NOISE_BANK_SIZE

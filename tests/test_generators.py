@@ -19,7 +19,7 @@ import pytest
 import cache
 import generators as gen
 import preprocess
-from augmentation import Augmentation
+from augmentation import Augmentation, apply_transform, transform_from_uniforms
 from config import ClassificationConfig, SegmentationConfig
 from ct_io import Geometry, voxel_to_world, world_to_voxel
 
@@ -370,7 +370,7 @@ def test_classification_balance_drops_ignored_rows_and_centres_cubes(cache_dir):
     table = gen.candidate_table(cache_dir, list(SCANS))
     sampler = gen.ClassificationSampler(cache_dir, table, CLS_CFG, 0)
     assert len(sampler.table) == len(table) - 1 and (sampler.table["label"] >= 0).all()
-    rows = [sampler.draw_row(np.random.default_rng([0, 0, i])) for i in range(800)]
+    rows = sampler.rows_of(0, range(800))
     labels = sampler.table["label"].to_numpy()[rows]
     assert abs(labels.mean() - CLS_CFG.positive_fraction) < 0.05
     cube, label = sampler.sample(0, 0)
@@ -461,6 +461,48 @@ def test_a_batch_holds_exactly_the_single_samples(cache_dir):
         image, label = cubes.sample(1, index)
         np.testing.assert_array_equal(images[j], image)
         np.testing.assert_array_equal(labels[j], label)
+
+
+def test_a_cube_batch_is_the_per_cube_transform_of_its_plan(cache_dir):
+    """The batched cube path (one uint8 batch, whole-batch intensity pass, rotated cubes
+    redone alone) gives exactly what cropping and ``apply_transform`` give cube by cube."""
+    table = gen.candidate_table(cache_dir, list(SCANS))
+    cfg = Augmentation(rotate_probability=0.5)
+    cubes = gen.ClassificationSampler(cache_dir, table, CLS_CFG, 4, augmentation=cfg)
+    indices = list(range(40))
+    images, labels = cubes.sample_batch(2, indices)
+    rows, shifts, uniforms = cubes.plan_batch(2, indices)
+    rotated = 0
+    for j, row in enumerate(rows):
+        uid = cubes.table["seriesuid"].iloc[row]
+        center = cubes.table[gen.VOXEL_COLUMNS].iloc[row].to_numpy(float) + shifts[j]
+        cube = gen.crop_patch(cache.open_scan(cache_dir, uid).volume, center, 16,
+                              cubes.pad_values[uid])
+        transform = transform_from_uniforms(uniforms[j].tolist(), cfg, cube.shape)
+        rotated += transform.rotation_steps != 0
+        expected, _ = apply_transform(cube, None, transform)
+        np.testing.assert_array_equal(images[j, ..., 0], expected)
+        assert labels[j, 0] == cubes.table["label"].iloc[row]
+    assert 0 < rotated < len(indices)  # both paths ran
+    assert np.all(np.abs(shifts) <= cubes.max_shift_vox)
+
+
+def test_sample_uniforms_depend_on_seed_epoch_and_index_alone():
+    batch = gen.sample_uniforms(7, 3, [10, 11, 12, 2 ** 40], 5)
+    assert batch.shape == (4, 5) and batch.dtype == np.float64
+    np.testing.assert_array_equal(batch[1], gen.sample_uniforms(7, 3, [11], 5)[0])
+    np.testing.assert_array_equal(batch[:, :2], gen.sample_uniforms(7, 3, [10, 11, 12, 2 ** 40],
+                                                                    2))
+    for other in (gen.sample_uniforms(8, 3, [10], 5), gen.sample_uniforms(7, 4, [10], 5),
+                  gen.sample_uniforms(7, 3, [13], 5)):
+        assert not np.any(other[0] == batch[0])
+    many = gen.sample_uniforms(0, 0, range(20_000), 6)
+    assert many.min() >= 0.0 and many.max() < 1.0
+    counts = np.histogram(many, bins=10, range=(0, 1))[0]
+    assert np.all(np.abs(counts / many.size - 0.1) < 0.005)
+    # neither neighbouring draws of a sample nor neighbouring samples are correlated
+    assert abs(np.corrcoef(many[:, 0], many[:, 1])[0, 1]) < 0.03
+    assert abs(np.corrcoef(many[:-1, 0], many[1:, 0])[0, 1]) < 0.03
 
 
 def _first_batches(make, seed, n=3):
