@@ -351,9 +351,11 @@ class EnsembleConfig:
     stack_c: float = limited(0.1, gt=0.0, le=1e6)
     # Candidate features the stacker reads beside the members' scores (predict.py
     # --segmenter --features); unet_probability repeats the "unet" member's score.
+    # dot_enhancement_hu (Li, Sone & Doi 2003: a bright ball, not a vessel) tells the small
+    # nodules that the UNet misses from vessel cross-sections (README, issue 12's figures).
     stack_features: tuple[Literal["unet_probability", "component_diameter_mm",
-                                  "wall_distance_mm"], ...] = ("component_diameter_mm",
-                                                               "wall_distance_mm")
+                                  "wall_distance_mm", "dot_enhancement_hu"], ...] = (
+        "component_diameter_mm", "wall_distance_mm", "dot_enhancement_hu")
     # Scan groups of the cross-validation that estimates the stacker's validation CPM
     # (sklearn GroupKFold; fewer validation scans: one scan a group).
     stack_folds: int = limited(5, ge=2, le=1000)

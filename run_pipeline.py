@@ -445,7 +445,8 @@ class Pipeline:
                                 [out, *([feature_file] if features else [])], inputs,
                                 lambda _, argv=argv: predict.main(argv),
                                 {**reads, "candidates": self.stamped(candidates),
-                                 **({"features": True} if features else {})})
+                                 **({"features": list(stacking.FEATURE_COLUMNS)}
+                                    if features else {})})
 
     # -- 7: ensemble and submission
     def select_members(self, validation_uids: list[str], given: bool) -> ensemble.Selection:
@@ -534,7 +535,8 @@ class Pipeline:
                          *(["given candidates"] if given_list else [])]
                 self.stages.run("features" + (f" ({', '.join(notes)})" if notes else ""),
                                 [out], inputs, lambda _, argv=argv: predict.main(argv),
-                                {**reads, "candidates": self.stamped(candidates)})
+                                {**reads, "candidates": self.stamped(candidates),
+                                 "features": list(stacking.FEATURE_COLUMNS)})
 
     def fit_stacker(self, given_list: bool, validation_uids: list[str]):
         """The stacker of one candidate list fitted and applied (a stamped stage); its

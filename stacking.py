@@ -29,7 +29,8 @@ from scipy.special import expit, logit
 from tables import InputError, atomic_write_text
 
 # The candidate features predict.py --segmenter --features writes, in its column order.
-FEATURE_COLUMNS = ("unet_probability", "component_diameter_mm", "wall_distance_mm")
+FEATURE_COLUMNS = ("unet_probability", "component_diameter_mm", "wall_distance_mm",
+                   "dot_enhancement_hu")
 # Probabilities of 0 or 1 have no finite logit; 1e-6 keeps every logit within +-13.8, far
 # enough apart to keep the order of any probability a float32 model writes.
 PROBABILITY_FLOOR = 1e-6
@@ -128,6 +129,9 @@ def fit_stack(members, features, probabilities: np.ndarray, feature_values: np.n
                          "stacker's members and features")
     rows = _training_rows(labels, where)
     inputs = design_matrix(probabilities, feature_values)
+    if inputs.shape[1] != len(names):
+        raise StackError(f"{where}: {inputs.shape[1]} input column(s) for {len(names)} "
+                         f"named member(s) and feature(s) ({', '.join(names)})")
     means, scales, coefficients, intercept = _fit_arrays(inputs[rows], np.asarray(labels)[rows], c)
     return StackModel(tuple(members), tuple(features), tuple(map(float, means)),
                       tuple(map(float, scales)), tuple(map(float, coefficients)), intercept,

@@ -35,7 +35,8 @@ def _member_scores(rng, uids: list[str], nodules: pd.DataFrame, good: bool) -> p
 def _features(scores: pd.DataFrame, rng) -> pd.DataFrame:
     return scores.drop(columns="probability").assign(
         unet_probability=scores["probability"], component_diameter_mm=rng.uniform(0, 9, len(scores)),
-        wall_distance_mm=rng.uniform(0, 30, len(scores)))
+        wall_distance_mm=rng.uniform(0, 30, len(scores)),
+        dot_enhancement_hu=rng.uniform(0, 200, len(scores)))
 
 
 def _folds_with_validation(monkeypatch, tmp_path) -> WorkPaths:

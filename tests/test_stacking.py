@@ -14,7 +14,7 @@ import ensemble
 import predict
 import stacking
 
-FEATURES = ["component_diameter_mm", "wall_distance_mm"]
+FEATURES = ["component_diameter_mm", "wall_distance_mm", "dot_enhancement_hu"]
 
 
 # --------------------------------------------------------------------------- a synthetic case
@@ -28,7 +28,8 @@ def _scan_rows(uid: str, rng, n: int = 12) -> pd.DataFrame:
     return pd.DataFrame({"seriesuid": uid, "coordX": x, "coordY": 1.5, "coordZ": -2.25,
                          "a": good, "b": rng.uniform(0.01, 0.99, n),
                          "component_diameter_mm": np.where(nodule, 6.0, 2.0) + rng.uniform(0, 3, n),
-                         "wall_distance_mm": rng.uniform(0, 30, n)})
+                         "wall_distance_mm": rng.uniform(0, 30, n),
+                         "dot_enhancement_hu": rng.uniform(0, 200, n)})
 
 
 def write_stack_case(folder, n_val: int = 6, seed: int = 0) -> dict:
@@ -85,7 +86,9 @@ def test_a_stacker_round_trips_through_its_json_file(tmp_path):
     labels = np.array([1, 0, 0, 1, 0, -1, 0, 0] * 10)
     probabilities = rng.uniform(0, 1, (80, 2))
     probabilities[0] = [0.0, 1.0]  # clipped logits stay finite
-    features = rng.normal(0, 5, (80, 2))
+    features = rng.normal(0, 5, (80, len(FEATURES)))
+    with pytest.raises(stacking.StackError, match="4 input column"):  # a feature short
+        stacking.fit_stack(["a", "b"], FEATURES, probabilities, features[:, :2], labels, c=0.5)
     model = stacking.with_fit(stacking.fit_stack(["a", "b"], FEATURES, probabilities, features,
                                                  labels, c=0.5), {"cpm_out_of_fold": 0.5})
     path = tmp_path / "stack.json"
@@ -95,7 +98,7 @@ def test_a_stacker_round_trips_through_its_json_file(tmp_path):
     assert np.array_equal(loaded.scores(probabilities, features), model.scores(probabilities, features))
     data = json.loads(path.read_text())  # plain JSON, the names in order
     assert data["members"] == ["a", "b"] and data["features"] == FEATURES
-    assert len(data["coefficients"]) == len(data["means"]) == len(data["scales"]) == 4
+    assert len(data["coefficients"]) == len(data["means"]) == len(data["scales"]) == 5
     assert data["sklearn_version"] and data["class_weight"] == "balanced"
 
 
@@ -110,7 +113,7 @@ def test_labels_of_one_class_cannot_be_fitted(labels):
                                     {"intercept": float("nan")}, {"format": "pickle"},
                                     {"version": 99}])
 def test_a_damaged_stacker_file_is_refused(tmp_path, change):
-    model = stacking.StackModel(("a", "b"), tuple(FEATURES), (0.0,) * 4, (1.0,) * 4,
+    model = stacking.StackModel(("a", "b"), tuple(FEATURES[:2]), (0.0,) * 4, (1.0,) * 4,
                                 (1.0,) * 4, 0.0, 1.0, "1.0")
     data = {**stacking.to_json(model), **change}
     path = tmp_path / "stack.json"
