@@ -765,7 +765,7 @@ class ClassificationSampler:
         apply_intensity_batch(raw, transforms, images[..., 0])
         for j, cube in crops:  # interpolated: the uint8 copy above was not made for them
             apply_transform(cube, None, transforms[j], images[j, ..., 0])
-        return images, self._labels[rows][:, None].copy()
+        return images, self._labels[rows][:, None]
 
 
 def cube_batches(cache_dir, table: pd.DataFrame, cube_size: int, batch_size: int = 64):

@@ -27,7 +27,7 @@ near the candidate, inside the window scored around it; 0 when no voxel passes) 
 ``wall_distance_mm`` (distance to the nearest voxel outside the cached lung mask: the
 Euclidean distance transform of each scan's mask, in mm of the cache spacing) and
 ``dot_enhancement_hu`` (the dot-enhancement filter of Li, Sone & Doi 2003 near the
-candidate: large for a bright ball, 0 for a vessel or a wall; ``dot_enhancement_hu``).
+candidate, in HU: large for a bright ball, 0 for a vessel or a wall).
 
 Candidates of scans that the cache does not hold, or whose cached files are damaged, are
 named in a warning and left out (``detect.readable_scans``, as detect.py does); when the
@@ -285,12 +285,13 @@ def wall_distance_column(cache_dir, table: pd.DataFrame) -> np.ndarray:
     return distances
 
 
-# Gaussian scales (mm) of the dot filter. A ball of diameter d answers most at sigma =
-# d / (2 sqrt 3) (Li, Sone & Doi 2003), so 1-4 mm covers nodules of about 3.5-14 mm: the
-# small ones that look like a vessel's cross-section on a slice; larger nodules every
-# member already finds.
+# Gaussian scales (mm) of the dot filter. With scale-normalised derivatives (Lindeberg 1998,
+# "Feature detection with automatic scale selection") a ball of radius r answers most at
+# sigma ~ r / sqrt 3 (tests/test_dot_enhancement.py), so 1-4 mm covers nodules of about
+# 3.5-14 mm: the small ones that look like a vessel's cross-section on a slice; larger
+# nodules every member already finds.
 DOT_SCALES_MM = (1.0, 1.41, 2.0, 2.83, 4.0)
-DOT_CHUNK = 128  # candidates filtered at once (27^3 float32 cubes: 10 MB)
+DOT_CHUNK = 128  # candidates filtered at once (29^3 float32 cubes at 1 mm: 12 MB)
 TRUNCATE = 3.0  # Gaussian kernels reach 3 sigma
 
 

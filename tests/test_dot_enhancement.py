@@ -69,3 +69,18 @@ def test_a_centre_off_by_a_voxel_and_the_batching_change_nothing(monkeypatch):
                                                           WINDOW), together, rtol=1e-12)
     assert predict.dot_enhancement_hu(volume, (1, 1, 1), np.empty((0, 3)), LUNG,
                                       WINDOW).shape == (0,)
+
+
+@pytest.mark.parametrize("radius_mm, best_sigma_mm", [(2.0, 1.0), (3.0, 2.0), (5.0, 2.83)])
+def test_a_ball_answers_most_near_sigma_radius_over_root_3(monkeypatch, radius_mm, best_sigma_mm):
+    """Scale selection (Lindeberg 1998): the scale of the largest response grows with the
+    ball, near r / sqrt 3, which is what DOT_SCALES_MM relies on to cover 3.5-14 mm."""
+    z, y, x = _grid((48, 48, 48), (1.0, 1.0, 1.0))
+    volume = np.full((48, 48, 48), LUNG, dtype=np.uint8)
+    volume[(z - 24) ** 2 + (y - 24) ** 2 + (x - 24) ** 2 <= radius_mm ** 2] = TISSUE
+    responses = {}
+    for sigma in predict.DOT_SCALES_MM:
+        monkeypatch.setattr(predict, "DOT_SCALES_MM", (sigma,))
+        responses[sigma] = predict.dot_enhancement_hu(volume, (1, 1, 1), [(24, 24, 24)], LUNG,
+                                                      WINDOW)[0]
+    assert max(responses, key=responses.get) == best_sigma_mm
