@@ -352,7 +352,7 @@ class EnsembleConfig:
     # Candidate features the stacker reads beside the members' scores (predict.py
     # --segmenter --features); unet_probability repeats the "unet" member's score.
     # dot_enhancement_hu (Li, Sone & Doi 2003: a bright ball, not a vessel) tells the small
-    # nodules that the UNet misses from vessel cross-sections (README, issue 12's figures).
+    # nodules that the UNet misses from vessel cross-sections (README: pooled cross-validation).
     stack_features: tuple[Literal["unet_probability", "component_diameter_mm",
                                   "wall_distance_mm", "dot_enhancement_hu"], ...] = (
         "component_diameter_mm", "wall_distance_mm", "dot_enhancement_hu")
