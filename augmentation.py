@@ -231,13 +231,9 @@ def apply_intensity_batch(images: np.ndarray, transforms, out: np.ndarray) -> np
         out += offsets.reshape(per_sample)
     if any(t.noise_sigma != 0.0 for t in transforms):
         size = math.prod(images.shape[1:])
-        bank = noise_bank()
-        if size > len(bank):  # a patch larger than the bank: the bank repeated, as _add_noise
-            bank = np.resize(bank, size)
         noise = np.empty((n, size), dtype=np.float32)
         for j, t in enumerate(transforms):  # read straight from the bank: no gathered copy
-            start = min(t.noise_start, len(bank) - size)
-            np.multiply(bank[start:start + size], np.float32(t.noise_sigma), out=noise[j])
+            np.multiply(_noise_window(t, size), np.float32(t.noise_sigma), out=noise[j])
         out += noise.reshape(out.shape)
     np.clip(out, 0.0, 1.0, out=out)  # a no-op on samples without intensity jitter
     return out
@@ -287,16 +283,21 @@ def _unit_image(image: np.ndarray, transform: Transform, out: np.ndarray | None 
     return out
 
 
+def _noise_window(transform: Transform, size: int) -> np.ndarray:
+    """The ``size`` standard normals of the bank that ``transform`` adds (its window at
+    ``noise_start``; for a patch larger than the bank, the bank repeated)."""
+    bank = noise_bank()
+    if size > len(bank):
+        return np.resize(bank, size)
+    start = min(transform.noise_start, len(bank) - size)
+    return bank[start:start + size]
+
+
 def _add_noise(image: np.ndarray, transform: Transform) -> None:
     """In place: plus ``noise_sigma`` times the bank's window at ``noise_start``."""
     if transform.noise_sigma == 0.0:
         return
-    bank = noise_bank()
-    start = min(transform.noise_start, max(len(bank) - image.size, 0))
-    window = bank[start:start + image.size]
-    if window.size < image.size:  # a patch larger than the bank: repeat it
-        window = np.resize(bank, image.size)
-    noise = np.multiply(window, np.float32(transform.noise_sigma))
+    noise = np.multiply(_noise_window(transform, image.size), np.float32(transform.noise_sigma))
     image += noise.reshape(image.shape)
 
 

@@ -272,17 +272,23 @@ def wall_distances_mm(mask: np.ndarray, spacing_zyx_mm, centers_zyx_vox) -> np.n
     return ndimage.map_coordinates(distance, centers.T, order=1, mode="nearest")
 
 
-def wall_distance_column(cache_dir, table: pd.DataFrame) -> np.ndarray:
-    """``wall_distances_mm`` of every row of ``table`` (a ``generators.candidate_table``),
-    from each scan's cached lung mask and spacing, the transform computed once a scan."""
+def image_feature_columns(cache_dir, table: pd.DataFrame) -> dict[str, np.ndarray]:
+    """``wall_distance_mm`` and ``dot_enhancement_hu`` of every row of ``table`` (a
+    ``generators.candidate_table``), each scan opened once (its cached mask, volume and
+    spacing; the distance transform computed once a scan)."""
     import generators
 
-    distances = np.zeros(len(table), dtype=np.float64)
+    columns = {name: np.zeros(len(table), dtype=np.float64)
+               for name in ("wall_distance_mm", "dot_enhancement_hu")}
     centers = table[generators.VOXEL_COLUMNS].to_numpy(np.float64)
     for uid, rows in table.reset_index(drop=True).groupby("seriesuid", sort=False).indices.items():
         scan = cache.open_scan(cache_dir, uid)
-        distances[rows] = wall_distances_mm(scan.mask, scan.geometry.spacing_zyx_mm, centers[rows])
-    return distances
+        spacing = scan.geometry.spacing_zyx_mm
+        columns["wall_distance_mm"][rows] = wall_distances_mm(scan.mask, spacing, centers[rows])
+        columns["dot_enhancement_hu"][rows] = dot_enhancement_hu(
+            scan.volume, spacing, centers[rows], generators.cache_pad_value(cache_dir, scan.meta),
+            scan.meta.window_hu)
+    return columns
 
 
 # Gaussian scales (mm) of the dot filter. With scale-normalised derivatives (Lindeberg 1998,
@@ -352,19 +358,6 @@ def dot_enhancement_hu(volume: np.ndarray, spacing_zyx_mm, centers_zyx_vox, pad_
     return best
 
 
-def dot_enhancement_column(cache_dir, table: pd.DataFrame) -> np.ndarray:
-    """``dot_enhancement_hu`` of every row of ``table`` (a ``generators.candidate_table``)."""
-    import generators
-
-    values = np.zeros(len(table), dtype=np.float64)
-    centers = table[generators.VOXEL_COLUMNS].to_numpy(np.float64)
-    for uid, rows in table.reset_index(drop=True).groupby("seriesuid", sort=False).indices.items():
-        scan = cache.open_scan(cache_dir, uid)
-        values[rows] = dot_enhancement_hu(
-            scan.volume, scan.geometry.spacing_zyx_mm, centers[rows],
-            generators.cache_pad_value(cache_dir, scan.meta), scan.meta.window_hu)
-    return values
-
 
 def segmenter_features(model, cache_dir, table: pd.DataFrame, threshold: float,
                        patch_size: int | None = None, radius_vox: float = 2.0,
@@ -386,8 +379,7 @@ def segmenter_features(model, cache_dir, table: pd.DataFrame, threshold: float,
             spacing = metas[uids[row]].geometry.spacing_zyx_mm
             diameters[row] = component_diameter_mm(window_map, ball, threshold, spacing)
     features = pd.DataFrame({"unet_probability": scores, "component_diameter_mm": diameters,
-                             "wall_distance_mm": wall_distance_column(cache_dir, table),
-                             "dot_enhancement_hu": dot_enhancement_column(cache_dir, table)})
+                             **image_feature_columns(cache_dir, table)})
     return features[list(stacking.FEATURE_COLUMNS)]
 
 
