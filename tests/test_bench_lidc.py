@@ -10,6 +10,7 @@ import pytest
 import SimpleITK as sitk
 
 from benchmarks import bench_lidc
+from config import ClassificationConfig, TrainingConfig
 from ct_io import Geometry, voxel_to_world
 
 SPACING_XYZ_MM = (0.7, 0.8, 2.5)  # anisotropic, thick slices as in LIDC
@@ -398,6 +399,15 @@ def test_default_five_folds_and_two_when_quick():
     assert bench_lidc.parse_args([]).settings.folds == 5
     assert bench_lidc.parse_args(["--quick"]).settings.folds == 2
     assert bench_lidc.parse_args(["--folds", "3"]).settings.folds == 3
+
+
+def test_the_full_run_defaults_to_the_measured_recipe_and_options_override_it():
+    full = bench_lidc.parse_args([]).settings
+    assert (full.epochs, full.cube_size, full.lr, full.patience) == (60, 24, 1e-3, 8)
+    quick = bench_lidc.parse_args(["--quick"]).settings
+    assert (quick.lr, quick.patience) == (ClassificationConfig().lr, TrainingConfig().patience)
+    chosen = bench_lidc.parse_args(["--lr", "2e-4", "--patience", "3"]).settings
+    assert (chosen.lr, chosen.patience) == (2e-4, 3)
 
 
 # --------------------------------------------------------------------------- learning curves
