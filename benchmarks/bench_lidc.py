@@ -79,8 +79,8 @@ all of ``--data-dir`` (with the same internal validation split) and evaluated on
 size rows are fitted on all of ``--data-dir``, the stacked ones on its validation part.
 
 Output in ``--out`` (default ``benchmarks/results/lidc``): ``results.json`` (settings, metrics
-of the networks and the ensemble, the size and stacked rows under ``size_and_stacking``,
-per-fold details, timings, skipped volumes, unusable masks), ``results.md``,
+of the networks and the ensemble, the size and stacked rows and the bootstrap intervals
+under ``size_and_stacking``, per-fold details, timings, skipped volumes, unusable masks), ``results.md``,
 ``oof_predictions.csv`` (or ``test_predictions.csv`` with ``--test-dir``),
 ``learning_curves.png``, and the training runs in ``runs/``. Progress (cubes, epochs) goes
 to stderr. Exit status 2, before any training: a data folder or its ``nodules.csv`` is
