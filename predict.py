@@ -358,7 +358,6 @@ def dot_enhancement_hu(volume: np.ndarray, spacing_zyx_mm, centers_zyx_vox, pad_
     return best
 
 
-
 def segmenter_features(model, cache_dir, table: pd.DataFrame, threshold: float,
                        patch_size: int | None = None, radius_vox: float = 2.0,
                        batch_size: int = 1, tta: bool = False,

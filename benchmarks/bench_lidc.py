@@ -158,8 +158,8 @@ QUICK_VIEW_SIZE, FULL_VIEW_SIZE = 32, 64  # pixels per side of a 2D member's vie
 # The full run: one model per 3D family, 60 epochs (one pass over the ~500 training
 # nodules each, ~1,900 steps) at Adam 1e-3, decayed x0.1 when the running validation loss
 # stalls for 8 epochs. The Tianchi classifier rate (1e-4, classification.lr) for 3 epochs
-# is ~100 steps: AUC 0.80-0.90 (resnet 0.80) where this recipe gives 0.91-0.92 to every
-# family (README). A 24 mm cube holds all but 2.6% of the malignant nodules (diameters in
+# is ~100 steps: AUC 0.85-0.89 where this recipe gives 0.91-0.92 to every family
+# (README). A 24 mm cube holds all but 2.6% of the malignant nodules (diameters in
 # nodules.csv) at 42% of 32^3's cost.
 FULL = {"folds": 5, "epochs": 60, "cube_size": 24, "lr": 1e-3, "patience": 8,
         "models": "densenet,resnet,inception,vgg_simple"}

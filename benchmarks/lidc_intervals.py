@@ -48,8 +48,8 @@ def auc_intervals(table: pd.DataFrame, baseline: str = BASELINE, samples: int = 
     if len(np.unique(labels)) < 2:
         raise ValueError("the AUC needs both classes")
     scores = table[columns].to_numpy(dtype=float)
-    _, patient_index = np.unique(table["patient_id"].astype(str), return_inverse=True)
-    rows_of_patient = [np.flatnonzero(patient_index == p) for p in range(patient_index.max() + 1)]
+    rows_of_patient = list(table.reset_index(drop=True)
+                           .groupby(table["patient_id"].astype(str).to_numpy()).indices.values())
     rng = np.random.default_rng(seed)
     resampled = []
     while len(resampled) < samples:
