@@ -233,6 +233,88 @@ def test_training_batches_are_seeded_permutations_of_full_batches():
     assert all(y.shape == (3, 1) and y.dtype == np.float32 for _, y in a)
 
 
+def test_auxiliary_targets_are_standardised_on_the_fitted_part_only():
+    table = pd.DataFrame({"mask_diameter_mm": [4.0, 8.0, np.nan, 16.0, 32.0],
+                          "diameter_mm": [4.0, 8.0, 10.0, 16.0, 30.0],
+                          "Margin_value": [1.0, 3.0, 5.0, np.nan, 100.0]})
+    fit_idx = np.array([0, 1, 2])
+    targets = bench_lidc.auxiliary_targets(table, ("diameter", "margin"), fit_idx)
+    assert targets.shape == (5, 2) and targets.dtype == np.float32
+    # Standardised with the fitted rows: their mean is 0 and their spread 1 ...
+    np.testing.assert_allclose(targets[fit_idx].mean(axis=0), 0.0, atol=1e-6)
+    np.testing.assert_allclose(targets[fit_idx].std(axis=0), 1.0, atol=1e-6)
+    # ... and the other rows do not move them (the last margin is far out, not clipped).
+    assert targets[4, 1] > 40
+    # The diameter is the mask's, else the annotation's (row 2), in log.
+    log_d = np.log([4.0, 8.0, 10.0])
+    np.testing.assert_allclose(targets[2, 0], (log_d[2] - log_d.mean()) / log_d.std(), rtol=1e-5)
+    assert targets[3, 1] == 0.0  # an unknown rating: the fitted mean
+    with pytest.raises(bench_lidc.DataError, match="Texture_value"):
+        bench_lidc.auxiliary_targets(table, ("texture",), fit_idx)
+
+
+def test_training_batches_carry_the_auxiliary_targets_of_the_same_nodules():
+    stored = np.zeros((10, 20, 20, 20), dtype=np.uint8)
+    labels = np.array([0, 1] * 5)
+    targets = np.stack([np.arange(10), -np.arange(10)], axis=1).astype(np.float32)
+    batches = bench_lidc.training_batches(stored, labels, np.arange(10), _settings(batch_size=4),
+                                          (0,), targets=targets)
+    for _ in range(3):
+        _, (y, t) = next(batches)
+        rows = t[:, 0].astype(int)
+        np.testing.assert_array_equal(y[:, 0], labels[rows])
+        np.testing.assert_array_equal(t[:, 1], -rows)
+
+
+def test_the_auxiliary_head_sits_beside_the_classifier_and_is_dropped_after_training():
+    from models import build_model
+
+    model = build_model("vgg_simple", (16, 16, 16, 1))
+    multi = bench_lidc.with_auxiliary_head(model, 3)
+    x = np.random.default_rng(0).random((2, 16, 16, 16, 1), dtype=np.float32)
+    probability, auxiliary = multi.predict(x, verbose=0)
+    assert probability.shape == (2, 1) and auxiliary.shape == (2, 3)
+    single = bench_lidc.classification_only(multi)
+    assert len(single.outputs) == 1
+    np.testing.assert_allclose(single.predict(x, verbose=0), probability, rtol=1e-5)
+    cubes = np.zeros((3, 16, 16, 16), dtype=np.uint8)
+    assert bench_lidc.predict(multi, cubes, tta=False).shape == (3,)
+    assert bench_lidc.classification_only(single) is single
+
+
+@pytest.mark.slow
+def test_multi_task_run_end_to_end(fake_lidc, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert bench_lidc.main(["--data-dir", str(fake_lidc), "--out", str(out), "--quick",
+                            "--models", "vgg_simple", "--auxiliary", "diameter",
+                            "--no-cache"]) == 0
+    printed = capsys.readouterr().out
+    assert "multi-task: the 3D networks also regress diameter" in printed
+    result = json.loads((out / "results.json").read_text())
+    assert result["settings"]["auxiliary"] == ["diameter"]
+    assert 0.0 <= result["metrics"]["vgg_simple"]["auc"] <= 1.0
+
+
+def test_auxiliary_options_are_checked_before_training(fake_lidc, tmp_path, capsys):
+    assert bench_lidc.parse_args([]).settings.auxiliary == bench_lidc.AUXILIARY_TARGETS
+    assert bench_lidc.parse_args(["--auxiliary", "none"]).settings.auxiliary == ()
+    assert "auxiliary" not in bench_lidc.parse_args(["--quick"]).settings.record()
+    chosen = bench_lidc.parse_args(["--auxiliary", "diameter, margin"]).settings
+    assert chosen.auxiliary == ("diameter", "margin") and chosen.record()["auxiliary_weight"] == 0.5
+    for wrong in (["--auxiliary", "colour"], ["--auxiliary", "margin,margin"],
+                  ["--auxiliary", "margin", "--auxiliary-weight", "0"]):
+        with pytest.raises(SystemExit) as info:
+            bench_lidc.parse_args(wrong)
+        assert info.value.code == 2
+    # The fake table has no Margin_value: refused with the file's name, nothing trained.
+    code = bench_lidc.main(["--data-dir", str(fake_lidc), "--out", str(tmp_path / "out"),
+                            "--quick", "--auxiliary", "margin", "--no-cache"])
+    assert code == 2
+    error = capsys.readouterr().err
+    assert "nodules.csv" in error and "Margin_value" in error
+    assert not (tmp_path / "out" / "runs").exists()
+
+
 def test_output_path_under_a_file_exits_2_before_training(fake_lidc, tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder\n")
