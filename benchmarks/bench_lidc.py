@@ -44,7 +44,14 @@ What it does:
    flips, 90-degree turns in the axial plane, shifts up to ``--max-shift`` voxels and
    intensity jitter (``augmentation.augment``); the test fold and the validation part are
    predicted with flip test-time augmentation (the cube and its z, y and x flips, averaged:
-   ``augmentation.flip_variants``).
+   ``augmentation.flip_variants``). Multi-task (``--auxiliary``, the full run: every
+   target): a second, linear head on the features the classifier's sigmoid reads regresses
+   the log mask diameter and the readers' ratings (``<Name>_value``: calcification,
+   lobulation, margin, sphericity, spiculation, subtlety, texture, malignancy), standardised
+   on the fitted part, their mean squared error weighted ``--auxiliary-weight`` beside the
+   classification loss (Hussein et al., IPMI 2017); the head is dropped after training, so
+   the networks are scored from the image alone. ``--quick`` and ``--auxiliary none``
+   train the classifier alone.
    Beside the 3D classifiers, ``--models`` takes the 2D members (``models.TRANSFER2D``,
    random initial weights: no ImageNet weights here) as ``NAME:feature`` or
    ``NAME:finetune`` and the Swin classifiers as ``swin:frozen`` / ``swin:full``. A 2D
@@ -70,7 +77,8 @@ What it does:
    difference to the mask diameter with paired bootstrap intervals over patients
    (``lidc_intervals.py``), reference points, then
    ``stacked AUC: 0.xxxx`` and finally ``AUC: 0.xxxx`` (the mean ensemble's).
-5. ``OUT/learning_curves.png``: per model, the training loss, validation loss and
+5. ``OUT/learning_curves.png``: per model, the training loss (multi-task: the weighted sum
+   of both heads' losses), validation loss (the classifier's) and
    validation AUC of each epoch (mean over the folds that reached it), from the
    ``history.csv`` that ``training.fit`` writes in each run folder.
 
@@ -605,7 +613,8 @@ def auxiliary_targets(table: pd.DataFrame, names, fit_idx) -> np.ndarray:
     columns = []
     for name in names:
         if name == DIAMETER_TARGET:
-            values = log_sizes(measured_sizes(table), measured_sizes(table)[fit_idx])
+            sizes = measured_sizes(table)
+            values = log_sizes(sizes, sizes[fit_idx])
         else:
             column = f"{name.capitalize()}_value"
             if column not in table:

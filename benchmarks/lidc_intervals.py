@@ -10,6 +10,14 @@ folds are grouped by: a patient's nodules stay together), ``--samples`` times wi
 (``--baseline``, default the mask diameter) is a paired bootstrap: its interval is much
 narrower than either AUC's. A resample with one class only is drawn again.
 ``bench_lidc.py`` prints the same table under its own.
+
+    python benchmarks/lidc_intervals.py NEW/oof_predictions.csv --against OLD/oof_predictions.csv
+
+compares two runs on the same nodules instead (matched by ``voi_file``; their labels and
+patients must agree): each row that both runs have, its AUC in each and the paired
+difference NEW - OLD, on the same resamples of the patients. A recipe change (e.g. the
+multi-task heads) is judged against the run before it, row by row, not by two AUCs whose
+intervals overlap.
 """
 
 from __future__ import annotations
@@ -34,6 +42,30 @@ def column_aucs(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
     return (ranks[positive].sum(axis=0) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
 
+def _labels(table: pd.DataFrame) -> np.ndarray:
+    labels = table["label"].to_numpy().astype(int)
+    if len(np.unique(labels)) < 2:
+        raise ValueError("the AUC needs both classes")
+    return labels
+
+
+def bootstrap_aucs(labels: np.ndarray, scores: np.ndarray, patients, samples: int,
+                   seed: int) -> np.ndarray:
+    """``(samples, k)``: the AUC of each column of ``scores`` on each resample of the
+    patients (drawn whole, with replacement; a resample with one class is drawn again)."""
+    rows_of_patient = list(pd.Series(np.asarray(patients).astype(str))
+                           .groupby(np.asarray(patients).astype(str)).indices.values())
+    rng = np.random.default_rng(seed)
+    resampled = []
+    while len(resampled) < samples:
+        drawn = rng.integers(len(rows_of_patient), size=len(rows_of_patient))
+        rows = np.concatenate([rows_of_patient[p] for p in drawn])
+        if labels[rows].min() == labels[rows].max():
+            continue
+        resampled.append(column_aucs(labels[rows], scores[rows]))
+    return np.asarray(resampled)
+
+
 def auc_intervals(table: pd.DataFrame, baseline: str = BASELINE, samples: int = 1000,
                   seed: int = 0) -> pd.DataFrame:
     """One row per ``p_*`` column of ``table``: ``auc`` with its 95% percentile interval
@@ -44,21 +76,9 @@ def auc_intervals(table: pd.DataFrame, baseline: str = BASELINE, samples: int = 
     columns = [c for c in table.columns if c.startswith("p_")]
     if baseline not in columns:
         raise ValueError(f"no column {baseline!r} among {columns}")
-    labels = table["label"].to_numpy().astype(int)
-    if len(np.unique(labels)) < 2:
-        raise ValueError("the AUC needs both classes")
+    labels = _labels(table)
     scores = table[columns].to_numpy(dtype=float)
-    rows_of_patient = list(table.reset_index(drop=True)
-                           .groupby(table["patient_id"].astype(str).to_numpy()).indices.values())
-    rng = np.random.default_rng(seed)
-    resampled = []
-    while len(resampled) < samples:
-        drawn = rng.integers(len(rows_of_patient), size=len(rows_of_patient))
-        rows = np.concatenate([rows_of_patient[p] for p in drawn])
-        if labels[rows].min() == labels[rows].max():
-            continue
-        resampled.append(column_aucs(labels[rows], scores[rows]))
-    aucs = np.asarray(resampled)
+    aucs = bootstrap_aucs(labels, scores, table["patient_id"], samples, seed)
     differences = aucs - aucs[:, [columns.index(baseline)]]
     point = column_aucs(labels, scores)
     low, high = np.percentile(aucs, [2.5, 97.5], axis=0)
@@ -84,21 +104,79 @@ def format_intervals(intervals: pd.DataFrame, baseline: str = BASELINE, samples:
     return lines
 
 
+def run_differences(new: pd.DataFrame, old: pd.DataFrame, samples: int = 1000,
+                    seed: int = 0) -> pd.DataFrame:
+    """One row per ``p_*`` column in both tables (two runs' predictions of the same
+    nodules): ``auc_new``, ``auc_old``, the paired difference ``difference`` = new - old
+    with its 95% interval (``diff_low``, ``diff_high``) and ``share_above`` (resamples
+    where new beats old). ValueError where the nodules, their labels or patients differ,
+    or no row is shared."""
+    key = "voi_file"
+    for name, table in (("new", new), ("old", old)):
+        if key not in table or table[key].duplicated().any():
+            raise ValueError(f"the {name} table needs a unique {key} per nodule")
+    if set(new[key]) != set(old[key]):
+        raise ValueError(f"the two runs predict different nodules "
+                         f"({len(set(new[key]) ^ set(old[key]))} in one only)")
+    old = old.set_index(key).loc[new[key]].reset_index()
+    for column in ("label", "patient_id"):
+        if not np.array_equal(new[column].astype(str), old[column].astype(str)):
+            raise ValueError(f"the two runs disagree on {column} of the same nodules")
+    columns = [c for c in new.columns if c.startswith("p_") and c in old.columns]
+    if not columns:
+        raise ValueError("the two runs share no p_* row")
+    labels = _labels(new)
+    scores = np.hstack([new[columns].to_numpy(float), old[columns].to_numpy(float)])
+    aucs = bootstrap_aucs(labels, scores, new["patient_id"], samples, seed)
+    k = len(columns)
+    differences = aucs[:, :k] - aucs[:, k:]
+    point = column_aucs(labels, scores)
+    diff_low, diff_high = np.percentile(differences, [2.5, 97.5], axis=0)
+    return pd.DataFrame({"row": [c[2:] for c in columns], "auc_new": point[:k],
+                         "auc_old": point[k:], "difference": point[:k] - point[k:],
+                         "diff_low": diff_low, "diff_high": diff_high,
+                         "share_above": (differences > 0).mean(axis=0)})
+
+
+def format_differences(differences: pd.DataFrame, samples: int = 1000,
+                       seed: int = 0) -> list[str]:
+    lines = [f"AUC of this run and of the other, and this - other (95% intervals: {samples} "
+             f"bootstrap resamples of the patients, paired, seed {seed}; above: share of "
+             "resamples where this run beats the other)",
+             f"    {'row':<32} {'this':>6} {'other':>6} {'this - other':>12} "
+             f"{'interval':>17} {'above':>6}"]
+    for r in differences.itertuples():
+        lines.append(f"    {r.row:<32} {r.auc_new:6.4f} {r.auc_old:6.4f} {r.difference:+12.4f} "
+                     f"{r.diff_low:+8.4f} {r.diff_high:+8.4f} {r.share_above:6.3f}")
+    return lines
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("predictions", type=Path,
                         help="oof_predictions.csv (or test_predictions.csv) of bench_lidc.py")
     parser.add_argument("--baseline", default=BASELINE, help="the p_* column to compare with")
+    parser.add_argument("--against", type=Path, default=None,
+                        help="another run's predictions of the same nodules: compare each "
+                             "shared row with its value there instead")
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    path = args.predictions
     try:
-        table = pd.read_csv(args.predictions)
-        intervals = auc_intervals(table, args.baseline, args.samples, args.seed)
+        table = pd.read_csv(path)
+        if args.against is None:
+            intervals = auc_intervals(table, args.baseline, args.samples, args.seed)
+            lines = format_intervals(intervals, args.baseline, args.samples, args.seed)
+        else:
+            path = f"{args.predictions} against {args.against}"
+            differences = run_differences(table, pd.read_csv(args.against), args.samples,
+                                          args.seed)
+            lines = format_differences(differences, args.samples, args.seed)
     except (OSError, ValueError, KeyError, pd.errors.ParserError) as err:
-        print(f"error: {args.predictions}: {err}", file=sys.stderr)
+        print(f"error: {path}: {err}", file=sys.stderr)
         return 2
-    print("\n".join(format_intervals(intervals, args.baseline, args.samples, args.seed)))
+    print("\n".join(lines))
     return 0
 
 

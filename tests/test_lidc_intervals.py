@@ -63,3 +63,26 @@ def test_same_seed_same_intervals_and_bad_input_is_refused(tmp_path, capsys):
     assert "perfect" in capsys.readouterr().out
     assert lidc_intervals.main([str(tmp_path / "missing.csv")]) == 2
     assert "missing.csv" in capsys.readouterr().err
+
+
+def test_two_runs_are_compared_row_by_row_on_the_same_resamples(tmp_path, capsys):
+    old = _table().assign(voi_file=lambda t: [f"N{i}.nii.gz" for i in range(len(t))])
+    new = old.assign(p_coin=old.p_perfect)  # this run's coin became perfect
+    new = new.iloc[::-1].reset_index(drop=True)  # another order: matched by voi_file
+    differences = lidc_intervals.run_differences(new, old, samples=200).set_index("row")
+    assert list(differences.index) == ["diameter_mask", "perfect", "coin"]
+    unchanged = differences.loc["diameter_mask"]
+    assert unchanged.difference == unchanged.diff_low == unchanged.diff_high == 0
+    better = differences.loc["coin"]
+    assert better.auc_new == 1.0 and better.diff_low > 0 and better.share_above == 1.0
+    with pytest.raises(ValueError, match="different nodules"):
+        lidc_intervals.run_differences(new.iloc[1:], old)
+    with pytest.raises(ValueError, match="label"):
+        lidc_intervals.run_differences(new.assign(label=1 - new.label), old)
+    new_path, old_path = tmp_path / "new.csv", tmp_path / "old.csv"
+    new.to_csv(new_path, index=False)
+    old.to_csv(old_path, index=False)
+    assert lidc_intervals.main([str(new_path), "--against", str(old_path), "--samples", "20"]) == 0
+    assert "this - other" in capsys.readouterr().out
+    assert lidc_intervals.main([str(new_path), "--against", str(tmp_path / "gone.csv")]) == 2
+    assert "gone.csv" in capsys.readouterr().err
