@@ -73,7 +73,8 @@ What it does:
 4. ROC AUC, accuracy, sensitivity and specificity at 0.5 (``metrics.classification_metrics``)
    of the out-of-fold probabilities, per model, for the ensemble (mean of the models'
    probabilities) and for the size and stacked rows, with the training time of each model
-   on this machine (summed over folds); a fixed-format table, each row's AUC and its
+   on this machine (summed over folds); a fixed-format table, each model's best validation
+   AUC averaged over the folds (the figure a recipe is chosen on), each row's AUC and its
    difference to the mask diameter with paired bootstrap intervals over patients
    (``lidc_intervals.py``), reference points, then
    ``stacked AUC: 0.xxxx`` and finally ``AUC: 0.xxxx`` (the mean ensemble's).
@@ -1640,6 +1641,18 @@ def _load_data(args, settings: Settings):
     return data, test
 
 
+def validation_note(details: list[dict]) -> str:
+    """Each model's best validation AUC, averaged over its folds: the figure that compares
+    recipes without looking at the test folds (each fold's own validation patients)."""
+    by_model: dict[str, list[float]] = {}
+    for info in details:
+        if info.get("best_val_auc") is not None:
+            by_model.setdefault(info["model"], []).append(float(info["best_val_auc"]))
+    means = ", ".join(f"{model} {np.mean(aucs):.4f}" for model, aucs in by_model.items())
+    return ("mean best validation AUC over the folds (chooses recipes; no test fold): "
+            f"{means or '-'}")
+
+
 def _notes(settings: Settings, machine: dict, size_auc: float | None,
            size_info: dict | None = None) -> list[str]:
     """The lines under the table: settings, machine, size and stacked rows, references."""
@@ -1789,6 +1802,7 @@ def _report(args, settings: Settings, data: NoduleSet, test: NoduleSet | None,
     title = (f"LIDC malignancy: {len(labels)} nodules ({len(labels) - n_pos} benign / {n_pos} "
              f"malignant), {outcome.mode}")
     notes = _notes(settings, machine, size_auc, size_rows.info)
+    notes.append(validation_note(outcome.details))
     wall = time.perf_counter() - started
     notes.append(f"total wall time {wall / 60:.1f} min")
     print()

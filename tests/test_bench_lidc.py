@@ -295,6 +295,14 @@ def test_multi_task_run_end_to_end(fake_lidc, tmp_path, capsys):
     assert 0.0 <= result["metrics"]["vgg_simple"]["auc"] <= 1.0
 
 
+def test_the_validation_note_averages_each_models_best_validation_auc():
+    details = [{"model": model, "best_val_auc": auc} for model, auc in
+               (("resnet", 0.9), ("vgg_simple", 0.7), ("resnet", 0.8), ("vgg_simple", None))]
+    note = bench_lidc.validation_note(details)
+    assert note.endswith("resnet 0.8500, vgg_simple 0.7000")
+    assert bench_lidc.validation_note([]).endswith(": -")
+
+
 def test_auxiliary_options_are_checked_before_training(fake_lidc, tmp_path, capsys):
     assert bench_lidc.parse_args([]).settings.auxiliary == bench_lidc.AUXILIARY_TARGETS
     assert bench_lidc.parse_args(["--auxiliary", "none"]).settings.auxiliary == ()
