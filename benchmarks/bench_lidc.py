@@ -44,14 +44,13 @@ What it does:
    flips, 90-degree turns in the axial plane, shifts up to ``--max-shift`` voxels and
    intensity jitter (``augmentation.augment``); the test fold and the validation part are
    predicted with flip test-time augmentation (the cube and its z, y and x flips, averaged:
-   ``augmentation.flip_variants``). Multi-task (``--auxiliary``, the full run: every
-   target): a second, linear head on the features the classifier's sigmoid reads regresses
+   ``augmentation.flip_variants``). Multi-task (``--auxiliary``, off by default): a
+   second, linear head on the features the classifier's sigmoid reads regresses
    the log mask diameter and the readers' ratings (``<Name>_value``: calcification,
    lobulation, margin, sphericity, spiculation, subtlety, texture, malignancy), standardised
    on the fitted part, their mean squared error weighted ``--auxiliary-weight`` beside the
    classification loss (Hussein et al., IPMI 2017); the head is dropped after training, so
-   the networks are scored from the image alone. ``--quick`` and ``--auxiliary none``
-   train the classifier alone.
+   the networks are scored from the image alone.
    Beside the 3D classifiers, ``--models`` takes the 2D members (``models.TRANSFER2D``,
    random initial weights: no ImageNet weights here) as ``NAME:feature`` or
    ``NAME:finetune`` and the Swin classifiers as ``swin:frozen`` / ``swin:full``. A 2D
@@ -182,12 +181,11 @@ QUICK_VIEW_SIZE, FULL_VIEW_SIZE = 32, 64  # pixels per side of a 2D member's vie
 # stalls for 8 epochs. The Tianchi classifier rate (1e-4, classification.lr) for 3 epochs
 # is ~100 steps: AUC 0.85-0.89 where this recipe gives 0.91-0.92 to every family
 # (README). A 24 mm cube holds all but 2.6% of the malignant nodules (diameters in
-# nodules.csv) at 42% of 32^3's cost. Every auxiliary target: on resnet's validation parts
-# (README) the mean best AUC rose from 0.931 (none) to 0.932 (the size and appearance) and
-# 0.936 (and the malignancy rating).
+# nodules.csv) at 42% of 32^3's cost. No auxiliary targets: with all of them
+# (``--auxiliary all``) the four families' mean best validation AUCs moved by -0.004 to
+# +0.001 (README), no gain to choose them on.
 FULL = {"folds": 5, "epochs": 60, "cube_size": 24, "lr": 1e-3, "patience": 8,
-        "models": "densenet,resnet,inception,vgg_simple",
-        "auxiliary": ",".join(AUXILIARY_TARGETS)}
+        "models": "densenet,resnet,inception,vgg_simple", "auxiliary": "none"}
 ANNOTATED_SIZE = "diameter (annotation)"
 MASK_SIZE = "diameter (mask)"
 STACKED = "stacked (networks + size)"
@@ -1525,7 +1523,7 @@ def _argument_parser() -> argparse.ArgumentParser:
                         help="field of view of a view (default: the cube's side in mm)")
     parser.add_argument("--auxiliary", default=None,
                         help="comma-separated multi-task targets of the 3D networks, from "
-                             f"{', '.join(AUXILIARY_TARGETS)}, or none (default "
+                             f"{', '.join(AUXILIARY_TARGETS)}; all; or none (default "
                              f"{FULL['auxiliary']}; --quick {QUICK['auxiliary']})")
     parser.add_argument("--auxiliary-weight", type=float, default=0.5,
                         help="weight of the auxiliary targets' mean squared error beside the "
@@ -1569,10 +1567,12 @@ def parse_args(argv=None):
         parser.error("--max-shift must be >= 0, --spacing-mm and --lr > 0")
     auxiliary = tuple(t.strip() for t in args.auxiliary.split(",")
                       if t.strip() and t.strip() != "none")
+    if auxiliary == ("all",):
+        auxiliary = AUXILIARY_TARGETS
     unknown_targets = [t for t in auxiliary if t not in AUXILIARY_TARGETS]
     if unknown_targets or len(set(auxiliary)) != len(auxiliary):
         parser.error(f"--auxiliary: {', '.join(unknown_targets) or 'a target named twice'}; "
-                     f"choose from {', '.join(AUXILIARY_TARGETS)} or none")
+                     f"choose from {', '.join(AUXILIARY_TARGETS)}, all or none")
     if auxiliary and not args.auxiliary_weight > 0:
         parser.error("--auxiliary-weight must be > 0")
     view_size = args.view_size or (QUICK_VIEW_SIZE if args.quick else FULL_VIEW_SIZE)

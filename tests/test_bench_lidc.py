@@ -304,12 +304,14 @@ def test_the_validation_note_averages_each_models_best_validation_auc():
 
 
 def test_auxiliary_options_are_checked_before_training(fake_lidc, tmp_path, capsys):
-    assert bench_lidc.parse_args([]).settings.auxiliary == bench_lidc.AUXILIARY_TARGETS
-    assert bench_lidc.parse_args(["--auxiliary", "none"]).settings.auxiliary == ()
+    assert bench_lidc.parse_args([]).settings.auxiliary == ()
+    assert bench_lidc.parse_args(["--auxiliary", "all"]).settings.auxiliary == \
+        bench_lidc.AUXILIARY_TARGETS
     assert "auxiliary" not in bench_lidc.parse_args(["--quick"]).settings.record()
     chosen = bench_lidc.parse_args(["--auxiliary", "diameter, margin"]).settings
     assert chosen.auxiliary == ("diameter", "margin") and chosen.record()["auxiliary_weight"] == 0.5
     for wrong in (["--auxiliary", "colour"], ["--auxiliary", "margin,margin"],
+                  ["--auxiliary", "all,margin"],
                   ["--auxiliary", "margin", "--auxiliary-weight", "0"]):
         with pytest.raises(SystemExit) as info:
             bench_lidc.parse_args(wrong)
