@@ -53,8 +53,8 @@ def bootstrap_aucs(labels: np.ndarray, scores: np.ndarray, patients, samples: in
                    seed: int) -> np.ndarray:
     """``(samples, k)``: the AUC of each column of ``scores`` on each resample of the
     patients (drawn whole, with replacement; a resample with one class is drawn again)."""
-    rows_of_patient = list(pd.Series(np.asarray(patients).astype(str))
-                           .groupby(np.asarray(patients).astype(str)).indices.values())
+    keys = np.asarray(patients).astype(str)
+    rows_of_patient = list(pd.Series(keys).groupby(keys).indices.values())
     rng = np.random.default_rng(seed)
     resampled = []
     while len(resampled) < samples:
@@ -140,6 +140,7 @@ def run_differences(new: pd.DataFrame, old: pd.DataFrame, samples: int = 1000,
 
 def format_differences(differences: pd.DataFrame, samples: int = 1000,
                        seed: int = 0) -> list[str]:
+    """``run_differences`` as fixed-width lines, under a title naming the bootstrap."""
     lines = [f"AUC of this run and of the other, and this - other (95% intervals: {samples} "
              f"bootstrap resamples of the patients, paired, seed {seed}; above: share of "
              "resamples where this run beats the other)",
