@@ -735,7 +735,6 @@ def train_model(name: str, stored: np.ndarray, labels: np.ndarray, fit_idx, val_
     member = parse_member(name)
     size = settings.cube_size
     loss = make_loss(settings, labels[fit_idx])
-    multi_task = targets is not None and targets.shape[1] > 0
 
     def build_and_compile():
         model = build_model(member.model, (size, size, size, 1))
@@ -743,7 +742,7 @@ def train_model(name: str, stored: np.ndarray, labels: np.ndarray, fit_idx, val_
             import train_classification
 
             train_classification.freeze_encoder(model)
-        if multi_task:
+        if targets is not None:
             model = with_auxiliary_head(model, targets.shape[1])
             model.compile(optimizer=keras.optimizers.Adam(settings.lr),
                           loss=[loss, keras.losses.MeanSquaredError()],
@@ -754,8 +753,7 @@ def train_model(name: str, stored: np.ndarray, labels: np.ndarray, fit_idx, val_
 
     validation = validation_callback(centre_crop(stored[val_idx], size), labels[val_idx],
                                      loss, f"{label} {name}", bar)
-    batches = training_batches(stored, labels, fit_idx, settings, seed_key,
-                               targets=targets if multi_task else None)
+    batches = training_batches(stored, labels, fit_idx, settings, seed_key, targets=targets)
     model, info = fit_run(build_and_compile, batches, len(fit_idx), len(val_idx), validation,
                           settings, settings.epochs, seed_key, run_dir, bar)
     return classification_only(model), info

@@ -79,22 +79,30 @@ def auc_intervals(table: pd.DataFrame, baseline: str = BASELINE, samples: int = 
     labels = _labels(table)
     scores = table[columns].to_numpy(dtype=float)
     aucs = bootstrap_aucs(labels, scores, table["patient_id"], samples, seed)
-    differences = aucs - aucs[:, [columns.index(baseline)]]
     point = column_aucs(labels, scores)
     low, high = np.percentile(aucs, [2.5, 97.5], axis=0)
-    diff_low, diff_high = np.percentile(differences, [2.5, 97.5], axis=0)
     return pd.DataFrame({
         "row": [c[2:] for c in columns], "auc": point, "auc_low": low, "auc_high": high,
-        "minus_baseline": point - point[columns.index(baseline)], "diff_low": diff_low,
-        "diff_high": diff_high, "share_above": (differences > 0).mean(axis=0)})
+        "minus_baseline": point - point[columns.index(baseline)],
+        **_paired(aucs - aucs[:, [columns.index(baseline)]])})
+
+
+def _paired(differences: np.ndarray) -> dict[str, np.ndarray]:
+    """The 95% interval of each column of bootstrap ``differences`` and the share above 0."""
+    diff_low, diff_high = np.percentile(differences, [2.5, 97.5], axis=0)
+    return {"diff_low": diff_low, "diff_high": diff_high,
+            "share_above": (differences > 0).mean(axis=0)}
+
+
+def _title(what: str, samples: int, seed: int, above: str) -> str:
+    return (f"{what} (95% intervals: {samples} bootstrap resamples of the patients, paired, "
+            f"seed {seed}; above: share of resamples where {above})")
 
 
 def format_intervals(intervals: pd.DataFrame, baseline: str = BASELINE, samples: int = 1000,
                      seed: int = 0) -> list[str]:
     """The table as fixed-width lines, under a title naming the baseline and the bootstrap."""
-    lines = [f"AUC and AUC - {baseline[2:]} (95% intervals: {samples} bootstrap resamples of "
-             f"the patients, paired, seed {seed}; above: share of resamples where the row "
-             "beats the baseline)",
+    lines = [_title(f"AUC and AUC - {baseline[2:]}", samples, seed, "the row beats the baseline"),
              f"    {'row':<32} {'AUC':>6} {'interval':>15} {'- baseline':>10} "
              f"{'interval':>17} {'above':>6}"]
     for r in intervals.itertuples():
@@ -129,21 +137,17 @@ def run_differences(new: pd.DataFrame, old: pd.DataFrame, samples: int = 1000,
     scores = np.hstack([new[columns].to_numpy(float), old[columns].to_numpy(float)])
     aucs = bootstrap_aucs(labels, scores, new["patient_id"], samples, seed)
     k = len(columns)
-    differences = aucs[:, :k] - aucs[:, k:]
     point = column_aucs(labels, scores)
-    diff_low, diff_high = np.percentile(differences, [2.5, 97.5], axis=0)
     return pd.DataFrame({"row": [c[2:] for c in columns], "auc_new": point[:k],
                          "auc_old": point[k:], "difference": point[:k] - point[k:],
-                         "diff_low": diff_low, "diff_high": diff_high,
-                         "share_above": (differences > 0).mean(axis=0)})
+                         **_paired(aucs[:, :k] - aucs[:, k:])})
 
 
 def format_differences(differences: pd.DataFrame, samples: int = 1000,
                        seed: int = 0) -> list[str]:
     """``run_differences`` as fixed-width lines, under a title naming the bootstrap."""
-    lines = [f"AUC of this run and of the other, and this - other (95% intervals: {samples} "
-             f"bootstrap resamples of the patients, paired, seed {seed}; above: share of "
-             "resamples where this run beats the other)",
+    lines = [_title("AUC of this run and of the other, and this - other", samples, seed,
+                    "this run beats the other"),
              f"    {'row':<32} {'this':>6} {'other':>6} {'this - other':>12} "
              f"{'interval':>17} {'above':>6}"]
     for r in differences.itertuples():
