@@ -18,6 +18,19 @@ patients must agree): each row that both runs have, its AUC in each and the pair
 difference NEW - OLD, on the same resamples of the patients. A recipe change (e.g. the
 multi-task heads) is judged against the run before it, row by row, not by two AUCs whose
 intervals overlap.
+
+    python benchmarks/lidc_intervals.py CUBE24/oof_predictions.csv \
+        --fuse CUBE16/oof_predictions.csv CUBE32/oof_predictions.csv --out fused.csv
+
+fuses runs of the same nodules that differ in what the networks see (the multi-level
+contextual fusion of Dou et al., "Multilevel contextual 3-D CNNs for false positive
+reduction in pulmonary nodule detection", IEEE TBME 2017: one network per receptive
+field, their probabilities averaged). The first table keeps its rows; each other run's
+``p_ensemble`` is added as ``p_ensemble_<its folder>`` and ``p_fused`` is the mean of
+every run's ``p_ensemble``, with no weight fitted (nothing to choose on the test folds).
+The runs must share their folds, so that each fused probability is out of fold. The
+intervals of the fused table are printed (``--baseline p_ensemble``: each row against
+the first run) and ``--out`` writes it.
 """
 
 from __future__ import annotations
@@ -112,6 +125,27 @@ def format_intervals(intervals: pd.DataFrame, baseline: str = BASELINE, samples:
     return lines
 
 
+def _aligned(new: pd.DataFrame, old: pd.DataFrame, agree=("label", "patient_id"),
+             names=("new", "old")) -> pd.DataFrame:
+    """``old``'s rows in ``new``'s order of ``voi_file``. ValueError where either table
+    lacks a unique ``voi_file`` per nodule, the two predict different nodules, or they
+    disagree on a column of ``agree``."""
+    key = "voi_file"
+    for name, table in zip(names, (new, old)):
+        if key not in table or table[key].duplicated().any():
+            raise ValueError(f"the {name} table needs a unique {key} per nodule")
+    if set(new[key]) != set(old[key]):
+        raise ValueError(f"the two runs predict different nodules "
+                         f"({len(set(new[key]) ^ set(old[key]))} in one only)")
+    old = old.set_index(key).loc[new[key]].reset_index()
+    for column in agree:
+        if column not in new or column not in old:
+            raise ValueError(f"the {names[0]} and {names[1]} tables need a {column} column")
+        if not np.array_equal(new[column].astype(str), old[column].astype(str)):
+            raise ValueError(f"the two runs disagree on {column} of the same nodules")
+    return old
+
+
 def run_differences(new: pd.DataFrame, old: pd.DataFrame, samples: int = 1000,
                     seed: int = 0) -> pd.DataFrame:
     """One row per ``p_*`` column in both tables (two runs' predictions of the same
@@ -119,17 +153,7 @@ def run_differences(new: pd.DataFrame, old: pd.DataFrame, samples: int = 1000,
     with its 95% interval (``diff_low``, ``diff_high``) and ``share_above`` (resamples
     where new beats old). ValueError where the nodules, their labels or patients differ,
     or no row is shared."""
-    key = "voi_file"
-    for name, table in (("new", new), ("old", old)):
-        if key not in table or table[key].duplicated().any():
-            raise ValueError(f"the {name} table needs a unique {key} per nodule")
-    if set(new[key]) != set(old[key]):
-        raise ValueError(f"the two runs predict different nodules "
-                         f"({len(set(new[key]) ^ set(old[key]))} in one only)")
-    old = old.set_index(key).loc[new[key]].reset_index()
-    for column in ("label", "patient_id"):
-        if not np.array_equal(new[column].astype(str), old[column].astype(str)):
-            raise ValueError(f"the two runs disagree on {column} of the same nodules")
+    old = _aligned(new, old)
     columns = [c for c in new.columns if c.startswith("p_") and c in old.columns]
     if not columns:
         raise ValueError("the two runs share no p_* row")
@@ -141,6 +165,31 @@ def run_differences(new: pd.DataFrame, old: pd.DataFrame, samples: int = 1000,
     return pd.DataFrame({"row": [c[2:] for c in columns], "auc_new": point[:k],
                          "auc_old": point[k:], "difference": point[:k] - point[k:],
                          **_paired(aucs[:, :k] - aucs[:, k:])})
+
+
+FUSED = "p_fused"
+
+
+def fuse_runs(first: pd.DataFrame, others: list[tuple[str, pd.DataFrame]]) -> pd.DataFrame:
+    """``first`` with each run of ``others`` ((name, table) pairs) added as
+    ``p_ensemble_<name>``, and ``p_fused``, the mean of all the runs' ``p_ensemble``.
+    ValueError where a table lacks ``p_ensemble``, a name repeats, or a run predicts other
+    nodules or disagrees on their labels, patients or (where ``first`` has them) folds: a
+    fused probability must be out of fold."""
+    agree = ("label", "patient_id", *(("fold",) if "fold" in first else ()))
+    fused = first.copy()
+    ensembles = []
+    for name, table in [("first", first), *others]:
+        if "p_ensemble" not in table:
+            raise ValueError(f"the {name} table has no p_ensemble column")
+        if table is not first:
+            if f"p_ensemble_{name}" in fused:
+                raise ValueError(f"two runs named {name!r}: give them different folders")
+            table = _aligned(first, table, agree=agree, names=("first", name))
+            fused[f"p_ensemble_{name}"] = table["p_ensemble"].to_numpy(float)
+        ensembles.append(table["p_ensemble"].to_numpy(float))
+    fused[FUSED] = np.mean(ensembles, axis=0)
+    return fused
 
 
 def format_differences(differences: pd.DataFrame, samples: int = 1000,
@@ -164,12 +213,29 @@ def main(argv=None) -> int:
     parser.add_argument("--against", type=Path, default=None,
                         help="another run's predictions of the same nodules: compare each "
                              "shared row with its value there instead")
+    parser.add_argument("--fuse", type=Path, nargs="+", default=None, metavar="OTHER",
+                        help="other runs' predictions of the same nodules and folds: add "
+                             "p_fused, the mean of every run's p_ensemble (Dou et al. 2017)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="with --fuse: write the fused table here")
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.fuse and args.against:
+        parser.error("--fuse and --against are two different comparisons: give one")
+    if args.out and not args.fuse:
+        parser.error("--out writes the fused table: it needs --fuse")
+    if args.out and args.out.resolve() in {p.resolve() for p in [args.predictions, *args.fuse]}:
+        parser.error(f"--out {args.out} is one of the inputs")
     path = args.predictions
     try:
         table = pd.read_csv(path)
+        if args.fuse:
+            path = f"{args.predictions} fused with {', '.join(map(str, args.fuse))}"
+            table = fuse_runs(table, [(other.resolve().parent.name, pd.read_csv(other))
+                                      for other in args.fuse])
+            if args.out:
+                table.to_csv(args.out, index=False, float_format="%.6f")
         if args.against is None:
             intervals = auc_intervals(table, args.baseline, args.samples, args.seed)
             lines = format_intervals(intervals, args.baseline, args.samples, args.seed)

@@ -86,3 +86,35 @@ def test_two_runs_are_compared_row_by_row_on_the_same_resamples(tmp_path, capsys
     assert "this - other" in capsys.readouterr().out
     assert lidc_intervals.main([str(new_path), "--against", str(tmp_path / "gone.csv")]) == 2
     assert "gone.csv" in capsys.readouterr().err
+
+
+def test_runs_of_other_receptive_fields_are_fused_out_of_fold(tmp_path, capsys):
+    first = _table().assign(voi_file=lambda t: [f"N{i}.nii.gz" for i in range(len(t))],
+                            fold=lambda t: np.arange(len(t)) % 5,
+                            p_ensemble=lambda t: t.p_coin)
+    other = first.assign(p_ensemble=first.p_perfect).iloc[::-1].reset_index(drop=True)
+    fused = lidc_intervals.fuse_runs(first, [("cube32", other)])
+    np.testing.assert_allclose(fused.p_ensemble_cube32, first.p_perfect)  # matched by voi_file
+    np.testing.assert_allclose(fused.p_fused, (first.p_coin + first.p_perfect) / 2)
+    assert list(fused.columns[-2:]) == ["p_ensemble_cube32", "p_fused"]
+    with pytest.raises(ValueError, match="fold"):
+        lidc_intervals.fuse_runs(first, [("cube32", other.assign(fold=0))])
+    with pytest.raises(ValueError, match="two runs named 'cube32'"):
+        lidc_intervals.fuse_runs(first, [("cube32", other), ("cube32", other)])
+    with pytest.raises(ValueError, match="cube32 table has no p_ensemble"):
+        lidc_intervals.fuse_runs(first, [("cube32", other.drop(columns="p_ensemble"))])
+    (tmp_path / "a").mkdir()
+    (tmp_path / "cube32").mkdir()
+    first.to_csv(tmp_path / "a" / "oof.csv", index=False)
+    other.to_csv(tmp_path / "cube32" / "oof.csv", index=False)
+    out = tmp_path / "fused.csv"
+    assert lidc_intervals.main([str(tmp_path / "a" / "oof.csv"), "--fuse",
+                                str(tmp_path / "cube32" / "oof.csv"), "--out", str(out),
+                                "--baseline", "p_ensemble", "--samples", "20"]) == 0
+    printed = capsys.readouterr().out
+    assert "AUC - ensemble" in printed and " fused " in printed
+    pd.testing.assert_series_equal(pd.read_csv(out).p_fused, fused.p_fused, atol=1e-6,
+                                   check_exact=False)
+    with pytest.raises(SystemExit):  # the output would overwrite an input
+        lidc_intervals.main([str(out), "--fuse", str(tmp_path / "cube32" / "oof.csv"),
+                             "--out", str(out)])
