@@ -1,5 +1,6 @@
 """LIDC-IDRI malignancy benchmark: patient-grouped cross-validation of the 3D classifiers,
-against the nodule's size alone and a stacked model of both.
+against the nodule's size alone, hand-crafted measurements of its outline and HU, and
+stacked models of these and the networks.
 
     python benchmarks/bench_lidc.py --quick          # smoke run, ~2 min on 2 CPU cores
     python benchmarks/bench_lidc.py                  # one model per 3D family, 5 folds, 60 epochs
@@ -30,7 +31,9 @@ What it does:
    used is reported with its file and the reason, and skipped. The size measured from the
    image is the equivalent-sphere diameter of the nodule's mask, (6 V / pi)^(1/3) with V
    its voxel count times the voxel volume; where the mask is missing, unreadable or empty
-   the annotated ``diameter_mm`` stands in (counted in the notes).
+   the annotated ``diameter_mm`` stands in (counted in the notes). The mask and the image
+   also give ``MEASUREMENTS`` (radiomics: Feret diameter, roundness, elongation, flatness,
+   surface to volume, HU mean, spread and skewness, solid and calcified fractions).
 2. ``--folds`` folds (default 5) by ``StratifiedGroupKFold`` with ``groups=patient_id``
    (shuffled with ``--seed``): no patient is in both a training and a test fold. In each fold
    a further group split holds out a fifth of the training patients for validation: the
@@ -68,7 +71,10 @@ What it does:
    on the networks' logits and the log mask diameter fitted on each fold's validation part,
    which the networks never trained on (stacked generalisation, Wolpert 1992);
    ``stacked (size + best network)`` does the same with the one network of best
-   validation AUC in that fold.
+   validation AUC in that fold. ``radiomics (mask)`` is a logistic regression on the log
+   mask diameter and the ``MEASUREMENTS`` fitted on each fold's training part,
+   ``stacked (networks + radiomics)`` one on the networks' logits and these fitted on the
+   validation part: do the networks see more than what the readers' outline measures?
 4. ROC AUC, accuracy, sensitivity and specificity at 0.5 (``metrics.classification_metrics``)
    of the out-of-fold probabilities, per model, for the ensemble (mean of the models'
    probabilities) and for the size and stacked rows, with the training time of each model
@@ -186,13 +192,32 @@ QUICK_VIEW_SIZE, FULL_VIEW_SIZE = 32, 64  # pixels per side of a 2D member's vie
 # +0.001 (README), no gain to choose them on.
 FULL = {"folds": 5, "epochs": 60, "cube_size": 24, "lr": 1e-3, "patience": 8,
         "models": "densenet,resnet,inception,vgg_simple", "auxiliary": "none"}
+# Hand-crafted measurements of the nodule's outline and HU (radiomics: Aerts et al.,
+# "Decoding tumour phenotype by noninvasive imaging using a quantitative radiomics approach",
+# Nature Communications 2014), from SimpleITK's LabelShapeStatisticsImageFilter (maximum
+# Feret diameter; roundness = the equivalent sphere's surface over the mask's; elongation
+# and flatness from the principal moments) and LabelIntensityStatisticsImageFilter, plus the
+# fractions of the nodule's voxels above SOLID_HU (its solid part, not ground glass) and
+# CALCIFIED_HU (calcium, far above soft tissue's 20-60 HU). The readers rated what these
+# measure (size, sphericity, margin, lobulation, texture, calcification), so a row of them
+# is the baseline a network has to beat with the image alone.
+MEASUREMENTS = ("log_feret_mm", "roundness", "log_elongation", "log_flatness",
+                "surface_to_volume", "mean_hu", "std_hu", "skewness_hu", "solid_fraction",
+                "calcified_fraction")
+SOLID_HU = -300.0
+CALCIFIED_HU = 200.0
 ANNOTATED_SIZE = "diameter (annotation)"
 MASK_SIZE = "diameter (mask)"
+MEASURED = "radiomics (mask)"
 STACKED = "stacked (networks + size)"
 STACKED_BEST = "stacked (size + best network)"
+STACKED_MEASURED = "stacked (networks + radiomics)"
+STACKED_ROWS = (STACKED, STACKED_BEST, STACKED_MEASURED)  # rows that need the networks
 # The extra rows' columns in the prediction tables.
 PREDICTION_COLUMNS = {ANNOTATED_SIZE: "p_diameter_annotation", MASK_SIZE: "p_diameter_mask",
-                      STACKED: "p_stacked", STACKED_BEST: "p_stacked_best_network"}
+                      MEASURED: "p_radiomics", STACKED: "p_stacked",
+                      STACKED_BEST: "p_stacked_best_network",
+                      STACKED_MEASURED: "p_stacked_radiomics"}
 # 2D members (``models.TRANSFER2D``) are named NAME:MODE on --models, MODE one of these
 # (``classification.transfer2d.mode``); the Swin classifiers NAME:frozen (only the head
 # trains, ``classification.freeze_encoder``) or NAME:full (plain NAME: full training).
@@ -306,7 +331,8 @@ class NoduleSet:
     cubes: np.ndarray  # uint8 (n, s, s, s), s = Settings.stored_size, HU window -> [0, 255]
     table: pd.DataFrame  # the usable rows, with int "label" and float "mask_diameter_mm"
     skipped: list[tuple[str, str]]  # (file, reason)
-    mask_problems: tuple[tuple[str, str], ...] = ()  # (mask file, reason): no mask diameter
+    # (mask file, reason): no mask diameter, or no MEASUREMENTS
+    mask_problems: tuple[tuple[str, str], ...] = ()
 
     @property
     def labels(self) -> np.ndarray:
@@ -450,8 +476,8 @@ def load_nodules(data_dir, settings: Settings, cache_dir=None, progress: bool = 
         cubes, rows, skipped = cached
     usable = table.iloc[np.asarray(rows, dtype=np.int64)].reset_index(drop=True)
     usable["label"] = usable["Diagnosis"].map(LABELS).astype(np.int64)
-    diameters, mask_problems = mask_diameters(data_dir, usable["voi_file"])
-    usable["mask_diameter_mm"] = diameters
+    measured, mask_problems = mask_measurements(data_dir, usable["voi_file"], progress)
+    usable[measured.columns] = measured.to_numpy()
     return NoduleSet(cubes, usable, skipped, tuple(mask_problems))
 
 
@@ -503,21 +529,67 @@ def equivalent_sphere_diameter_mm(mask: sitk.Image) -> float | None:
     return float(np.cbrt(6.0 * volume_mm3 / np.pi))
 
 
-def mask_diameters(data_dir, names) -> tuple[np.ndarray, list[tuple[str, str]]]:
-    """Equivalent-sphere diameter of each ``DATA_DIR/mask/<name>`` (NaN where the mask is
-    missing, unreadable or empty) and ``(file, reason)`` of each such mask."""
-    diameters, problems = [], []
-    for name in names:
+def nodule_measurements(image: sitk.Image, mask: sitk.Image) -> dict[str, float]:
+    """``MEASUREMENTS`` of the nodule whose voxels are ``mask``'s non-zero ones, in the
+    image's HU (NaN where one is not finite, e.g. the flatness of a mask one slice thick).
+    ValueError for an empty mask or one that does not lie on the image's grid."""
+    label = sitk.Cast(mask != 0, sitk.sitkUInt8)
+    shape = sitk.LabelShapeStatisticsImageFilter()
+    shape.ComputeFeretDiameterOn()
+    shape.ComputePerimeterOn()
+    shape.Execute(label)
+    if 1 not in shape.GetLabels():
+        raise ValueError("is empty (no nodule voxel)")
+    hu = sitk.Cast(image, sitk.sitkFloat32)
+    intensity = sitk.LabelIntensityStatisticsImageFilter()
+    try:
+        intensity.Execute(label, hu)
+    except RuntimeError:
+        raise ValueError("does not lie on its image's voxel grid (size, spacing, origin or "
+                         "direction differ)") from None
+    inside = sitk.GetArrayViewFromImage(hu)[sitk.GetArrayViewFromImage(label) > 0]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        values = {
+            "log_feret_mm": np.log(shape.GetFeretDiameter(1)),
+            "roundness": shape.GetRoundness(1),
+            "log_elongation": np.log(shape.GetElongation(1)),
+            "log_flatness": np.log(shape.GetFlatness(1)),
+            "surface_to_volume": shape.GetPerimeter(1) / shape.GetPhysicalSize(1),
+            "mean_hu": intensity.GetMean(1),
+            "std_hu": intensity.GetStandardDeviation(1),
+            "skewness_hu": intensity.GetSkewness(1),
+            "solid_fraction": float(np.mean(inside > SOLID_HU)),
+            "calcified_fraction": float(np.mean(inside > CALCIFIED_HU)),
+        }
+    return {name: float(v) if np.isfinite(v) else math.nan for name, v in values.items()}
+
+
+def mask_measurements(data_dir, names, progress: bool = False
+                      ) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
+    """One row per name: ``mask_diameter_mm`` (the equivalent-sphere diameter of
+    ``DATA_DIR/mask/<name>``) and the ``MEASUREMENTS`` of the nodule in
+    ``DATA_DIR/image/<name>``, NaN where the mask is missing, unreadable, empty or off the
+    image's grid; and ``(file, reason)`` of each such mask."""
+    rows, problems = [], []
+    for name in tqdm(list(names), desc="mask measurements", unit="nodule", disable=not progress):
         path = Path(data_dir) / "mask" / str(name)
+        row = dict.fromkeys(("mask_diameter_mm", *MEASUREMENTS), math.nan)
         try:
-            diameter = equivalent_sphere_diameter_mm(_read_volume(path))
+            mask = _read_volume(path)
+            diameter = equivalent_sphere_diameter_mm(mask)
             if diameter is None:
                 raise ValueError("is empty (no nodule voxel)")
+            row["mask_diameter_mm"] = diameter
+            image_path = Path(data_dir) / "image" / str(name)
+            try:
+                image = _read_volume(image_path)
+            except ValueError as err:
+                raise ValueError(f"cannot be measured: its image {image_path} {err}") from None
+            row.update(nodule_measurements(image, mask))
         except ValueError as err:
             problems.append((str(path), str(err)))
-            diameter = math.nan
-        diameters.append(diameter)
-    return np.asarray(diameters, dtype=np.float64), problems
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["mask_diameter_mm", *MEASUREMENTS]), problems
 
 
 def centre_crop(cubes: np.ndarray, size: int) -> np.ndarray:
@@ -1066,6 +1138,10 @@ def _cross_validate_fold(data: NoduleSet, settings: Settings, k: int, fold: Fold
                f"{len(np.unique(patients[test_idx]))} test patients")
     test_cubes = centre_crop(data.cubes[test_idx], settings.cube_size)
     details = []
+    # The random draws of a model (initial weights, batches, augmentation) are keyed by the
+    # seed, the fold and its place m in --models: the same command repeats every row byte
+    # for byte, but resnet alone (--models resnet, m = 0) is another draw than the resnet
+    # of the four-family run (m = 1), so their rows differ by the seed's spread.
     for m, name in enumerate(settings.models):
         probabilities[name][test_idx], info = _train_and_predict_model(
             name, data, fold, test_cubes, settings, (settings.seed, k, m), title,
@@ -1161,6 +1237,27 @@ def log_sizes(sizes_mm, reference_mm) -> np.ndarray:
     return np.log(np.where(np.isfinite(sizes), sizes, fill))
 
 
+def measured_inputs(table: pd.DataFrame) -> np.ndarray:
+    """``(n, 1 + len(MEASUREMENTS))``: ``measured_sizes`` (mm), then the ``MEASUREMENTS``
+    columns (NaN where unknown): the inputs of the radiomics rows."""
+    return np.column_stack([measured_sizes(table),
+                            table[list(MEASUREMENTS)].to_numpy(np.float64)])
+
+
+def prepared_inputs(inputs, reference) -> np.ndarray:
+    """``(n, k)`` model inputs from ``(n,)`` diameters or ``(n, k)`` measured inputs: the
+    first column (a diameter in mm) through ``log_sizes``; in the others an unknown value
+    takes the median of ``reference``'s column (the fitted part's)."""
+    inputs = np.asarray(inputs, dtype=np.float64).reshape(len(inputs), -1)
+    reference = np.asarray(reference, dtype=np.float64).reshape(len(reference), -1)
+    columns = [log_sizes(inputs[:, 0], reference[:, 0])]
+    for j in range(1, inputs.shape[1]):
+        known = reference[np.isfinite(reference[:, j]), j]
+        fill = float(np.median(known)) if known.size else 0.0
+        columns.append(np.where(np.isfinite(inputs[:, j]), inputs[:, j], fill))
+    return np.column_stack(columns)
+
+
 def logit(probabilities) -> np.ndarray:
     """log(p / (1 - p)), ``p`` clipped ``LOGIT_EPS`` away from 0 and 1."""
     p = np.clip(np.asarray(probabilities, dtype=np.float64), LOGIT_EPS, 1.0 - LOGIT_EPS)
@@ -1184,39 +1281,43 @@ def logistic_probabilities(x_fit, y_fit, x_apply) -> np.ndarray:
     return model.fit(x_fit, y_fit).predict_proba(x_apply)[:, 1]
 
 
-def size_probabilities(train_sizes, train_labels, evaluated_sizes, folds: list[Fold]) -> np.ndarray:
-    """Out-of-fold P(malignant) from size alone: per fold, a 1-D logistic regression on the
-    log diameter fitted on the training part and applied to the test fold. The AUC of the
-    raw diameter needs no fit; the fit turns millimetres into probabilities, so that the
+def measurement_probabilities(train_inputs, train_labels, evaluated_inputs,
+                              folds: list[Fold]) -> np.ndarray:
+    """Out-of-fold P(malignant) from the diameter alone (``(n,)`` inputs) or with the other
+    measurements (``measured_inputs``): per fold, a logistic regression on
+    ``prepared_inputs`` fitted on the training part and applied to the test fold. The AUC of
+    the raw diameter needs no fit; the fit turns millimetres into probabilities, so that the
     metrics at 0.5 mean what they mean for the networks."""
-    out = np.full(len(evaluated_sizes), np.nan)
+    out = np.full(len(evaluated_inputs), np.nan)
     for fold in folds:
-        reference = np.asarray(train_sizes)[fold.train]
+        reference = np.asarray(train_inputs)[fold.train]
         out[fold.test] = logistic_probabilities(
-            log_sizes(reference, reference), np.asarray(train_labels)[fold.train],
-            log_sizes(np.asarray(evaluated_sizes)[fold.test], reference))
+            prepared_inputs(reference, reference), np.asarray(train_labels)[fold.train],
+            prepared_inputs(np.asarray(evaluated_inputs)[fold.test], reference))
     return out
 
 
-def stacking_features(network_probabilities: list[np.ndarray], log_size: np.ndarray) -> np.ndarray:
-    """``(n, networks + 1)``: each network's logit, then the log diameter."""
-    return np.column_stack([*(logit(p) for p in network_probabilities), log_size])
+def stacking_features(network_probabilities: list[np.ndarray], inputs: np.ndarray) -> np.ndarray:
+    """``(n, networks + k)``: each network's logit, then the ``prepared_inputs``."""
+    return np.column_stack([*(logit(p) for p in network_probabilities), inputs])
 
 
-def stacked_probabilities(folds: list[Fold], train_labels, train_sizes, evaluated_sizes,
+def stacked_probabilities(folds: list[Fold], train_labels, train_inputs, evaluated_inputs,
                           test_probabilities: dict[str, np.ndarray],
                           members: list[list[str]]) -> np.ndarray:
     """Out-of-fold P(malignant) of a logistic regression on the networks ``members[k]`` and
-    the size, fitted per fold on its validation part (the networks never trained on it,
-    they only chose their epoch there; stacked generalisation, Wolpert 1992) and applied to
-    its test fold."""
-    out = np.full(len(evaluated_sizes), np.nan)
+    the size (``(n,)`` diameters) or the measurements (``measured_inputs``), fitted per fold
+    on its validation part (the networks never trained on it, they only chose their epoch
+    there; stacked generalisation, Wolpert 1992) and applied to its test fold."""
+    out = np.full(len(evaluated_inputs), np.nan)
     for fold, names in zip(folds, members, strict=True):
-        reference = np.asarray(train_sizes)[fold.train]
-        x_fit = stacking_features([fold.validation_probabilities[n] for n in names],
-                                  log_sizes(np.asarray(train_sizes)[fold.validation], reference))
-        x_test = stacking_features([test_probabilities[n][fold.test] for n in names],
-                                   log_sizes(np.asarray(evaluated_sizes)[fold.test], reference))
+        reference = np.asarray(train_inputs)[fold.train]
+        x_fit = stacking_features(
+            [fold.validation_probabilities[n] for n in names],
+            prepared_inputs(np.asarray(train_inputs)[fold.validation], reference))
+        x_test = stacking_features(
+            [test_probabilities[n][fold.test] for n in names],
+            prepared_inputs(np.asarray(evaluated_inputs)[fold.test], reference))
         out[fold.test] = logistic_probabilities(x_fit, np.asarray(train_labels)[fold.validation],
                                                 x_test)
     return out
@@ -1244,31 +1345,37 @@ class SizeRows:
 def size_and_stacking(train: NoduleSet, evaluated: NoduleSet, folds: list[Fold],
                       test_probabilities: dict[str, np.ndarray]) -> SizeRows:
     """The rows ``diameter (annotation)`` (where the table has ``diameter_mm``),
-    ``diameter (mask)``, ``stacked (networks + size)`` and, with two networks or more,
-    ``stacked (size + best network)``."""
+    ``diameter (mask)``, ``radiomics (mask)``, ``stacked (networks + size)``, with two
+    networks or more ``stacked (size + best network)``, and ``stacked (networks +
+    radiomics)``."""
     labels = train.labels
-    sizes = {MASK_SIZE: (measured_sizes(train.table), measured_sizes(evaluated.table))}
+    inputs = {MASK_SIZE: (measured_sizes(train.table), measured_sizes(evaluated.table))}
     annotated = (annotated_diameters(train.table), annotated_diameters(evaluated.table))
     if annotated[0] is not None and annotated[1] is not None:
-        sizes = {ANNOTATED_SIZE: annotated, **sizes}
+        inputs = {ANNOTATED_SIZE: annotated, **inputs}
+    inputs[MEASURED] = (measured_inputs(train.table), measured_inputs(evaluated.table))
     rows, seconds = {}, {}
-    for name, (train_sizes, evaluated_sizes) in sizes.items():
-        rows[name], seconds[name] = _timed(size_probabilities, train_sizes, labels,
-                                           evaluated_sizes, folds)
+    for name, (train_inputs, evaluated_inputs) in inputs.items():
+        rows[name], seconds[name] = _timed(measurement_probabilities, train_inputs, labels,
+                                           evaluated_inputs, folds)
     networks = list(test_probabilities)
-    members = {STACKED: [networks] * len(folds)}
+    stacks = {STACKED: ([networks] * len(folds), MASK_SIZE)}
     if len(networks) > 1:
-        members[STACKED_BEST] = [[best_network(fold, labels)] for fold in folds]
-    for name, chosen in members.items():
+        stacks[STACKED_BEST] = ([[best_network(fold, labels)] for fold in folds], MASK_SIZE)
+    stacks[STACKED_MEASURED] = ([networks] * len(folds), MEASURED)
+    for name, (chosen, measured) in stacks.items():
         rows[name], seconds[name] = _timed(stacked_probabilities, folds, labels,
-                                           *sizes[MASK_SIZE], test_probabilities, chosen)
+                                           *inputs[measured], test_probabilities, chosen)
     info = {"mask_diameters": _mask_diameter_counts(evaluated),
             **({} if train is evaluated
                else {"training_mask_diameters": _mask_diameter_counts(train)}),
             "logistic_regression": {"C": LOGISTIC_C, "penalty": "l2",
                                     "inputs": "standardised; log diameter (mm), network "
                                               "probabilities as logits"},
-            "best_network_per_fold": [names[0] for names in members.get(STACKED_BEST, [])]}
+            "radiomics": {"measurements": ["log_diameter_mm", *MEASUREMENTS],
+                          "solid_hu": SOLID_HU, "calcified_hu": CALCIFIED_HU,
+                          "unknown": "the fitted part's median"},
+            "best_network_per_fold": [names[0] for names in stacks.get(STACKED_BEST, ([],))[0]]}
     return SizeRows(rows, seconds, info)
 
 
@@ -1317,7 +1424,7 @@ def size_rows_metrics(labels, size_rows: SizeRows, ensemble_row: dict) -> dict[s
     row also needed every network trained, so it carries the ensemble's time too."""
     rows = {}
     for name, probs in size_rows.probabilities.items():
-        networks = name in (STACKED, STACKED_BEST)
+        networks = name in STACKED_ROWS
         rows[name] = {**classification_metrics(labels, probs),
                       "train_seconds": size_rows.fit_seconds[name]
                       + (ensemble_row["train_seconds"] if networks else 0.0),
@@ -1711,7 +1818,12 @@ def _size_notes(size_info: dict) -> list[str]:
             f"{STACKED}: L2 logistic regression (C={LOGISTIC_C:g}) on the standardised "
             "networks' logits and log mask diameter, fitted on each fold's validation part "
             f"(stacked generalisation, Wolpert 1992); {STACKED_BEST}: the network of best "
-            "validation AUC in each fold; the AUC line is the mean ensemble's"]
+            "validation AUC in each fold; the AUC line is the mean ensemble's",
+            f"{MEASURED}: the same logistic regression on the log mask diameter and "
+            f"{', '.join(MEASUREMENTS)} of mask/<voi_file> over image/<voi_file> (solid: "
+            f"> {SOLID_HU:g} HU, calcified: > {CALCIFIED_HU:g} HU; unknown values: the fitted "
+            f"part's median), fitted on each fold's training part; {STACKED_MEASURED}: the "
+            "networks' logits and these, fitted on each fold's validation part"]
 
 
 def _result_record(args, settings: Settings, data: NoduleSet, test: NoduleSet | None,

@@ -14,8 +14,8 @@ from config import ClassificationConfig, TrainingConfig
 from ct_io import Geometry, voxel_to_world
 
 SPACING_XYZ_MM = (0.7, 0.8, 2.5)  # anisotropic, thick slices as in LIDC
-SIZE_ROWS = (bench_lidc.ANNOTATED_SIZE, bench_lidc.MASK_SIZE)
-STACKED_ROWS = (bench_lidc.STACKED, bench_lidc.STACKED_BEST)
+SIZE_ROWS = (bench_lidc.ANNOTATED_SIZE, bench_lidc.MASK_SIZE, bench_lidc.MEASURED)
+STACKED_ROWS = (bench_lidc.STACKED, bench_lidc.STACKED_BEST, bench_lidc.STACKED_MEASURED)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ORIGIN_XYZ_MM = (-120.3, 45.6, -310.0)
 SHAPE_ZYX = (12, 48, 44)
@@ -193,7 +193,8 @@ def test_external_test_dir(fake_lidc, tmp_path, capsys):
     result = json.loads((out / "results.json").read_text())
     assert result["mode"] == "external_test" and result["n_nodules"] == 6
     # One network: no separate "size + best network" row.
-    assert list(result["size_and_stacking"]["metrics"]) == [*SIZE_ROWS, bench_lidc.STACKED]
+    assert list(result["size_and_stacking"]["metrics"]) == [
+        *SIZE_ROWS, bench_lidc.STACKED, bench_lidc.STACKED_MEASURED]
     assert (out / "learning_curves.png").is_file()
     predictions = pd.read_csv(out / "test_predictions.csv")
     assert len(predictions) == 6 and predictions.patient_id.str.startswith("LIDC-FAKE").all()
@@ -394,6 +395,51 @@ def test_missing_or_empty_mask_falls_back_to_the_annotation(tmp_path):
     sizes = bench_lidc.measured_sizes(data.table)
     np.testing.assert_array_equal(sizes[:2], table.diameter_mm[:2])
     np.testing.assert_array_equal(sizes[2:], measured[2:])
+    measurements = data.table[list(bench_lidc.MEASUREMENTS)]
+    assert measurements.iloc[:2].isna().all().all()
+    assert measurements.iloc[2:, :].drop(columns="log_flatness").notna().all().all()
+
+
+@pytest.mark.parametrize("flip_z", [False, True])
+def test_measurements_of_a_solid_sphere(flip_z):
+    geometry = _geometry(flip_z)
+    center = voxel_to_world(np.array([5.3, 20.4, 23.7]), geometry)
+    volume = _sphere_volume(center, 6.0, geometry)
+    mask = geometry.apply_to(sitk.GetImageFromArray((volume == NODULE_HU).astype(np.uint8)))
+    measured = bench_lidc.nodule_measurements(_image(volume, geometry), mask)
+    assert list(measured) == list(bench_lidc.MEASUREMENTS)
+    assert np.exp(measured["log_feret_mm"]) == pytest.approx(12.0, rel=0.15)
+    assert measured["roundness"] > 0.7 and abs(measured["log_elongation"]) < 0.2
+    assert measured["mean_hu"] == pytest.approx(NODULE_HU) and measured["std_hu"] < 1e-3
+    assert (measured["solid_fraction"], measured["calcified_fraction"]) == (1.0, 0.0)
+    # Ground glass (-600 HU) with a calcified core: not solid, partly calcified.
+    glass = np.where(volume == NODULE_HU, -600, BACKGROUND_HU)
+    glass[5, 20, 23] = 900
+    measured = bench_lidc.nodule_measurements(_image(glass, geometry), mask)
+    assert 0 < measured["solid_fraction"] == measured["calcified_fraction"] < 0.05
+    assert measured["skewness_hu"] > 1  # one bright voxel in a flat nodule
+
+
+def test_a_mask_off_the_image_grid_or_empty_is_refused():
+    geometry = _geometry()
+    volume = _sphere_volume(voxel_to_world(np.array([5.0, 20.0, 23.0]), geometry), 4.0,
+                            geometry)
+    mask = geometry.apply_to(sitk.GetImageFromArray((volume == NODULE_HU).astype(np.uint8)))
+    shifted = sitk.Image(mask)
+    shifted.SetOrigin(tuple(o + 5.0 for o in mask.GetOrigin()))
+    with pytest.raises(ValueError, match="does not lie on its image's voxel grid"):
+        bench_lidc.nodule_measurements(_image(volume, geometry), shifted)
+    with pytest.raises(ValueError, match="is empty"):
+        bench_lidc.nodule_measurements(_image(volume, geometry), mask * 0)
+
+
+def test_unknown_inputs_take_the_fitted_parts_median():
+    reference = np.array([[4.0, 1.0], [16.0, 3.0], [np.nan, np.nan], [8.0, 100.0]])
+    prepared = bench_lidc.prepared_inputs(np.array([[np.nan, np.nan], [2.0, 5.0]]), reference)
+    np.testing.assert_allclose(prepared, [[np.log(8.0), 3.0], [np.log(2.0), 5.0]])
+    # A 1-D input is the diameter alone: its log, as the size rows always took it.
+    np.testing.assert_array_equal(bench_lidc.prepared_inputs(reference[:, 0], reference[:, 0]),
+                                  bench_lidc.log_sizes(reference[:, 0], reference[:, 0])[:, None])
 
 
 NETWORKS = ("vgg_simple", "resnet")
@@ -412,6 +458,10 @@ def _synthetic_set(n_patients=30, seed=0) -> bench_lidc.NoduleSet:
                           "label": labels, "diameter_mm": sizes.clip(3, None),
                           "mask_diameter_mm": 1.1 * sizes.clip(3, None)})
     table.loc[3, "mask_diameter_mm"] = np.nan
+    for name in bench_lidc.MEASUREMENTS:  # noise, but the solid fraction tells the classes
+        table[name] = rng.normal(0, 1, len(labels))
+    table["solid_fraction"] = np.where(labels == 1, 0.9, 0.3) + rng.normal(0, 0.05, len(labels))
+    table.loc[[4, 7], ["solid_fraction", "mean_hu"]] = np.nan
     return bench_lidc.NoduleSet(np.zeros((len(labels), 1, 1, 1), np.uint8), table, [])
 
 
@@ -439,6 +489,10 @@ def test_size_and_stacked_rows_exist_with_auc_in_0_1():
         assert 0.0 <= row["auc"] <= 1.0 and row["n"] == len(data.labels)
         assert np.all((size_rows.probabilities[name] > 0) & (size_rows.probabilities[name] < 1))
     assert rows[bench_lidc.MASK_SIZE]["auc"] > 0.7  # malignant nodules are larger here
+    # ... and solid: the measurements separate the classes better than the size alone.
+    assert rows[bench_lidc.MEASURED]["auc"] > max(0.95, rows[bench_lidc.MASK_SIZE]["auc"])
+    assert rows[bench_lidc.MEASURED]["epochs_run"] == 0
+    assert rows[bench_lidc.STACKED_MEASURED]["train_seconds"] >= 60.0
     assert rows[bench_lidc.MASK_SIZE]["epochs_run"] == 0
     assert rows[bench_lidc.STACKED]["train_seconds"] >= 60.0
     counts = size_rows.info["mask_diameters"]
@@ -449,14 +503,15 @@ def test_size_and_stacked_rows_exist_with_auc_in_0_1():
     assert table[2].split()[-1] == "-"  # no epochs: no seconds per epoch
 
 
-def test_size_rows_are_fitted_out_of_fold():
+@pytest.mark.parametrize("inputs", [bench_lidc.measured_sizes, bench_lidc.measured_inputs])
+def test_size_and_radiomics_rows_are_fitted_out_of_fold(inputs):
     data = _synthetic_set()
     folds, _ = _synthetic_folds(data)
-    sizes, labels = bench_lidc.measured_sizes(data.table), data.labels
-    before = bench_lidc.size_probabilities(sizes, labels, sizes, folds)
+    x, labels = inputs(data.table), data.labels
+    before = bench_lidc.measurement_probabilities(x, labels, x, folds)
     flipped = labels.copy()
     flipped[folds[0].test] = 1 - flipped[folds[0].test]
-    after = bench_lidc.size_probabilities(sizes, flipped, sizes, folds)
+    after = bench_lidc.measurement_probabilities(x, flipped, x, folds)
     # The test fold's own labels never reach its probabilities; they train the others.
     np.testing.assert_array_equal(before[folds[0].test], after[folds[0].test])
     assert not np.allclose(before[folds[1].test], after[folds[1].test])
