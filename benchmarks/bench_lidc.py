@@ -1226,15 +1226,21 @@ def measured_sizes(table: pd.DataFrame) -> np.ndarray:
     return mask if annotated is None else np.where(np.isfinite(mask), mask, annotated)
 
 
+def median_filled(values, reference, default: float) -> np.ndarray:
+    """``values`` with each unknown (not finite) one replaced by the median of
+    ``reference``'s known ones (the fitted part's), or ``default`` where it has none."""
+    known = np.asarray(reference, dtype=np.float64)
+    known = known[np.isfinite(known)]
+    fill = float(np.median(known)) if known.size else default
+    values = np.asarray(values, dtype=np.float64)
+    return np.where(np.isfinite(values), values, fill)
+
+
 def log_sizes(sizes_mm, reference_mm) -> np.ndarray:
     """log of the diameters; an unknown one takes the median of ``reference_mm`` (the
     fitted part's sizes). Log: the sizes are right-skewed (a few nodules several times
     the median), and in log the standardised input has no far outliers to dominate the fit."""
-    known = np.asarray(reference_mm, dtype=np.float64)
-    known = known[np.isfinite(known)]
-    fill = float(np.median(known)) if known.size else 1.0
-    sizes = np.asarray(sizes_mm, dtype=np.float64)
-    return np.log(np.where(np.isfinite(sizes), sizes, fill))
+    return np.log(median_filled(sizes_mm, reference_mm, default=1.0))
 
 
 def measured_inputs(table: pd.DataFrame) -> np.ndarray:
@@ -1250,12 +1256,9 @@ def prepared_inputs(inputs, reference) -> np.ndarray:
     takes the median of ``reference``'s column (the fitted part's)."""
     inputs = np.asarray(inputs, dtype=np.float64).reshape(len(inputs), -1)
     reference = np.asarray(reference, dtype=np.float64).reshape(len(reference), -1)
-    columns = [log_sizes(inputs[:, 0], reference[:, 0])]
-    for j in range(1, inputs.shape[1]):
-        known = reference[np.isfinite(reference[:, j]), j]
-        fill = float(np.median(known)) if known.size else 0.0
-        columns.append(np.where(np.isfinite(inputs[:, j]), inputs[:, j], fill))
-    return np.column_stack(columns)
+    return np.column_stack([log_sizes(inputs[:, 0], reference[:, 0]),
+                            *(median_filled(inputs[:, j], reference[:, j], default=0.0)
+                              for j in range(1, inputs.shape[1]))])
 
 
 def logit(probabilities) -> np.ndarray:
@@ -1359,9 +1362,10 @@ def size_and_stacking(train: NoduleSet, evaluated: NoduleSet, folds: list[Fold],
         rows[name], seconds[name] = _timed(measurement_probabilities, train_inputs, labels,
                                            evaluated_inputs, folds)
     networks = list(test_probabilities)
+    best = [[best_network(fold, labels)] for fold in folds] if len(networks) > 1 else []
     stacks = {STACKED: ([networks] * len(folds), MASK_SIZE)}
-    if len(networks) > 1:
-        stacks[STACKED_BEST] = ([[best_network(fold, labels)] for fold in folds], MASK_SIZE)
+    if best:
+        stacks[STACKED_BEST] = (best, MASK_SIZE)
     stacks[STACKED_MEASURED] = ([networks] * len(folds), MEASURED)
     for name, (chosen, measured) in stacks.items():
         rows[name], seconds[name] = _timed(stacked_probabilities, folds, labels,
@@ -1375,7 +1379,7 @@ def size_and_stacking(train: NoduleSet, evaluated: NoduleSet, folds: list[Fold],
             "radiomics": {"measurements": ["log_diameter_mm", *MEASUREMENTS],
                           "solid_hu": SOLID_HU, "calcified_hu": CALCIFIED_HU,
                           "unknown": "the fitted part's median"},
-            "best_network_per_fold": [names[0] for names in stacks.get(STACKED_BEST, ([],))[0]]}
+            "best_network_per_fold": [names[0] for names in best]}
     return SizeRows(rows, seconds, info)
 
 
